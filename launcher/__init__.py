@@ -1,0 +1,1 @@
+"""zerotune launcher: from a recipe to a runnable job. Never imports torch at module level."""

@@ -1,0 +1,87 @@
+"""Fills a ds_configs/*.json template from the recipe, so RUN_DIR/ds_config.json holds no "auto".
+
+The templates are ordinary DeepSpeed configs with "auto" where a value depends on the run
+(the Hugging Face convention), so users can also hand them to HF Trainer as they are.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from training.config import Recipe, RecipeError
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "ds_configs"
+
+
+def template_name(stage: int, offload_optimizer: bool, offload_params: bool) -> str:
+    if stage == 3 and offload_params:
+        return "zero3_offload_all.json"
+    if stage == 3 and offload_optimizer:
+        return "zero3_offload_optimizer.json"
+    return f"zero{stage}.json"
+
+
+def read_hidden_size(model_path: str) -> Optional[int]:
+    """hidden_size from a local model folder's config.json (None when not local)."""
+    cfg = Path(model_path) / "config.json"
+    if cfg.is_file():
+        c = json.loads(cfg.read_text())
+        c = c.get("text_config", c)
+        return c.get("hidden_size") or c.get("d_model") or c.get("n_embd")
+    return None
+
+
+def render(recipe: Recipe, world_size: int, stage: Optional[int] = None,
+           hidden_size: Optional[int] = None) -> dict[str, Any]:
+    """The DeepSpeed config for this recipe on `world_size` processes."""
+    stage = recipe.zero_stage() if stage is None else stage
+    d, t = recipe.distributed, recipe.train
+    cfg = json.loads((TEMPLATES / template_name(stage, d.offload_optimizer, d.offload_params)).read_text())
+    gas = t.accumulation(world_size)
+    hidden = hidden_size or read_hidden_size(recipe.model.path)
+
+    zero = cfg["zero_optimization"]
+    if d.offload_optimizer and stage in (1, 2):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    values = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": t.micro_batch_size * gas * world_size,
+        "gradient_clipping": t.max_grad_norm,
+    }
+    cfg.update({k: v for k, v in values.items() if k in cfg})
+    cfg["bf16"]["enabled"] = recipe.model.dtype == "bf16"
+    cfg["fp16"]["enabled"] = recipe.model.dtype == "fp16"
+    if t.optimizer == "adamw":
+        cfg["optimizer"]["params"] = {"lr": t.lr, "betas": list(t.betas), "eps": t.eps,
+                                      "weight_decay": t.weight_decay}
+    else:  # bitsandbytes optimizers are built in training/engine.py and handed to DeepSpeed
+        cfg.pop("optimizer")
+    buckets = {
+        "reduce_bucket_size": hidden * hidden if hidden else 500_000_000,
+        "allgather_bucket_size": hidden * hidden if hidden else 500_000_000,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden) if hidden else 50_000_000,
+        "stage3_param_persistence_threshold": 10 * hidden if hidden else 100_000,
+    }
+    for k, v in buckets.items():
+        if zero.get(k) == "auto":
+            zero[k] = v
+    cfg["zero_allow_untested_optimizer"] = True
+    left = find_auto(cfg)
+    if left:
+        raise RecipeError(f"ds_config: values left unfilled: {', '.join(left)}")
+    return cfg
+
+
+def find_auto(node: Any, path: str = "") -> list[str]:
+    """Keys whose value is still "auto"."""
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in find_auto(v, f"{path}.{k}" if path else k)]
+    return [path] if node == "auto" else []
+
+
+def write(recipe: Recipe, world_size: int, out: Path, stage: Optional[int] = None) -> dict[str, Any]:
+    cfg = render(recipe, world_size, stage)
+    out.write_text(json.dumps(cfg, indent=2) + "\n")
+    return cfg

@@ -1,0 +1,1 @@
+"""zerotune training package: what runs on every rank (`python -m training RUN_DIR`)."""

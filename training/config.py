@@ -1,0 +1,391 @@
+"""THE recipe schema. One YAML file describes one run; the launcher and every rank read it
+through these models. `extra="forbid"` everywhere: a misspelt key is an error, never ignored.
+
+    recipe = load_recipe("recipes/demo.yaml", overrides=["train.lr=1e-4"])
+    recipe.run_dir  ->  Path(output_dir) / name
+
+Nothing here imports torch: the launcher imports this module on login nodes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run. The message names the file and key(s); print it as is."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------- model
+class ModelConfig(_Section):
+    path: str = Field(description="Hugging Face hub id or local folder of the base model.")
+    tokenizer: Optional[str] = Field(None, description="Tokenizer hub id or folder; default: model.path.")
+    dtype: Literal["bf16", "fp16", "fp32"] = Field(
+        "bf16", description="Training precision. bf16 on Ampere/Hopper GPUs; fp32 is exact on CPU.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+        "sdpa", description="Attention kernel passed to transformers.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub (off by default).")
+    chat_template: Optional[str] = Field(
+        None, description="None: the tokenizer's own template; a built-in name (chatml, llama3, alpaca, "
+                          "plain) or a Jinja template string.")
+
+
+# ----------------------------------------------------------------------------- method
+class LoraConfig(_Section):
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r, or / sqrt(r) with rslora).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: Union[Literal["all-linear"], list[str]] = Field(
+        "all-linear", description="'all-linear' or a list of module names (q_proj, v_proj, ...).")
+    modules_to_save: list[str] = Field(default_factory=list, description="Extra modules trained in full (e.g. lm_head).")
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+
+
+class QuantConfig(_Section):
+    bits: Literal[4, 8] = Field(4, description="Base-model weight bits (QLoRA uses 4).")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Quantise the quantisation constants too.")
+    compute_dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Dtype of the dequantised matmuls.")
+
+
+class PromptConfig(_Section):
+    num_virtual_tokens: int = Field(20, gt=0, description="Virtual tokens for prompt/prefix/p-tuning.")
+    init: Literal["random", "text"] = Field("random", description="Prompt-tuning initialisation.")
+    init_text: Optional[str] = Field(None, description="Text whose embeddings initialise the prompt (init: text).")
+    encoder_hidden_size: int = Field(128, gt=0, description="p_tuning prompt-encoder width.")
+
+
+class IA3Config(_Section):
+    target_modules: Optional[list[str]] = Field(None, description="Modules rescaled by IA3; None: peft's default for the model.")
+    feedforward_modules: Optional[list[str]] = Field(None, description="Subset of target_modules that are feed-forward.")
+
+
+class AdapterConfig(_Section):
+    bottleneck: int = Field(64, gt=0, description="Bottleneck width of each adapter.")
+    placement: Literal["houlsby", "pfeiffer"] = Field(
+        "houlsby", description="houlsby: after attention and MLP; pfeiffer: after MLP only.")
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+METHODS = ("full", "lora", "qlora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "adapter")
+
+
+class MethodConfig(_Section):
+    kind: Literal[METHODS] = Field("full", description="full | lora | qlora | ia3 | prompt_tuning | p_tuning | prefix_tuning | adapter")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="lora / qlora settings.")
+    quant: QuantConfig = Field(default_factory=QuantConfig, description="qlora base quantisation.")
+    prompt: PromptConfig = Field(default_factory=PromptConfig, description="prompt/prefix/p-tuning settings.")
+    ia3: IA3Config = Field(default_factory=IA3Config)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="bottleneck adapter settings.")
+
+    @property
+    def is_peft(self) -> bool:
+        return self.kind != "full"
+
+
+# ----------------------------------------------------------------------------- data
+FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")
+
+
+class DataSource(_Section):
+    path: str = Field(description="A .json/.jsonl/.parquet/.csv file, a folder of them, a load_from_disk folder or a hub id.")
+    format: Literal[FORMATS] = Field(description="alpaca | sharegpt | messages | prompt_completion | text")
+    weight: float = Field(1.0, gt=0, description="Sampling ratio relative to the other sources.")
+    columns: dict[str, str] = Field(default_factory=dict, description="Rename map: {format field: column in the file}.")
+    split: str = Field("train", description="Split name for hub datasets.")
+    name: Optional[str] = Field(None, description="Hub dataset config name.")
+
+
+class DataConfig(_Section):
+    train: list[DataSource] = Field(min_length=1, description="Training sources.")
+    eval: list[DataSource] = Field(default_factory=list, description="Validation sources (else eval_split of train).")
+    eval_split: float = Field(0.0, ge=0, lt=1, description="Fraction of train held out for eval when eval is empty.")
+    max_len: int = Field(2048, gt=8, description="Maximum tokens per sample (and per packed sequence).")
+    packing: bool = Field(False, description="Pack several samples per sequence (no cross-attention).")
+    train_on_prompt: bool = Field(False, description="Also train on prompt tokens.")
+    truncation: Literal["truncate", "drop"] = Field("truncate", description="Over-long samples: truncate or drop.")
+    on_bad_rows: Literal["error", "skip"] = Field("error", description="Malformed rows: stop with an error, or skip and count.")
+    system_prompt: Optional[str] = Field(None, description="Default system prompt for sources without one.")
+    cache_dir: Optional[str] = Field(None, description="Tokenized cache; default RUN_DIR/../.zerotune-cache.")
+
+
+# ----------------------------------------------------------------------------- train
+class EarlyStopping(_Section):
+    patience: int = Field(3, gt=0, description="Evaluations without improvement before stopping.")
+    min_delta: float = Field(0.0, ge=0, description="Improvement smaller than this does not count.")
+
+
+class TrainConfig(_Section):
+    epochs: Optional[float] = Field(1.0, gt=0, description="Passes over the data (ignored if max_steps is set).")
+    max_steps: Optional[int] = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
+    micro_batch_size: int = Field(1, gt=0, description="Samples per GPU per forward.")
+    grad_accum: Optional[int] = Field(None, gt=0, description="Micro-batches per optimizer step (or set global_batch_size).")
+    global_batch_size: Optional[int] = Field(None, gt=0, description="Samples per optimizer step over all GPUs.")
+    lr: float = Field(2e-5, gt=0, description="Peak learning rate.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    warmup_steps: Optional[int] = Field(None, ge=0, description="Warmup steps (or warmup_ratio).")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Warmup as a fraction of total steps.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final LR as a fraction of lr.")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = Field(
+        "adamw", description="adamw (DeepSpeed fused/CPU Adam) or bitsandbytes 8-bit / paged variants.")
+    betas: tuple[float, float] = Field((0.9, 0.999))
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping (0 disables).")
+    seed: int = Field(42, description="Seed for init, data order and dropout.")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward.")
+    eval_every: Optional[int] = Field(None, gt=0, description="Evaluate every N steps (and at the end).")
+    eval_batches: Optional[int] = Field(None, gt=0, description="Cap on eval micro-batches per evaluation.")
+    early_stopping: Optional[EarlyStopping] = Field(None, description="Stop when eval loss stops improving.")
+    max_bad_steps: int = Field(5, gt=0, description="Consecutive non-finite losses before the run stops.")
+
+    @model_validator(mode="after")
+    def _steps(self):
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("set train.epochs or train.max_steps")
+        if self.grad_accum is not None and self.global_batch_size is not None:
+            raise ValueError("set train.grad_accum or train.global_batch_size, not both")
+        return self
+
+    def accumulation(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each rank."""
+        if self.global_batch_size is None:
+            return self.grad_accum or 1
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise RecipeError(
+                f"train.global_batch_size: {self.global_batch_size} is not a multiple of micro_batch_size "
+                f"({self.micro_batch_size}) x GPUs ({world_size})")
+        return self.global_batch_size // per_step
+
+
+# ----------------------------------------------------------------------------- distributed, checkpoint, logging, cluster
+class DistributedConfig(_Section):
+    zero: Union[Literal[0, 1, 2, 3], Literal["auto"]] = Field(
+        "auto", description="ZeRO stage 0-3, or auto (the planner picks the fastest that fits).")
+    offload_optimizer: bool = Field(False, description="Optimizer states and step on CPU (ZeRO 1-3).")
+    offload_params: bool = Field(False, description="Parameters on CPU between uses (ZeRO-3 only).")
+    timeout_minutes: int = Field(30, gt=0, description="Collective timeout.")
+
+    @model_validator(mode="after")
+    def _offload(self):
+        if self.offload_params and self.zero not in (3, "auto"):
+            raise ValueError(f"distributed.offload_params needs zero: 3 (got zero: {self.zero})")
+        if self.offload_optimizer and self.zero == 0:
+            raise ValueError("distributed.offload_optimizer needs zero 1, 2 or 3 (got zero: 0)")
+        return self
+
+
+class CheckpointConfig(_Section):
+    every: Optional[int] = Field(None, gt=0, description="Save every N optimizer steps (and always at the end).")
+    keep: int = Field(2, gt=0, description="Complete checkpoints kept (plus the best by eval loss).")
+    resume: str = Field("auto", description="auto (newest complete), never, or a checkpoint path.")
+    save_final: bool = Field(True, description="Write RUN_DIR/final in Hugging Face format at the end.")
+
+
+class LoggingConfig(_Section):
+    tensorboard: bool = Field(True, description="Write RUN_DIR/tensorboard.")
+    every: int = Field(1, gt=0, description="Log train scalars every N steps.")
+    progress: bool = Field(True, description="Progress bar on rank 0.")
+
+
+_SAFE = re.compile(r"^[A-Za-z0-9._:@/+-]+$")
+
+
+class ClusterConfig(_Section):
+    nodes: int = Field(1, gt=0)
+    gpus_per_node: Optional[int] = Field(None, ge=0, description="Processes per node; default: visible GPUs (1 on CPU).")
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    time: Optional[str] = Field(None, description="Slurm time limit, e.g. 1-00:00:00 or 04:00:00.")
+    cpus_per_task: Optional[int] = Field(None, gt=0)
+    mem: Optional[str] = Field(None, description="Slurm --mem per node, e.g. 200G or 0 (all).")
+    exclusive: bool = False
+    gres: Optional[str] = Field(None, description="Slurm gres per node; default gpu:<gpus_per_node> on GPUs.")
+    signal_grace_s: int = Field(300, gt=0, description="Seconds before the time limit at which USR1 asks for a save.")
+    extra_sbatch: list[str] = Field(default_factory=list, description="Extra '#SBATCH' option lines, e.g. '--mail-type=END'.")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment exported in job scripts.")
+
+    @field_validator("partition", "account", "qos", "constraint", "time", "mem", "gres")
+    @classmethod
+    def _token(cls, v):
+        if v is not None and not _SAFE.match(v):
+            raise ValueError(f"{v!r} may only contain letters, digits and . _ : @ / + -")
+        return v
+
+    @field_validator("extra_sbatch")
+    @classmethod
+    def _lines(cls, v):
+        for line in v:
+            if not line.startswith("--") or "\n" in line or "\r" in line:
+                raise ValueError(f"{line!r} must be one '--option[=value]' with no newline")
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v):
+        for k in v:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k):
+                raise ValueError(f"{k!r} is not a valid environment variable name")
+        return v
+
+
+# ----------------------------------------------------------------------------- recipe
+class Recipe(_Section):
+    name: str = Field(description="Run name; RUN_DIR is output_dir/name.")
+    output_dir: str = Field("runs", description="Folder that holds runs.")
+    model: ModelConfig
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", v):
+            raise ValueError(f"{v!r} must start with a letter or digit and hold only letters, digits, '.', '_' and '-'")
+        return v
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def zero_stage(self) -> int:
+        """The ZeRO stage to run; `auto` is resolved by the launcher before RUN_DIR is written."""
+        z = self.distributed.zero
+        if z == "auto":
+            return 3 if not self.method.is_peft else 0
+        return z
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def digest(self) -> str:
+        """Hash of the resolved recipe (stored in checkpoints)."""
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- loading
+def _format_error(err: dict, source: str) -> str:
+    loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p.startswith(("literal[", "function-"))))
+    kind, ctx, inp = err["type"], err.get("ctx") or {}, err.get("input")
+    if kind == "literal_error":
+        allowed = ", ".join(a or b for a, b in re.findall(r"'([^']*)'|\b(\d+)\b", ctx.get("expected", "")))
+        msg = f"{inp!r} is not one of {allowed}"
+    elif kind == "extra_forbidden":
+        msg = "unknown key"
+    elif kind == "missing":
+        msg = "required key is missing"
+    else:
+        msg = err["msg"].removeprefix("Value error, ")
+    return f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}"
+
+
+def _merge_union_errors(errors: list[dict]) -> list[dict]:
+    """A Union field yields one error per branch; keep one line per key."""
+    seen, out = set(), []
+    for e in errors:
+        key = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("literal[", "function-"))))
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(e)
+    return out
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        for cand in (ann, *getattr(ann, "__args__", ())):
+            for sub in (cand, *getattr(cand, "__args__", ())):
+                if isinstance(sub, type) and issubclass(sub, BaseModel):
+                    model = sub
+                    break
+    return list(model.model_fields)
+
+
+def validate_recipe(data: Any, source: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a YAML mapping of sections, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in _merge_union_errors(e.errors()):
+            line = _format_error(err, source)
+            if err["type"] == "extra_forbidden":
+                allowed = _allowed_keys(Recipe, err["loc"])
+                if allowed:
+                    line += f" (allowed: {', '.join(allowed)})"
+            lines.append(line)
+        raise RecipeError("\n".join(lines)) from None
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """`a.b.c=value`: value parsed as YAML; creates missing sections."""
+    if "=" not in assignment:
+        raise RecipeError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise RecipeError(f"--set {assignment!r}: empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise RecipeError(f"--set {key}: value {raw!r} is not valid YAML ({e.problem})") from None
+    node = data
+    for p in parts[:-1]:
+        if not isinstance(node.get(p), dict):
+            if p in node and node[p] is not None:
+                raise RecipeError(f"--set {key}: {p!r} is not a section")
+            node[p] = {}
+        node = node[p]
+    node[parts[-1]] = value
+
+
+def read_recipe_file(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"{p}: recipe file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"{p}:{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    return data if data is not None else {}
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    data = read_recipe_file(path)
+    if isinstance(data, dict):
+        for o in overrides:
+            apply_override(data, o)
+    return validate_recipe(data, source=str(path))
+
+
+def load_run_recipe(run_dir: str | Path) -> Recipe:
+    """The resolved recipe of a run (RUN_DIR/recipe.yaml)."""
+    return load_recipe(Path(run_dir) / "recipe.yaml")

@@ -1,0 +1,42 @@
+"""deepspeed.initialize behind one small call: optimizer, LR schedule, ZeRO from ds_config."""
+from __future__ import annotations
+
+import math
+
+import deepspeed
+import torch
+
+
+def lr_lambda(train, total_steps: int):
+    """Multiplier of train.lr at each step: linear warmup, then cosine / linear / constant."""
+    warmup = train.warmup_steps if train.warmup_steps is not None else int(train.warmup_ratio * total_steps)
+    floor = train.min_lr_ratio
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if train.scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if train.scheduler == "linear":
+            return floor + (1 - floor) * (1 - progress)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def bnb_optimizer(train, params):
+    import bitsandbytes as bnb
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
+           "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[train.optimizer]
+    return cls(params, lr=train.lr, betas=train.betas, eps=train.eps, weight_decay=train.weight_decay)
+
+
+def build_engine(model, ds_config: dict, train, total_steps: int):
+    """Returns the DeepSpeed engine; its lr_scheduler steps once per optimizer step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = None if "optimizer" in ds_config else bnb_optimizer(train, params)
+    schedule = lr_lambda(train, total_steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=params, optimizer=optimizer, config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    return engine

@@ -1,0 +1,198 @@
+"""The training loop, top to bottom. Every rank runs `train(run_dir)`.
+
+Loss is the mean over the target tokens of the whole global batch: each micro-batch's summed
+token loss is divided by the global target-token count (all micro-batches, all ranks), so
+gradient accumulation and world size do not change it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import checkpoint
+from .config import load_run_recipe
+from .data import ResumableSampler, batches, build_data, collate, target_tokens
+from .engine import build_engine
+from .metrics import Metrics
+from .model import build_model, count_parameters, load_tokenizer
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def all_sum(x: float | int, device) -> float:
+    t = torch.tensor(float(x), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(engine, dataset: list[dict], rank: int, world: int, mbs: int, pad_id: int, limit: int | None) -> float:
+    """Token-weighted eval loss. Every rank runs the same number of forwards (ZeRO-3 needs it):
+    ranks short of samples repeat sample 0 with its labels masked out."""
+    engine.eval()
+    per_rank = math.ceil(len(dataset) / world)
+    n_batches = math.ceil(per_rank / mbs)
+    if limit:
+        n_batches = min(n_batches, limit)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
+    tokens = torch.zeros((), dtype=torch.float64, device=engine.device)
+    for b in range(n_batches):
+        samples = []
+        for j in range(b * mbs, (b + 1) * mbs):
+            i = j * world + rank
+            if i < len(dataset):
+                samples.append(dataset[i])
+            else:
+                samples.append({"input_ids": dataset[0]["input_ids"], "labels": [-100] * len(dataset[0]["labels"])})
+        batch = to_device(collate(samples, pad_id), engine.device)
+        n = target_tokens(batch)
+        out = engine(**batch, num_items_in_batch=max(n, 1))
+        loss_sum += out.loss.double() * n
+        tokens += n
+    dist.all_reduce(loss_sum)
+    dist.all_reduce(tokens)
+    engine.train()
+    return (loss_sum / tokens.clamp(min=1)).item()
+
+
+def train(run_dir: Path) -> int:
+    run_dir = Path(run_dir)
+    recipe = load_run_recipe(run_dir)
+    ds_config = json.loads((run_dir / "ds_config.json").read_text())
+    t = recipe.train
+
+    # --- distributed -------------------------------------------------------------------
+    import deepspeed
+    from datetime import timedelta
+    deepspeed.init_distributed(timeout=timedelta(minutes=recipe.distributed.timeout_minutes))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    seed_everything(t.seed)
+
+    # --- data --------------------------------------------------------------------------
+    tokenizer = load_tokenizer(recipe)
+    data = build_data(recipe, tokenizer)
+    mbs = ds_config["train_micro_batch_size_per_gpu"]
+    gas = ds_config["gradient_accumulation_steps"]
+    if ds_config["train_batch_size"] != mbs * gas * world:
+        raise RuntimeError(f"ds_config.json was written for {ds_config['train_batch_size'] // (mbs * gas)} "
+                           f"processes, this job has {world}: relaunch with `zerotune train`")
+    samples_per_step = mbs * gas * world
+    steps_per_epoch = len(data.train) // samples_per_step
+    if steps_per_epoch == 0 and t.max_steps is None:
+        raise RuntimeError(f"{len(data.train)} training samples are fewer than one global batch ({samples_per_step})")
+    total_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
+
+    # --- model and engine ---------------------------------------------------------------
+    model = build_model(recipe, ds_config)
+    engine = build_engine(model, ds_config, t, total_steps)
+    trainable, total = count_parameters(model)
+
+    # --- state, resume --------------------------------------------------------------------
+    sampler = ResumableSampler(len(data.train), rank, world, t.seed)
+    state = {"step": 0, "tokens_seen": 0, "best_eval": None, "evals_without_improvement": 0}
+    resume_from = None
+    if recipe.checkpoint.resume == "auto":
+        resume_from = checkpoint.latest_complete(run_dir)
+    elif recipe.checkpoint.resume != "never":
+        resume_from = Path(recipe.checkpoint.resume)
+    if resume_from is not None:
+        saved = checkpoint.load(engine, resume_from)
+        state.update(saved["loop"])
+        sampler.load_state_dict(saved["sampler"][rank] if isinstance(saved["sampler"], list) else saved["sampler"])
+
+    log = Metrics(run_dir, rank, total_steps, state["step"], recipe)
+    log.say(f"zerotune: {recipe.name}: {len(data.train)} train / {len(data.eval)} eval samples, "
+            f"{world} process(es), ZeRO-{ds_config['zero_optimization']['stage']}, "
+            f"{trainable:,} / {total:,} parameters trainable ({100 * trainable / total:.2f}%), "
+            f"{total_steps} steps of {samples_per_step} samples" +
+            (f", resumed from {resume_from.name}" if resume_from else ""))
+    if data.stats.get("truncated") or data.stats.get("dropped_too_long") or data.stats.get("dropped_no_target"):
+        log.say(f"data: {data.stats}")
+
+    def save(step: int) -> None:
+        sampler_states = [None] * world
+        dist.all_gather_object(sampler_states, sampler.state_dict())
+        path = checkpoint.save(engine, run_dir, step, {"loop": state, "sampler": sampler_states},
+                               keep=recipe.checkpoint.keep, rank=rank)
+        log.say(f"step {step}: saved {path}")
+
+    def run_eval(step: int) -> bool:
+        """Evaluate, log, and return True when early stopping says stop."""
+        if not data.eval:
+            return False
+        loss = evaluate(engine, data.eval, rank, world, mbs, tokenizer.pad_token_id, t.eval_batches)
+        log.scalars(step, {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50))})
+        log.say(f"step {step}: eval loss {loss:.4f}")
+        es = t.early_stopping
+        if state["best_eval"] is None or loss < state["best_eval"] - (es.min_delta if es else 0):
+            state["best_eval"], state["evals_without_improvement"] = loss, 0
+        else:
+            state["evals_without_improvement"] += 1
+        return bool(es and state["evals_without_improvement"] >= es.patience)
+
+    # --- the loop -----------------------------------------------------------------------
+    stream = batches(data.train, sampler, mbs, tokenizer.pad_token_id)
+    stop_early = False
+    while state["step"] < total_steps and not stop_early:
+        t0 = time.perf_counter()
+        micro = [to_device(next(stream), engine.device) for _ in range(gas)]
+        n_target = all_sum(sum(target_tokens(b) for b in micro), engine.device)
+        real_tokens = all_sum(sum(int(b["attention_mask"].sum()) for b in micro), engine.device)
+        step_loss = torch.zeros((), dtype=torch.float64, device=engine.device)
+        for b in micro:
+            out = engine(**b, num_items_in_batch=n_target)   # loss = summed token loss / n_target
+            engine.backward(out.loss * world, scale_wrt_gas=False)  # DeepSpeed averages over ranks
+            engine.step()
+            step_loss += out.loss.detach().double()
+        dist.all_reduce(step_loss)
+        state["step"] += 1
+        state["tokens_seen"] += int(real_tokens)
+        step = state["step"]
+        dt = time.perf_counter() - t0
+        loss = step_loss.item()
+        grad_norm = engine.get_global_grad_norm()
+        if step % recipe.logging.every == 0 or step == total_steps:
+            log.scalars(step, {
+                "train/loss": loss,
+                "train/lr": engine.get_lr()[0],
+                "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "train/tokens_per_sec": real_tokens / dt,
+                "train/samples_seen": step * samples_per_step,
+                "train/epoch": sampler.epoch + sampler.consumed / sampler.per_rank,
+            })
+        log.progress(step, loss, real_tokens / dt)
+        if t.eval_every and step % t.eval_every == 0 and step < total_steps:
+            stop_early = run_eval(step)
+            if stop_early:
+                log.say(f"step {step}: early stopping after {state['evals_without_improvement']} evals without improvement")
+        if recipe.checkpoint.every and step % recipe.checkpoint.every == 0 and step < total_steps and not stop_early:
+            save(step)
+
+    # --- the end: final eval, checkpoint, Hugging Face export -------------------------------
+    step = state["step"]
+    if not stop_early:
+        run_eval(step)
+    save(step)
+    if recipe.checkpoint.save_final:
+        checkpoint.export_final(engine, model, tokenizer, run_dir / "final", rank)
+        log.say(f"final model: {run_dir / 'final'}")
+    log.close()
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
