@@ -1,39 +1,40 @@
-"""`zerotune` sub-commands: parse, call, print. Errors are one line, never a traceback."""
+"""`zerotune` sub-commands: parse, call, print. Errors are one line, never a traceback.
+
+Each sub-command lives in its own module with `HELP`, `add_arguments(parser)` and
+`run(args) -> int`; modules keep heavy imports (torch, transformers) inside `run`.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from training.config import RecipeError
 
-
-def cmd_train(args) -> int:
-    from .prepare import prepare_run
-    from .submit import run_local, visible_gpus
-    nproc = args.nproc or visible_gpus() or 1
-    recipe = prepare_run(args.recipe, args.set, world_size=nproc * recipe_nodes(args))
-    print(f"zerotune: run dir {recipe.run_dir} ({nproc} process(es))", flush=True)
-    return run_local(recipe.run_dir, nproc)
-
-
-def recipe_nodes(args) -> int:
-    return 1
+COMMANDS = {
+    "train": "launcher.train",
+    "launch": "launcher.launch",
+    "plan": "launcher.plan",
+    "status": "launcher.status",
+    "report": "launcher.report",
+    "data": "training.data.preview",
+    "export": "training.export",
+    "generate": "training.generate",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="zerotune",
-        description="Fine-tune causal language models with DeepSpeed ZeRO or PEFT adapters, from one YAML recipe.")
+        description="Fine-tune causal language models with DeepSpeed ZeRO or PEFT adapters, from one YAML recipe.",
+        epilog="`zerotune COMMAND --help` explains each command.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    t = sub.add_parser("train", help="validate a recipe, write RUN_DIR and train on this machine with torchrun",
-                       description="Validate RECIPE, write RUN_DIR (recipe.yaml, ds_config.json) and run "
-                                   "`torchrun -m training RUN_DIR` on this machine.")
-    t.add_argument("recipe", help="recipe YAML file")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe key; VALUE is YAML (e.g. --set train.lr=1e-4 --set 'data.packing=true')")
-    t.add_argument("--nproc", type=int, default=None, help="processes on this machine (default: visible GPUs, 1 on CPU)")
-    t.set_defaults(func=cmd_train)
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        sp = sub.add_parser(name, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(sp)
+        sp.set_defaults(func=module.run)
     return p
 
 
@@ -41,11 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except RecipeError as e:
+    except (RecipeError, FileNotFoundError) as e:
         print(f"zerotune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # data and other user-facing errors define `user_facing = True`
+        if getattr(e, "user_facing", False):
+            print(f"zerotune: error: {e}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -389,3 +389,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 def load_run_recipe(run_dir: str | Path) -> Recipe:
     """The resolved recipe of a run (RUN_DIR/recipe.yaml)."""
     return load_recipe(Path(run_dir) / "recipe.yaml")
+
+
+# Exit code of a rank that saved a checkpoint because of SIGUSR1/SIGTERM (preemption or time
+# limit): the Slurm batch script requeues the job when torchrun exits with it.
+REQUEUE_EXIT_CODE = 85

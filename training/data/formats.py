@@ -7,6 +7,8 @@ Conversation = list[dict[str, str]]
 
 
 class DataError(ValueError):
+    user_facing = True
+
     """Bad input data. The message names the file and row."""
 
 

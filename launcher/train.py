@@ -1,0 +1,24 @@
+"""`zerotune train RECIPE`: validate, write RUN_DIR, run torchrun on this machine."""
+from __future__ import annotations
+
+HELP = "validate a recipe, write RUN_DIR and train on this machine with torchrun"
+DESCRIPTION = ("Validate RECIPE, write RUN_DIR (recipe.yaml, ds_config.json) and run\n"
+               "`torchrun -m training RUN_DIR` on this machine.\n\n"
+               "  zerotune train recipes/demo.yaml\n"
+               "  zerotune train recipes/demo.yaml --set train.lr=1e-4 --set 'data.packing=true' --nproc 2")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key; VALUE is YAML (repeatable)")
+    p.add_argument("--nproc", type=int, default=None, help="processes on this machine (default: visible GPUs, 1 on CPU)")
+
+
+def run(args) -> int:
+    from .prepare import prepare_run
+    from .submit import run_local, visible_gpus
+    nproc = args.nproc or visible_gpus() or 1
+    recipe = prepare_run(args.recipe, args.set, world_size=nproc)
+    print(f"zerotune: run dir {recipe.run_dir} ({nproc} process(es))", flush=True)
+    return run_local(recipe.run_dir, nproc)
