@@ -40,11 +40,16 @@ def check_data_paths(recipe: Recipe) -> None:
                 raise RecipeError(f"data.{section}[{i}].path: {src.path!r} does not exist")
 
 
-def resolve(recipe: Recipe, world_size: int) -> Recipe:
-    """Fill choices left to zerotune (zero: auto) so RUN_DIR/recipe.yaml says what ran."""
+def resolve(recipe: Recipe, world_size: int, nodes: int = 1) -> Recipe:
+    """Fill choices left to zerotune so RUN_DIR/recipe.yaml says what ran: `zero: auto` becomes
+    the planner's fastest strategy that fits (launcher/plan.py), offload flags included."""
     data = recipe.model_dump(mode="json")
     if recipe.distributed.zero == "auto":
-        data["distributed"]["zero"] = recipe.zero_stage()
+        from .plan import choose
+        per_node = max(1, world_size // max(1, nodes))
+        best = choose(recipe, gpus_per_node=per_node, nodes=nodes)
+        data["distributed"].update(zero=best.zero, offload_optimizer=best.offload_optimizer,
+                                   offload_params=best.offload_params)
     return validate_recipe(data, source="resolved recipe")
 
 
@@ -54,11 +59,11 @@ def atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def prepare_run(recipe_path: str, overrides: list[str], world_size: int) -> Recipe:
+def prepare_run(recipe_path: str, overrides: list[str], world_size: int, nodes: int = 1) -> Recipe:
     recipe = load_recipe(recipe_path, overrides)
     check_model_path(recipe)
     check_data_paths(recipe)
-    recipe = resolve(recipe, world_size)
+    recipe = resolve(recipe, world_size, nodes)
     run_dir = recipe.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = ds_config.render(recipe, world_size)

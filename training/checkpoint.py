@@ -1,78 +1,214 @@
-"""Checkpoints: RUN_DIR/checkpoints/step-000500/ (DeepSpeed shards + our state), complete
-only once COMPLETE exists; RUN_DIR/final/ in Hugging Face format.
+"""Checkpoints that survive crashes, preemption and a change of GPU count.
 
-    save(engine, run_dir, step, state)      # every rank calls
-    path = latest_complete(run_dir)         # None when there is none
-    state = load(engine, path)              # every rank calls
+    RUN_DIR/checkpoints/step-000500/
+        zero_pp_rank_*_model_states.pt, *_optim_states.pt   DeepSpeed shards (every rank writes its own;
+                                                             frozen base weights excluded for PEFT)
+        rng-rank{r}.safetensors                             python / numpy / torch CPU+CUDA RNG of rank r
+        zerotune_state.json                                 loop state, sampler state of every rank,
+                                                             world size, eval loss, recipe hash
+        COMPLETE                                            written last, after a barrier, atomically
+
+A checkpoint without COMPLETE is ignored (with a warning) and removed when its step is saved
+again; older complete checkpoints are deleted only after a newer one is complete.
+Loading never unpickles arbitrary objects: DeepSpeed's files are read with
+`torch.load(weights_only=True)` plus an allow-list of DeepSpeed's own plain types.
 """
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 
-MARKER = "COMPLETE"
+from .checkpoint_files import (MARKER, STATE_FILE, atomic_write, checkpoints_dir, complete_checkpoints,
+                               latest_complete, partial_checkpoints, read_state, step_of, tag)
 
-
-def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def tag(step: int) -> str:
-    return f"step-{step:06d}"
+__all__ = ["save", "load", "resolve_resume", "needs_universal", "latest_complete", "complete_checkpoints"]
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+class CheckpointError(RuntimeError):
+    user_facing = True
 
 
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    d = checkpoints_dir(run_dir)
-    if not d.is_dir():
-        return []
-    return sorted(p for p in d.glob("step-*") if (p / MARKER).is_file())
+# ----------------------------------------------------------------------------- test hook
+def _crash_point(name: str, step: int, rank: int) -> None:
+    """ZEROTUNE_TEST_CRASH="<point>:<step>[:<rank>]" kills this process with SIGKILL at that point
+    of the save of that step (tests use it to prove a crash mid-save loses nothing)."""
+    spec = os.environ.get("ZEROTUNE_TEST_CRASH")
+    if not spec:
+        return
+    parts = spec.split(":")
+    if parts[0] == name and int(parts[1]) == step and (len(parts) < 3 or int(parts[2]) == rank):
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
-def latest_complete(run_dir: Path) -> Path | None:
-    found = complete_checkpoints(run_dir)
-    return found[-1] if found else None
+# ----------------------------------------------------------------------------- RNG
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    np_state = np.random.get_state()
+    tensors = {"torch_cpu": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64))}
+    if torch.cuda.is_available():
+        tensors["torch_cuda"] = torch.cuda.get_rng_state()
+    meta = {"python": json.dumps(random.getstate()),
+            "numpy": json.dumps([np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])])}
+    return tensors, meta
 
 
-def save(engine, run_dir: Path, step: int, state: dict, keep: int, rank: int) -> Path:
-    """Every rank writes its shards; rank 0 writes the marker after a barrier, then prunes."""
+def _set_rng_state(path: Path) -> None:
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    version, internal, gauss = json.loads(meta["python"])
+    random.setstate((version, tuple(internal), gauss))
+    name, pos, has_gauss, cached = json.loads(meta["numpy"])
+    np.random.set_state((name, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch_cpu"])
+    if "torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["torch_cuda"])
+
+
+# ----------------------------------------------------------------------------- safe loading
+def _safe_deepspeed_loads(engine) -> None:
+    """Make DeepSpeed read its checkpoint files with torch.load(weights_only=True)."""
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
+    from deepspeed.utils.tensor_fragment import fragment_address
+    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+    ce = engine.checkpoint_engine
+
+    def load(path, map_location=None):
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    ce.load = load
+
+
+# ----------------------------------------------------------------------------- save
+def save(engine, run_dir: Path, step: int, state: dict, sampler_state: dict, *, keep: int,
+         rank: int, world: int, eval_loss: float | None, recipe_digest: str, frozen_params: bool) -> Path:
+    """Every rank calls. Returns the checkpoint folder, complete when this returns."""
     root = checkpoints_dir(run_dir)
-    engine.save_checkpoint(str(root), tag=tag(step), save_latest=False)
-    dist.barrier()
     path = root / tag(step)
     if rank == 0:
-        _atomic_write(path / "zerotune_state.json", json.dumps(state, indent=1))
-        _atomic_write(path / MARKER, json.dumps({"step": step}))
-        for old in complete_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        if path.exists():  # a partial save of this step from a crashed run, or a stale one
+            shutil.rmtree(path)
+        root.mkdir(parents=True, exist_ok=True)
+    samplers = [None] * world
+    dist.all_gather_object(samplers, sampler_state)
+    dist.barrier()
+    _crash_point("start", step, rank)
+    engine.save_checkpoint(str(root), tag=tag(step), save_latest=False, exclude_frozen_parameters=frozen_params)
+    tensors, meta = _rng_state()
+    save_file(tensors, str(path / f"rng-rank{rank}.safetensors"), metadata=meta)
+    _crash_point("shards", step, rank)
+    dist.barrier()  # every rank has written its shards
+    if rank == 0:
+        atomic_write(path / STATE_FILE, json.dumps({
+            "step": step, "loop": state, "sampler": samplers, "world_size": world,
+            "eval_loss": eval_loss, "recipe_digest": recipe_digest}, indent=1))
+        _crash_point("marker", step, rank)
+        atomic_write(path / MARKER, json.dumps({"step": step}) + "\n")
+        prune(run_dir, keep)
     dist.barrier()
     return path
 
 
-def load(engine, path: Path) -> dict:
-    """Restore engine (model, optimizer, scheduler) and return our loop/sampler state."""
-    engine.load_checkpoint(str(path.parent), tag=path.name)
-    return json.loads((path / "zerotune_state.json").read_text())
+def prune(run_dir: Path, keep: int) -> list[Path]:
+    """Keep the newest `keep` complete checkpoints and the best by eval loss; delete the rest
+    (older complete ones and partial ones older than the newest complete)."""
+    complete = complete_checkpoints(run_dir)
+    if not complete:
+        return []
+    keepers = set(complete[-keep:])
+    scored = [(read_state(p).get("eval_loss"), p) for p in complete]
+    scored = [(l, p) for l, p in scored if l is not None]
+    if scored:
+        keepers.add(min(scored, key=lambda lp: (lp[0], -step_of(lp[1])))[1])
+    newest = step_of(complete[-1])
+    doomed = [p for p in complete if p not in keepers] + [p for p in partial_checkpoints(run_dir) if step_of(p) < newest]
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
 
 
+# ----------------------------------------------------------------------------- resume
+def resolve_resume(run_dir: Path, resume: str) -> Path | None:
+    """The checkpoint to resume from: `auto` -> newest complete (warning about partial ones),
+    `never` -> None, else a path that must be a complete checkpoint."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = latest_complete(run_dir)
+        newer_partial = [p for p in partial_checkpoints(run_dir) if found is None or step_of(p) > step_of(found)]
+        if newer_partial:
+            print(f"zerotune: warning: ignoring incomplete checkpoint(s) {', '.join(p.name for p in newer_partial)} "
+                  f"(a save was interrupted); resuming from {found.name if found else 'scratch'}", file=sys.stderr)
+        return found
+    p = Path(resume)
+    if not (p / MARKER).is_file():
+        raise CheckpointError(f"checkpoint.resume: {resume!r} is not a complete checkpoint (no {MARKER} file)")
+    return p
+
+
+def needs_universal(ckpt: Path, world: int) -> bool:
+    return read_state(ckpt)["world_size"] != world
+
+
+def to_universal(ckpt: Path, rank: int) -> Path:
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format (world-size independent).
+    Rank 0 converts once into `<ckpt>/universal/`; the other ranks wait."""
+    out_root = ckpt / "universal"
+    done = out_root / MARKER
+    if rank == 0 and not done.is_file():
+        shutil.rmtree(out_root, ignore_errors=True)
+        out_root.mkdir()
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
+               "--output_folder", str(out_root / ckpt.name), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CheckpointError(f"converting {ckpt} for a new world size failed:\n{proc.stderr[-2000:]}")
+        for name in (STATE_FILE,):
+            shutil.copy(ckpt / name, out_root / ckpt.name / name)
+        atomic_write(done, "{}\n")
+    dist.barrier()
+    return out_root / ckpt.name
+
+
+def load(engine, ckpt: Path, rank: int, world: int, frozen_params: bool) -> dict:
+    """Restore model, optimizer, LR scheduler and RNG; return the saved zerotune state with
+    `sampler` already translated for this rank (and this world size)."""
+    _safe_deepspeed_loads(engine)
+    state = read_state(ckpt)
+    saved_world = state["world_size"]
+    if saved_world != world:
+        ckpt_to_load = to_universal(ckpt, rank)
+    else:
+        ckpt_to_load = ckpt
+    engine.load_checkpoint(str(ckpt_to_load.parent), tag=ckpt_to_load.name,
+                           load_module_strict=not frozen_params)
+    rng = ckpt / f"rng-rank{rank}.safetensors"
+    if saved_world == world and rng.is_file():
+        _set_rng_state(rng)
+    samplers = state["sampler"]
+    if saved_world == world:
+        state["sampler"] = samplers[rank]
+    else:
+        # All ranks consume in lockstep: continue after the same number of samples of the epoch.
+        consumed_global = samplers[0]["consumed"] * saved_world
+        state["sampler"] = {"epoch": samplers[0]["epoch"], "consumed": consumed_global // world}
+    return state
+
+
+# ----------------------------------------------------------------------------- final export
 def export_final(engine, model, tokenizer, out: Path, rank: int) -> None:
     """Gather full weights (16-bit for ZeRO-3) and write a Hugging Face folder on rank 0."""
     if engine.zero_optimization_partition_weights():

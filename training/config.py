@@ -191,6 +191,8 @@ class CheckpointConfig(_Section):
     every: Optional[int] = Field(None, gt=0, description="Save every N optimizer steps (and always at the end).")
     keep: int = Field(2, gt=0, description="Complete checkpoints kept (plus the best by eval loss).")
     resume: str = Field("auto", description="auto (newest complete), never, or a checkpoint path.")
+    overwrite: bool = Field(False, description="With resume: never, allow a run dir that holds checkpoints "
+                                               "(they are replaced as new ones are saved).")
     save_final: bool = Field(True, description="Write RUN_DIR/final in Hugging Face format at the end.")
 
 

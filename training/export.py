@@ -1,10 +1,353 @@
-"""PLACEHOLDER: `zerotune export` is being built (see the open issue)."""
-HELP = "(not built yet)"
+"""`zerotune export`: a run's checkpoint -> a Hugging Face model folder or a PEFT adapter folder.
+
+    zerotune export runs/demo --out exported/               # newest complete checkpoint
+    zerotune export runs/lora --checkpoint step-200 --out adapter/
+    zerotune export runs/qlora --merge --out merged/         # adapter merged into the (dequantised) base
+
+Runs on CPU, without the GPUs the run trained on. A full run's ZeRO shards are consolidated
+with DeepSpeed's zero_to_fp32 helpers in lazy mode and written tensor by tensor into
+safetensors shards, so an 8B model never needs two copies in RAM. A PEFT run's checkpoint
+holds only the trainable parameters; they are written as a standard PEFT adapter folder
+(adapter_config.json + adapter_model.safetensors) that `PeftModel.from_pretrained` loads,
+or, for bottleneck adapters, a zerotune adapter folder (training/adapters.py).
+
+The training loop calls `save_final(...)` at the end of a run to write RUN_DIR/final the same way.
+Checkpoint files are read with torch.load(weights_only=True) only.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+HELP = "write a Hugging Face model or PEFT adapter folder from a run's checkpoint (CPU only)"
+DESCRIPTION = """Write a Hugging Face folder (safetensors shards, config, tokenizer, generation config)
+from a run's ZeRO checkpoint, or, for adapter methods, a PEFT adapter folder that
+PeftModel.from_pretrained loads. --merge writes the base model with the adapter merged in
+(a QLoRA base is dequantised to method.quant.compute_dtype first).
+
+  zerotune export runs/demo --out exported/demo
+  zerotune export runs/lora --checkpoint step-200 --out adapters/lora
+  zerotune export runs/qlora --merge --out merged/qlora"""
+
+MERGEABLE = ("lora", "qlora", "ia3")
+MODEL_STATES = "mp_rank_00_model_states.pt"
+
+
+class ExportError(RuntimeError):
+    user_facing = True
 
 
 def add_arguments(p) -> None:
-    pass
+    p.add_argument("run_dir", help="the run folder (holds recipe.yaml and checkpoints/)")
+    p.add_argument("--checkpoint", default="latest",
+                   help="step-N, a checkpoint folder, or latest (default: newest complete checkpoint)")
+    p.add_argument("--out", required=True, help="output folder (replaced if it exists)")
+    p.add_argument("--merge", action="store_true", help="adapter runs: write the base with the adapter merged in")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
 
 
 def run(args) -> int:
-    raise SystemExit("zerotune export: not built yet")
+    from .config import load_run_recipe
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "recipe.yaml").is_file():
+        raise ExportError(f"{run_dir}: not a run folder (no recipe.yaml)")
+    recipe = load_run_recipe(run_dir)
+    ckpt = find_checkpoint(run_dir, args.checkpoint)
+    out = Path(args.out)
+    what = export_checkpoint(recipe, ckpt, out, merge=args.merge, max_shard_size=parse_size(args.max_shard_size))
+    print(f"zerotune: exported {ckpt} -> {out} ({what})")
+    return 0
+
+
+# ----------------------------------------------------------------------------- finding things
+def find_checkpoint(run_dir: Path, which: str) -> Path:
+    from .checkpoint_files import MARKER, complete_checkpoints, tag
+    if which == "latest":
+        found = complete_checkpoints(run_dir)
+        if not found:
+            raise ExportError(f"{run_dir}: no complete checkpoint in {run_dir / 'checkpoints'}")
+        return found[-1]
+    path = Path(which)
+    if not path.is_dir():
+        name = which
+        if which.startswith("step-") and which[5:].isdigit():
+            name = tag(int(which[5:]))
+        path = run_dir / "checkpoints" / name
+    if not (path / MARKER).is_file():
+        have = ", ".join(p.name for p in complete_checkpoints(run_dir)) or "none"
+        raise ExportError(f"--checkpoint {which}: {path} is not a complete checkpoint (complete ones: {have})")
+    return path
+
+
+def parse_size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = text.strip().upper()
+    for u, f in units.items():
+        if t.endswith(u):
+            return int(float(t[: -len(u)]) * f)
+    return int(t)
+
+
+def zero_stage(ckpt: Path) -> int:
+    """The ZeRO stage a checkpoint was written with (its file layout says)."""
+    if list(ckpt.glob("zero_pp_rank_*_mp_rank_*_model_states.pt")):
+        return 3
+    if list(ckpt.glob("*_optim_states.pt")):
+        return 2  # 1 and 2 share the layout
+    return 0
+
+
+# ----------------------------------------------------------------------------- safe loading
+@contextlib.contextmanager
+def weights_only_loads():
+    """Every torch.load inside (DeepSpeed's zero_to_fp32 included) runs with weights_only=True,
+    allowing only DeepSpeed's own plain checkpoint types."""
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    original = torch.load
+
+    def load(*a, **kw):
+        kw["weights_only"] = True
+        return original(*a, **kw)
+    torch.load = load
+    try:
+        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
+            yield
+    finally:
+        torch.load = original
+
+
+def module_states(ckpt: Path) -> dict:
+    """The `module` state dict of a ZeRO 0/1/2 checkpoint (all parameters, or only the
+    trainable ones when frozen parameters were excluded)."""
+    import torch
+    with weights_only_loads():
+        return torch.load(ckpt / MODEL_STATES, map_location="cpu", mmap=True)["module"]
+
+
+def checkpoint_tensors(ckpt: Path, trainable_only: bool) -> dict:
+    """name -> tensor (or a lazy DeepSpeed GatheredTensor: call .contiguous()) of a checkpoint.
+    ZeRO 1-3: the fp32 master weights; ZeRO 0: the module's weights."""
+    stage = zero_stage(ckpt)
+    if stage == 0 or (stage < 3 and trainable_only):
+        return module_states(ckpt)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    with weights_only_loads():
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=True,
+                                                        exclude_frozen_parameters=trainable_only)
+
+
+def materialise(t):
+    return t.contiguous() if not hasattr(t, "detach") else t.detach()
+
+
+# ----------------------------------------------------------------------------- HF folders
+def base_model_id(recipe) -> str:
+    """recipe.model.path as an adapter's base: absolute when it is a local folder."""
+    p = Path(recipe.model.path).expanduser()
+    return str(p.resolve()) if p.is_dir() else recipe.model.path
+
+
+def tokenizer_with_template(recipe, tokenizer=None):
+    """The run's tokenizer carrying the chat template it trained with (model.chat_template)."""
+    from .model import load_tokenizer
+    tok = tokenizer if tokenizer is not None else load_tokenizer(recipe)
+    if recipe.model.chat_template is not None:
+        from .data.tokenize import resolve_template
+        tok.chat_template = resolve_template(tok, recipe.model.chat_template)
+    return tok
+
+
+def save_side_files(recipe, out: Path, tokenizer=None) -> None:
+    """Tokenizer (with the run's chat template) and generation config next to the weights."""
+    from transformers import GenerationConfig
+    tokenizer_with_template(recipe, tokenizer).save_pretrained(out)
+    if not (out / "generation_config.json").is_file():
+        try:
+            gen = GenerationConfig.from_pretrained(recipe.model.path)
+        except OSError:
+            from transformers import AutoConfig
+            gen = GenerationConfig.from_model_config(AutoConfig.from_pretrained(recipe.model.path))
+        gen.save_pretrained(out)
+
+
+def meta_model(recipe):
+    """The recipe's model (base + method) with every tensor on the meta device: names and shapes only."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .model import DTYPES
+    config = AutoConfig.from_pretrained(recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[recipe.model.dtype],
+                                                 trust_remote_code=recipe.model.trust_remote_code)
+    return model
+
+
+def write_hf_weights(tensors: dict, model, out: Path, dtype, max_shard_size: int) -> None:
+    """Stream `tensors` (lazy or real) into safetensors shards named as Hugging Face names them,
+    converting floats to `dtype`; drops tied copies and checks every weight is there."""
+    import torch
+    from safetensors.torch import save_file
+    expected = list(model.state_dict().keys())
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {}) if model.config.get_text_config().tie_word_embeddings else set()
+    wanted = [k for k in expected if k not in tied]
+    missing = [k for k in wanted if k not in tensors]
+    if missing:
+        raise ExportError(f"checkpoint lacks {len(missing)} weight(s) of the model, e.g. {missing[:3]}")
+    size = {k: tensors[k].shape.numel() * (dtype.itemsize if tensors[k].dtype.is_floating_point else tensors[k].dtype.itemsize)
+            for k in wanted}
+    shards, current, current_size = [], [], 0
+    for k in wanted:
+        if current and current_size + size[k] > max_shard_size:
+            shards.append(current)
+            current, current_size = [], 0
+        current.append(k)
+        current_size += size[k]
+    shards.append(current)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    weight_map = {}
+    for name, keys in zip(names, shards):
+        part = {}
+        for k in keys:
+            t = materialise(tensors[k])
+            part[k] = (t.to(dtype) if t.is_floating_point() else t).contiguous().clone()
+            weight_map[k] = name
+        save_file(part, str(out / name), metadata={"format": "pt"})
+        del part
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(size.values())}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def fresh_tmp(out: Path) -> Path:
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+# ----------------------------------------------------------------------------- adapters
+def save_adapter_folder(model, recipe, out: Path, state_dict: dict | None = None) -> None:
+    """Write the adapter of a (PEFT or bottleneck-adapter) model: only its trainable weights."""
+    if recipe.method.kind == "adapter":
+        from .adapters import save_adapter
+        save_adapter(model, out, base=base_model_id(recipe), state_dict=state_dict)
+        return
+    for cfg in model.peft_config.values():
+        cfg.base_model_name_or_path = base_model_id(recipe)
+    model.save_pretrained(str(out), state_dict=state_dict, safe_serialization=True)
+
+
+def adapter_model_from_checkpoint(recipe, ckpt: Path):
+    """The recipe's method on a meta-device base, with the checkpoint's trainable weights in it."""
+    from .model import apply_method
+    model = apply_method(meta_model(recipe), recipe)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    tensors = checkpoint_tensors(ckpt, trainable_only=True)
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise ExportError(f"{ckpt}: no weights for {len(missing)} adapter parameter(s), e.g. {missing[:3]} "
+                          f"(was this checkpoint written by a {recipe.method.kind} run?)")
+    weights = {n: materialise(tensors[n]).float().clone() for n in names}
+    dtypes = dict((n, p.dtype) for n, p in model.named_parameters())
+    model.load_state_dict({n: w.to(dtypes[n]) for n, w in weights.items()}, strict=False, assign=True)
+    return model
+
+
+def load_base(recipe, dequantise: bool = True):
+    """The real base model on CPU. A QLoRA base is loaded quantised as it trained, then
+    dequantised to method.quant.compute_dtype, so a merge reproduces the adapter model."""
+    from transformers import AutoModelForCausalLM
+
+    from .model import DTYPES, quantization_config
+    quant = quantization_config(recipe)
+    dtype = DTYPES[recipe.method.quant.compute_dtype] if quant is not None else DTYPES[recipe.model.dtype]
+    model = AutoModelForCausalLM.from_pretrained(recipe.model.path, dtype=dtype, quantization_config=quant,
+                                                 trust_remote_code=recipe.model.trust_remote_code)
+    if quant is not None and dequantise:
+        model = model.dequantize(dtype=dtype)
+    return model
+
+
+def merge_adapter(recipe, adapter_dir: Path, out: Path, max_shard_size: int) -> None:
+    from peft import PeftModel
+    base = load_base(recipe)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    if hasattr(merged.config, "quantization_config"):
+        del merged.config.quantization_config
+    merged.save_pretrained(str(out), safe_serialization=True, max_shard_size=max_shard_size)
+
+
+# ----------------------------------------------------------------------------- the command
+def export_checkpoint(recipe, ckpt: Path, out: Path, merge: bool = False, max_shard_size: int = 5 * 10**9) -> str:
+    """Write `out` from checkpoint `ckpt` of a run with `recipe`; returns what was written."""
+    from .model import DTYPES
+    kind = recipe.method.kind
+    if merge and kind not in MERGEABLE:
+        raise ExportError(f"--merge: method.kind {kind} cannot be merged into the base weights (only "
+                          f"{', '.join(MERGEABLE)} can); export the adapter without --merge and load it with "
+                          f"PeftModel.from_pretrained or `zerotune generate BASE --adapter DIR`")
+    tmp = fresh_tmp(out)
+    if kind == "full":
+        model = meta_model(recipe)
+        write_hf_weights(checkpoint_tensors(ckpt, trainable_only=False), model, tmp, DTYPES[recipe.model.dtype],
+                         max_shard_size)
+        model.config.save_pretrained(tmp)
+        what = "Hugging Face model"
+    elif not merge:
+        save_adapter_folder(adapter_model_from_checkpoint(recipe, ckpt), recipe, tmp)
+        what = f"{kind} adapter"
+    else:
+        adapter_tmp = fresh_tmp(out.with_name(out.name + ".adapter"))
+        try:
+            save_adapter_folder(adapter_model_from_checkpoint(recipe, ckpt), recipe, adapter_tmp)
+            merge_adapter(recipe, adapter_tmp, tmp, max_shard_size)
+        finally:
+            shutil.rmtree(adapter_tmp, ignore_errors=True)
+        what = f"base with the {kind} adapter merged"
+    save_side_files(recipe, tmp)
+    replace_dir(tmp, out)
+    return what
+
+
+# ----------------------------------------------------------------------------- end of training
+def save_final(engine, model, tokenizer, recipe, out: Path, rank: int) -> None:
+    """Every rank calls at the end of training: RUN_DIR/final as a Hugging Face folder (full)
+    or an adapter folder (PEFT), with the tokenizer and its chat template. ZeRO-3 parameters
+    are gathered first (all ranks take part); rank 0 writes."""
+    import torch.distributed as dist
+    out = Path(out)
+    if recipe.method.kind == "full":
+        if engine.zero_optimization_partition_weights():
+            sd = engine._zero3_consolidated_16bit_state_dict()
+        else:
+            sd = {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+    else:
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if engine.zero_optimization_partition_weights():
+            import deepspeed
+            with deepspeed.zero.GatheredParameters([p for _, p in trainable]):
+                sd = {n: p.detach().cpu().clone() for n, p in trainable} if rank == 0 else None
+        else:
+            sd = {n: p.detach().cpu() for n, p in trainable}
+    if rank == 0:
+        tmp = fresh_tmp(out)
+        if recipe.method.kind == "full":
+            model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+        else:
+            save_adapter_folder(model, recipe, tmp, state_dict=sd)
+        save_side_files(recipe, tmp, tokenizer)
+        replace_dir(tmp, out)
+    dist.barrier()

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -18,7 +19,8 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint
-from .config import load_run_recipe
+from .checkpoint_files import PREEMPT_MARKER, atomic_write, check_fresh_start
+from .config import REQUEUE_EXIT_CODE, load_run_recipe
 from .data import ResumableSampler, batches, build_data, collate, target_tokens
 from .engine import build_engine
 from .metrics import Metrics
@@ -31,10 +33,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def all_sum(x: float | int, device) -> float:
-    t = torch.tensor(float(x), dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item()
+def _test_signal_hook(step: int, rank: int) -> None:
+    """ZEROTUNE_TEST_SIGNAL="<step>:<rank>[:<SIGNAME>]" sends this rank a real signal after that step
+    (tests use it for preemption without a cluster)."""
+    spec = os.environ.get("ZEROTUNE_TEST_SIGNAL")
+    if spec:
+        parts = spec.split(":")
+        if int(parts[0]) == step and int(parts[1]) == rank:
+            os.kill(os.getpid(), getattr(signal, parts[2] if len(parts) > 2 else "SIGUSR1"))
 
 
 def to_device(batch: dict, device) -> dict:
@@ -98,23 +104,36 @@ def train(run_dir: Path) -> int:
         raise RuntimeError(f"{len(data.train)} training samples are fewer than one global batch ({samples_per_step})")
     total_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
 
+    # --- resume point (decided before the engine: a new world size loads a universal checkpoint)
+    check_fresh_start(run_dir, recipe.checkpoint.resume, recipe.checkpoint.overwrite)
+    resume_from = checkpoint.resolve_resume(run_dir, recipe.checkpoint.resume)
+    if resume_from is not None and checkpoint.needs_universal(resume_from, world):
+        ds_config = {**ds_config, "checkpoint": {"load_universal": True}}
+
     # --- model and engine ---------------------------------------------------------------
     model = build_model(recipe, ds_config)
     engine = build_engine(model, ds_config, t, total_steps)
     trainable, total = count_parameters(model)
+    frozen = trainable < total  # PEFT: checkpoints hold only the trainable parameters
 
     # --- state, resume --------------------------------------------------------------------
     sampler = ResumableSampler(len(data.train), rank, world, t.seed)
     state = {"step": 0, "tokens_seen": 0, "best_eval": None, "evals_without_improvement": 0}
-    resume_from = None
-    if recipe.checkpoint.resume == "auto":
-        resume_from = checkpoint.latest_complete(run_dir)
-    elif recipe.checkpoint.resume != "never":
-        resume_from = Path(recipe.checkpoint.resume)
+    last_eval = None
     if resume_from is not None:
-        saved = checkpoint.load(engine, resume_from)
+        saved = checkpoint.load(engine, resume_from, rank, world, frozen)
         state.update(saved["loop"])
-        sampler.load_state_dict(saved["sampler"][rank] if isinstance(saved["sampler"], list) else saved["sampler"])
+        sampler.load_state_dict(saved["sampler"])
+        last_eval = saved.get("eval_loss")
+
+    # --- preemption: SIGUSR1 (Slurm's warning before the time limit) or SIGTERM asks for a
+    # save at the next step boundary; all ranks agree through the per-step all-reduce.
+    stop_requested = {"signal": None}
+
+    def request_stop(signum, frame):
+        stop_requested["signal"] = signal.Signals(signum).name
+    signal.signal(signal.SIGUSR1, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
 
     log = Metrics(run_dir, rank, total_steps, state["step"], recipe)
     log.say(f"zerotune: {recipe.name}: {len(data.train)} train / {len(data.eval)} eval samples, "
@@ -126,17 +145,17 @@ def train(run_dir: Path) -> int:
         log.say(f"data: {data.stats}")
 
     def save(step: int) -> None:
-        sampler_states = [None] * world
-        dist.all_gather_object(sampler_states, sampler.state_dict())
-        path = checkpoint.save(engine, run_dir, step, {"loop": state, "sampler": sampler_states},
-                               keep=recipe.checkpoint.keep, rank=rank)
+        path = checkpoint.save(engine, run_dir, step, state, sampler.state_dict(), keep=recipe.checkpoint.keep,
+                               rank=rank, world=world, eval_loss=last_eval, recipe_digest=recipe.digest(),
+                               frozen_params=frozen)
         log.say(f"step {step}: saved {path}")
 
     def run_eval(step: int) -> bool:
         """Evaluate, log, and return True when early stopping says stop."""
+        nonlocal last_eval
         if not data.eval:
             return False
-        loss = evaluate(engine, data.eval, rank, world, mbs, tokenizer.pad_token_id, t.eval_batches)
+        loss = last_eval = evaluate(engine, data.eval, rank, world, mbs, tokenizer.pad_token_id, t.eval_batches)
         log.scalars(step, {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50))})
         log.say(f"step {step}: eval loss {loss:.4f}")
         es = t.early_stopping
@@ -148,12 +167,20 @@ def train(run_dir: Path) -> int:
 
     # --- the loop -----------------------------------------------------------------------
     stream = batches(data.train, sampler, mbs, tokenizer.pad_token_id)
-    stop_early = False
+    stop_early = preempted = False
     while state["step"] < total_steps and not stop_early:
         t0 = time.perf_counter()
+        sampler_before = sampler.state_dict()
         micro = [to_device(next(stream), engine.device) for _ in range(gas)]
-        n_target = all_sum(sum(target_tokens(b) for b in micro), engine.device)
-        real_tokens = all_sum(sum(int(b["attention_mask"].sum()) for b in micro), engine.device)
+        # one all-reduce per step: global target tokens, real tokens, and "did any rank get a signal"
+        counts = torch.tensor([sum(target_tokens(b) for b in micro), sum(int(b["attention_mask"].sum()) for b in micro),
+                               float(stop_requested["signal"] is not None)], dtype=torch.float64, device=engine.device)
+        dist.all_reduce(counts)
+        n_target, real_tokens = counts[0].item(), counts[1].item()
+        if counts[2].item() > 0:
+            preempted = True
+            break
+        lr = engine.get_lr()[0]  # the rate this step uses (the scheduler steps inside engine.step)
         step_loss = torch.zeros((), dtype=torch.float64, device=engine.device)
         for b in micro:
             out = engine(**b, num_items_in_batch=n_target)   # loss = summed token loss / n_target
@@ -170,19 +197,34 @@ def train(run_dir: Path) -> int:
         if step % recipe.logging.every == 0 or step == total_steps:
             log.scalars(step, {
                 "train/loss": loss,
-                "train/lr": engine.get_lr()[0],
+                "train/lr": lr,
                 "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "train/tokens_per_sec": real_tokens / dt,
                 "train/samples_seen": step * samples_per_step,
                 "train/epoch": sampler.epoch + sampler.consumed / sampler.per_rank,
             })
         log.progress(step, loss, real_tokens / dt)
+        _test_signal_hook(step, rank)
         if t.eval_every and step % t.eval_every == 0 and step < total_steps:
             stop_early = run_eval(step)
             if stop_early:
                 log.say(f"step {step}: early stopping after {state['evals_without_improvement']} evals without improvement")
         if recipe.checkpoint.every and step % recipe.checkpoint.every == 0 and step < total_steps and not stop_early:
             save(step)
+
+    # --- preempted: save where we are and ask the job script to requeue ------------------------
+    if preempted:
+        sampler.load_state_dict(sampler_before)  # the micro-batches drawn for the step not taken come again
+        save(state["step"])
+        if rank == 0:
+            atomic_write(run_dir / PREEMPT_MARKER, json.dumps({"step": state["step"], "signal": stop_requested["signal"],
+                                                               "time": time.time()}) + "\n")
+        log.say(f"step {state['step']}: stopped by {stop_requested['signal'] or 'a signal on another rank'}; "
+                f"checkpoint saved, exiting with {REQUEUE_EXIT_CODE} so the job is requeued")
+        log.close()
+        dist.barrier()
+        dist.destroy_process_group()
+        return REQUEUE_EXIT_CODE
 
     # --- the end: final eval, checkpoint, Hugging Face export -------------------------------
     step = state["step"]
@@ -192,6 +234,8 @@ def train(run_dir: Path) -> int:
     if recipe.checkpoint.save_final:
         checkpoint.export_final(engine, model, tokenizer, run_dir / "final", rank)
         log.say(f"final model: {run_dir / 'final'}")
+    if rank == 0:
+        (run_dir / PREEMPT_MARKER).unlink(missing_ok=True)
     log.close()
     dist.barrier()
     dist.destroy_process_group()

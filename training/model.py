@@ -1,15 +1,27 @@
-"""The model a recipe asks for: HF weights, dtype, attention kernel, gradient checkpointing.
+"""The model a recipe asks for: HF weights, dtype, attention kernel, gradient checkpointing,
+and the training method on top (full, or an adapter method: LoRA, QLoRA, IA3, prompt
+tuning, p-tuning, prefix tuning, bottleneck adapters).
+
+    model = build_model(recipe, ds_config)     # on every rank, before the DeepSpeed engine
 
 For ZeRO-3, transformers builds the model under `deepspeed.zero.Init` (through
 HfDeepSpeedConfig), so every rank only ever holds its shard of a model larger than one GPU.
+For adapter methods the base is frozen (replicated on every GPU at ZeRO 0-2) and only the
+adapter's parameters have requires_grad, so only they reach the optimizer (engine.py).
+QLoRA loads the base in 4-bit (bitsandbytes NF4/FP4) and puts LoRA on top.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations import HfDeepSpeedConfig
 
+from .config import RecipeError
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PEFT_KINDS = ("lora", "qlora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning")  # built by HF peft
 
 _hf_ds_config = None  # must stay alive while the model is built (transformers holds a weak reference)
 
@@ -22,9 +34,73 @@ def load_tokenizer(recipe):
     return tok
 
 
+def quantization_config(recipe, zero_stage: int = 0):
+    """bitsandbytes settings of a QLoRA base (None for every other method)."""
+    if recipe.method.kind != "qlora":
+        return None
+    from transformers import BitsAndBytesConfig
+    q = recipe.method.quant
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
+        # ZeRO-3 partitions parameters of one float dtype: store the packed 4-bit data in it
+        bnb_4bit_quant_storage=DTYPES[recipe.model.dtype] if zero_stage == 3 else torch.uint8)
+
+
+def peft_config(recipe):
+    """The HF peft config of the recipe's method (None for full and bottleneck adapters)."""
+    import peft
+    m, kind = recipe.method, recipe.method.kind
+    if kind in ("lora", "qlora"):
+        lo = m.lora
+        return peft.LoraConfig(
+            task_type="CAUSAL_LM", r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
+            target_modules=lo.target_modules, modules_to_save=lo.modules_to_save or None,
+            use_rslora=lo.use_rslora, use_dora=lo.use_dora)
+    if kind == "ia3":
+        return peft.IA3Config(task_type="CAUSAL_LM", target_modules=m.ia3.target_modules,
+                              feedforward_modules=m.ia3.feedforward_modules)
+    p = m.prompt
+    if kind == "prompt_tuning":
+        if p.init == "text" and not p.init_text:
+            raise RecipeError("method.prompt.init_text: required when method.prompt.init is 'text'")
+        text = p.init == "text"
+        return peft.PromptTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=p.num_virtual_tokens,
+            prompt_tuning_init="TEXT" if text else "RANDOM", prompt_tuning_init_text=p.init_text if text else None,
+            tokenizer_name_or_path=(recipe.model.tokenizer or recipe.model.path) if text else None)
+    if kind == "p_tuning":
+        return peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=p.num_virtual_tokens,
+                                        encoder_hidden_size=p.encoder_hidden_size)
+    if kind == "prefix_tuning":
+        return peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=p.num_virtual_tokens)
+    return None
+
+
+def apply_method(model, recipe):
+    """Freeze the base and add the recipe's adapter; returns the model to train (full: unchanged)."""
+    kind = recipe.method.kind
+    if kind == "full":
+        return model
+    if kind == "adapter":
+        from .adapters import add_adapters
+        return add_adapters(model, recipe.method.adapter)
+    import peft
+    return peft.get_peft_model(model, peft_config(recipe))
+
+
 def build_model(recipe, ds_config: dict):
     global _hf_ds_config
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    kind = recipe.method.kind
+    if stage == 3 and kind not in ("full", "lora", "qlora"):
+        raise RecipeError(f"method.kind: {kind} trains with distributed.zero 0, 1 or 2 (the frozen base is "
+                          f"replicated); ZeRO-3 is for full, lora and qlora")
+    if kind == "prefix_tuning" and recipe.train.gradient_checkpointing:
+        raise RecipeError("method.kind prefix_tuning: set train.gradient_checkpointing: false "
+                          "(peft's prefix tuning does not support it)")
     _hf_ds_config = HfDeepSpeedConfig(ds_config) if stage == 3 else None
     # Import the model class before zero.Init patches tensor constructors: importing
     # modelling code (and torch._dynamo) under the patch fails on recent torch.
@@ -34,24 +110,47 @@ def build_model(recipe, ds_config: dict):
         AutoModelForCausalLM._model_mapping[type(config)]
     except KeyError:
         pass  # remote-code models resolve their class in from_pretrained
-    if recipe.method.kind != "full":
-        raise NotImplementedError(f"method.kind: {recipe.method.kind!r} is not implemented yet")
+    extra = {}
+    quant = quantization_config(recipe, stage)
+    if quant is not None:
+        extra["quantization_config"] = quant
+        if torch.cuda.is_available() and stage < 3:  # bitsandbytes quantises while moving to the GPU
+            extra["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     model = AutoModelForCausalLM.from_pretrained(
         recipe.model.path,
         dtype=DTYPES[recipe.model.dtype],
         attn_implementation=recipe.model.attn_implementation,
         trust_remote_code=recipe.model.trust_remote_code,
+        **extra,
     )
+    gc_kwargs = {"use_reentrant": False}
+    if quant is not None:
+        # QLoRA paper recipe: freeze, norms in fp32, checkpointing with inputs that carry grads
+        from peft import prepare_model_for_kbit_training
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=gc_kwargs)
+    elif recipe.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     if recipe.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    return model
+    return apply_method(model, recipe)
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total), counting ZeRO-3 partitioned parameters at full size."""
+    """(trainable, total), counting ZeRO-3 partitioned parameters at full size and 4-bit
+    packed weights at their unpacked size (as peft's print_trainable_parameters does)."""
     def numel(p):
-        return getattr(p, "ds_numel", p.numel())
+        n = getattr(p, "ds_numel", p.numel())
+        if p.__class__.__name__ == "Params4bit":
+            n *= 2 * p.element_size()  # two 4-bit values per byte of storage
+        return n
     total = sum(numel(p) for p in model.parameters())
     trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     return trainable, total
+
+
+def trainable_report(model, recipe) -> str:
+    """One line for the console and TensorBoard: method, trainable / total parameters."""
+    trainable, total = count_parameters(model)
+    return (f"method {recipe.method.kind}: {trainable:,} / {total:,} parameters trainable "
+            f"({100 * trainable / max(total, 1):.4f}%)")

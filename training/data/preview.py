@@ -1,10 +1,125 @@
-"""PLACEHOLDER: `zerotune preview` is being built (see the open issue)."""
-HELP = "(not built yet)"
+"""`zerotune data preview RECIPE`: what the model will be trained on.
+
+Prints a few samples as the model sees them, with the tokens that carry loss highlighted
+(green in a terminal, [[...]] otherwise), then the statistics of the whole data set: samples,
+tokens, trained fraction, a length histogram, truncated / dropped / skipped counts, packing
+efficiency and whether the tokenized cache was used.
+"""
+from __future__ import annotations
+
+import sys
+
+HELP = "inspect a recipe's data: rendered samples with trained tokens marked, and statistics"
+DESCRIPTION = ("Tokenize a recipe's data exactly as training will (and fill the tokenized cache), then\n"
+               "print samples with the trained tokens marked and the data statistics.\n\n"
+               "  zerotune data preview recipes/demo.yaml\n"
+               "  zerotune data preview recipes/demo.yaml --n 5 --set data.max_len=2048 --set data.packing=true")
+
+GREEN, RESET = "\033[42;30m", "\033[0m"
 
 
 def add_arguments(p) -> None:
-    pass
+    sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    pv = sub.add_parser("preview", help="show samples with trained tokens marked, and data statistics",
+                        description=DESCRIPTION)
+    pv.add_argument("recipe", help="recipe YAML file")
+    pv.add_argument("--n", type=int, default=3, help="samples to show (default 3)")
+    pv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a recipe key; VALUE is YAML (repeatable)")
+    pv.add_argument("--no-cache", action="store_true", help="tokenize without reading or writing the cache")
+    pv.add_argument("--color", choices=["auto", "always", "never"], default="auto",
+                    help="highlight trained tokens in colour (auto: when stdout is a terminal)")
+
+
+def marked_text(tokenizer, ids, labels, color: bool) -> str:
+    """Decode ids, wrapping runs of trained tokens in colour or [[...]]."""
+    ids = [int(i) for i in ids]
+    full = tokenizer.decode(ids)
+    bounds, prev = [0], 0
+    for k in range(1, len(ids) + 1):   # character end of each token in the decoded text
+        part = tokenizer.decode(ids[:k])
+        prev = len(part) if full.startswith(part) else prev
+        bounds.append(prev)
+    out, open_ = [], False
+    on, off = (GREEN, RESET) if color else ("[[", "]]")
+    for k in range(len(ids)):
+        trained = int(labels[k]) != -100
+        if trained != open_:
+            out.append(on if trained else off)
+            open_ = trained
+        out.append(full[bounds[k]:bounds[k + 1]])
+    if open_:
+        out.append(off)
+    return "".join(out)
+
+
+def _pct(x) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def format_stats(stats: dict, would_pack: float | None) -> list[str]:
+    s = stats
+    lines = [
+        f"samples      {s['train_samples']:,} train / {s['eval_samples']:,} eval "
+        f"({s['train_rows']:,} train rows{' after packing' if s['packing'] else ''})",
+        f"tokens       {s['train_tokens']:,} train, {s['train_target_tokens']:,} trained "
+        f"({_pct(s['trained_fraction'])} of tokens carry loss)",
+    ]
+    for src in s["sources"]:
+        lines.append(f"  source     {src['path']} ({src['format']}{', eval' if src.get('eval') else ''}): "
+                     f"{src['rows']:,} rows -> {src['samples']:,} samples")
+    lines.append(f"length       tokens per sample (max_len {s['max_len']}):")
+    peak = max((c for _, _, c in s["length_histogram"]), default=1) or 1
+    for lo, hi, c in s["length_histogram"]:
+        lines.append(f"  {lo:>6}-{hi:<6} {c:>7,} {'#' * round(40 * c / peak)}")
+    lines.append(f"filtered     truncated {s['truncated']:,}, dropped too long {s['dropped_too_long']:,}, "
+                 f"dropped with no trained token {s['dropped_no_target']:,}, skipped bad rows {s['skipped_bad_rows']:,}")
+    for src in s["sources"]:
+        for ex in src.get("bad_examples", []):
+            lines.append(f"  skipped    {ex}")
+    if s["packing"]:
+        lines.append(f"packing      on: efficiency {_pct(s['packing_efficiency'])} "
+                     f"({s['train_tokens']:,} tokens in {s['train_rows']:,} rows of {s['max_len']})")
+    else:
+        lines.append(f"packing      off (data.packing=true would fill rows of {s['max_len']} to {_pct(would_pack)})")
+    if s.get("added_tokens"):
+        lines.append(f"tokenizer    added special tokens {s['added_tokens']}: the model's embeddings are resized")
+    if s["cache"] == "hit":
+        lines.append(f"cache        hit: loaded in {s['load_seconds']:.2f} s instead of tokenizing "
+                     f"({s['tokenize_seconds']:.2f} s) from {s['cache_path']}")
+    elif s["cache"] == "miss":
+        lines.append(f"cache        miss: tokenized in {s['tokenize_seconds']:.2f} s, saved to {s['cache_path']}")
+    else:
+        lines.append(f"cache        off: tokenized in {s['tokenize_seconds']:.2f} s")
+    return lines
 
 
 def run(args) -> int:
-    raise SystemExit("zerotune preview: not built yet")
+    from training.config import load_recipe
+    from training.model import load_tokenizer
+
+    from . import build_data, pack, prepare_tokenizer, tokenize_source
+
+    recipe = load_recipe(args.recipe, args.set)
+    tokenizer = load_tokenizer(recipe)
+    data = build_data(recipe, tokenizer, use_cache=not args.no_cache)
+    template, _ = prepare_tokenizer(recipe, tokenizer)   # tokens already added: a no-op that returns the template
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+
+    src = recipe.data.train[0]
+    samples, _ = tokenize_source(src, tokenizer, template, recipe.data, limit=args.n)
+    for k, (ids, labels) in enumerate(samples[: args.n], 1):
+        trained = sum(1 for l in labels if l != -100)
+        print(f"--- sample {k} of {src.path}: {len(ids)} tokens, {trained} trained")
+        print(marked_text(tokenizer, ids, labels, color))
+    if data.train.packed and len(data.train):
+        row = data.train[0]
+        n = int((row["position_ids"] == 0).sum())
+        print(f"--- packed row 1: {n} samples, {len(row['input_ids'])} of {recipe.data.max_len} tokens")
+    print("---")
+    would = None
+    if not recipe.data.packing:
+        lengths = [data.train.length(i) for i in range(len(data.train))]
+        would = sum(lengths) / (len(pack(lengths, recipe.data.max_len)) * recipe.data.max_len)
+    print("\n".join(format_stats(data.stats, would)))
+    return 0

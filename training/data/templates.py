@@ -1,4 +1,9 @@
-"""Built-in chat templates (Jinja, the same form as a tokenizer's `chat_template`)."""
+"""Built-in chat templates (Jinja, the same form as a tokenizer's `chat_template`).
+
+`model.chat_template: NAME` picks one; None uses the tokenizer's own; any other string is a
+Jinja template. A template must render a conversation prefix by prefix (the text of the first
+k turns is the start of the text of all turns), which tokenize.py checks row by row.
+"""
 from __future__ import annotations
 
 BUILTIN = {
@@ -18,7 +23,7 @@ BUILTIN = {
         "{{ bos_token }}{% for m in messages %}"
         "{% if m['role'] == 'system' %}{{ m['content'] + '\n\n' }}"
         "{% elif m['role'] == 'user' %}{{ '### Instruction:\n' + m['content'] + '\n\n' }}"
-        "{% elif m['role'] == 'assistant' %}{{ '### Response:\n' + m['content'] + eos_token + '\n\n' }}"
+        "{% elif m['role'] == 'assistant' %}{{ '### Response:\n' + m['content'] + eos_token }}"
         "{% else %}{{ '### ' + m['role'] | capitalize + ':\n' + m['content'] + '\n\n' }}{% endif %}"
         "{% endfor %}{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
     ),

@@ -1,0 +1,140 @@
+"""Hostile input: every malformed file fails with one line naming the file, the row and what
+was expected; `data.on_bad_rows: skip` skips such rows and reports exact counts."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from conftest import PHI3_TOKENIZER, STORIES, base_recipe, write_recipe, zerotune
+from transformers import AutoTokenizer
+
+from training.config import DataConfig, DataSource, validate_recipe
+from training.data import DataError, build_data, tokenize_source
+from training.data.templates import BUILTIN
+from training.model import load_tokenizer
+
+BAD = Path(__file__).parent / "fixtures" / "data"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(str(STORIES))
+
+
+def _tokenize(tok, path, fmt="alpaca", columns=None, template=BUILTIN["alpaca"], **data):
+    src = DataSource(path=str(path), format=fmt, columns=columns or {})
+    cfg = DataConfig(train=[src], max_len=128, **data)
+    return tokenize_source(src, tok, template, cfg)
+
+
+CASES = [  # file, format, columns, the error must match (after the file name)
+    ("bad_json_line.jsonl", "alpaca", {}, r" line 2: not valid JSON \(column \d+: Expecting ',' delimiter\)"),
+    ("empty.jsonl", "alpaca", {}, r": empty file \(expected one JSON object per line\)"),
+    ("empty_list.json", "alpaca", {}, r": no rows"),
+    ("truncated.json", "alpaca", {}, r" line 1: not valid JSON"),
+    ("not_utf8.jsonl", "alpaca", {}, r": not UTF-8 text \(byte 0\)"),
+    ("notes.txt", "alpaca", {}, r": unsupported file type '.txt' \(expected .json, .jsonl, .parquet, .csv\)"),
+    ("alpaca_missing_output.json", "alpaca", {}, r" row 2: missing field 'output' \(alpaca rows need instruction and output; this row has 'instruction'"),
+    ("alpaca_wrong_type.json", "alpaca", {}, r" row 2: field 'output' must be a string, got int"),
+    ("alpaca_bad_history.json", "alpaca", {}, r" row 1: field 'history' must be a list of \[instruction, response\] pairs, got string"),
+    ("row_not_object.json", "alpaca", {}, r" row 2: expected an object with alpaca fields, got list"),
+    ("sharegpt_unknown_role.jsonl", "sharegpt", {}, r" line 2: turn 2 has unknown role 'wizard' \(expected one of 'system', 'human'"),
+    ("sharegpt_not_alternating.jsonl", "sharegpt", {}, r" line 1: turn 2 is 'user' but the conversation must alternate user/tool and assistant turns \(expected 'assistant'\)"),
+    ("sharegpt_ends_with_user.jsonl", "sharegpt", {}, r" line 1: the last turn is 'user'; expected it to be the assistant's"),
+    ("sharegpt_not_list.jsonl", "sharegpt", {}, r" line 1: field 'conversations' must be a list of turns, got string"),
+    ("sharegpt_missing_value.jsonl", "sharegpt", {}, r" line 1: turn 1 has no 'value' key \(expected 'from' and 'value'\)"),
+    ("messages_content_list.jsonl", "messages", {}, r" line 1: turn 2 'content' must be a string, got list"),
+    ("messages_late_system.jsonl", "messages", {}, r" line 1: turn 3 is a system turn; only the first turn may be one"),
+    ("messages_empty.jsonl", "messages", {}, r" line 1: empty conversation \(expected user and assistant turns\)"),
+    ("text_null.jsonl", "text", {}, r" line 1: missing field 'text' \(text rows need text"),
+    ("pc_wrong_columns.csv", "prompt_completion", {}, r" row 1: missing field 'prompt' \(prompt_completion rows need prompt and completion; this row has 'question', 'answer'"),
+    ("pc_ok.csv", "prompt_completion", {"prompt": "question"}, r" row 1: missing field 'question'"),  # mapping to a missing column
+]
+
+
+@pytest.mark.parametrize("name,fmt,columns,expected", CASES, ids=[c[0] + ("+map" if c[2] else "") for c in CASES])
+def test_hostile_file_fails_with_file_row_and_expectation(tok, name, fmt, columns, expected):
+    path = BAD / name
+    with pytest.raises(DataError) as e:
+        _tokenize(tok, path, fmt, columns)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith(str(path)), msg
+    assert re.search(expected, msg[len(str(path)):]), msg
+
+
+def test_unknown_column_key_missing_source_and_bad_templates(tok, tmp_path):
+    with pytest.raises(DataError, match=r"columns: 'answer' is not a field of format 'alpaca' \(fields: instruction, output"):
+        _tokenize(tok, BAD / "pc_ok.csv", "alpaca", {"answer": "completion"})
+    with pytest.raises(DataError, match=r"^/no/such/file.json: not a data file, data folder or saved dataset$"):
+        _tokenize(tok, "/no/such/file.json")
+    empty_dir = tmp_path / "d"
+    empty_dir.mkdir()
+    with pytest.raises(DataError, match=r"folder holds no .json, .jsonl, .parquet, .csv files"):
+        _tokenize(tok, empty_dir)
+    # a tokenizer without a template and no model.chat_template: the error names the fix
+    recipe = validate_recipe(base_recipe(tmp_path, model={"path": str(STORIES), "chat_template": None}))
+    with pytest.raises(DataError, match=r"model.chat_template: the tokenizer has no chat_template; set model.chat_template to a built-in \(chatml, llama3, alpaca, plain"):
+        build_data(recipe, load_tokenizer(recipe), use_cache=False)
+    # phi-3's template silently drops tool turns: caught, not trained on a conversation with a hole
+    phi = AutoTokenizer.from_pretrained(str(PHI3_TOKENIZER))
+    f = tmp_path / "tools.jsonl"
+    f.write_text(json.dumps({"conversations": [
+        {"from": "human", "value": "Weather in Paris?"}, {"from": "function_call", "value": '{"name": "weather"}'},
+        {"from": "observation", "value": "sunny, 21C"}, {"from": "gpt", "value": "It is sunny."}]}) + "\n")
+    with pytest.raises(DataError, match=r"tools.jsonl line 1: the chat template does not render turn 3 \('tool'\)"):
+        _tokenize(phi, f, "sharegpt", template=phi.chat_template)
+    # chatml renders tool turns: function_call trains, observation does not
+    samples, _ = _tokenize(phi, f, "sharegpt", template=BUILTIN["chatml"])
+    ids, labels = samples[0]
+    trained = phi.decode([t for t, l in zip(ids, labels) if l != -100])
+    assert '{"name": "weather"}' in trained and "It is sunny." in trained and "sunny, 21C" not in trained
+
+
+def test_skip_bad_rows_reports_exact_counts(tok, tmp_path):
+    good = {"instruction": "Say hi", "output": "Hi!"}
+    lines = [json.dumps(good), "{broken", json.dumps({"instruction": "x"}), json.dumps(good),
+             json.dumps({"instruction": 1, "output": "y"}), "", json.dumps(good), "[1, 2]"]
+    f = tmp_path / "mixed.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"mixed.jsonl line 2: not valid JSON"):
+        _tokenize(tok, f)
+    samples, st = _tokenize(tok, f, on_bad_rows="skip")
+    assert (st["rows"], st["bad_rows"], st["samples"], len(samples)) == (7, 4, 3, 3)
+    assert "mixed.jsonl line 2: not valid JSON" in st["bad_examples"][0]
+    # through build_data: the totals reach data.stats (and `zerotune data preview`)
+    recipe = validate_recipe(base_recipe(tmp_path, data={"train": [{"path": str(f), "format": "alpaca"}],
+                                                         "on_bad_rows": "skip", "max_len": 64}))
+    stats = build_data(recipe, load_tokenizer(recipe), use_cache=False).stats
+    assert stats["skipped_bad_rows"] == 4 and stats["train_samples"] == 3
+
+
+def test_too_long_and_no_target_are_counted(tok, tmp_path):
+    rows = [{"instruction": "word " * 200, "output": "short answer"},          # over-long prompt
+            {"instruction": "q", "output": "long answer " * 100},             # over-long response
+            {"instruction": "q", "output": ""},                               # only the eos trains
+            {"instruction": "q", "output": "fine"}]
+    f = tmp_path / "lengths.json"
+    f.write_text(json.dumps(rows))
+    samples, st = _tokenize(tok, f)
+    assert st["truncated"] == 2 and all(len(s[0]) <= 128 for s in samples)
+    ids, labels = samples[0]   # the prompt's start is kept, and the response still trains
+    assert ids[:20] == tok(tok.bos_token + "### Instruction:\nword word", add_special_tokens=False)["input_ids"][:20]
+    assert tok.decode([t for t, l in zip(ids, labels) if l != -100]) == "short answer</s>"   # the whole response
+    ids, labels = samples[1]   # a long response is cut at its end
+    assert len(ids) == 128 and tok.decode([t for t, l in zip(ids, labels) if l != -100]).startswith("long answer long")
+    _, st = _tokenize(tok, f, truncation="drop")
+    assert st["dropped_too_long"] == 2 and st["samples"] == 2
+    # an empty answer under a template without an end-of-turn token leaves nothing to train
+    samples, st = _tokenize(tok, f, template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert st["dropped_no_target"] == 1 and st["samples"] == 3
+
+
+def test_preview_cli_error_is_one_line(tmp_path):
+    r = base_recipe(tmp_path, data={"train": [{"path": str(BAD / "sharegpt_unknown_role.jsonl"), "format": "sharegpt"}]})
+    proc = zerotune("data", "preview", str(write_recipe(tmp_path, r)), check=False)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and re.match(r"zerotune: error: .*sharegpt_unknown_role.jsonl line 2: turn 2 has unknown role 'wizard'", err[0]), proc.stderr

