@@ -28,6 +28,7 @@ def add_arguments(p) -> None:
     p.add_argument("--node-rank", type=int, default=0, help="this node's rank in a manual multi-node start")
     p.add_argument("--master-addr", default=None, help="host of the c10d rendezvous (node 0)")
     p.add_argument("--master-port", type=int, default=29500, help="port of the c10d rendezvous (default 29500)")
+    p.add_argument("--gpu-memory", default="80GB", help="memory of one GPU, for the fit check (default 80GB)")
     p.add_argument("--slurm", action="store_true", help="write RUN_DIR/job.sbatch for cluster.nodes nodes")
     p.add_argument("--submit", action="store_true", help="with --slurm: submit it with sbatch and print the job id")
 
@@ -50,11 +51,16 @@ def processes_per_node(args, recipe_gpus) -> int:
     return visible_gpus() or 1
 
 
+def _has_gpus() -> bool:
+    from .submit import visible_gpus
+    return visible_gpus() > 0
+
+
 def run(args) -> int:
     from training.config import RecipeError, load_recipe
 
     from . import scripts, submit
-    from .prepare import prepare_run
+    from .prepare import prepare_run, resolve
 
     if args.submit and not args.slurm:
         raise RecipeError("--submit needs --slurm")
@@ -63,6 +69,10 @@ def run(args) -> int:
     draft = load_recipe(args.recipe, args.set)
     nproc = processes_per_node(args, draft.cluster.gpus_per_node)
     nnodes = draft.cluster.nodes if args.slurm else (args.nnodes or 1)
+    on_gpus = draft.cluster.gpus_per_node if args.slurm else (args.nproc is None and _has_gpus())
+    if on_gpus:  # before anything is written or any GPU time is spent: will it fit?
+        from .plan import check_fits, parse_size
+        check_fits(resolve(draft, nproc * nnodes, nnodes), nproc, nnodes, parse_size(args.gpu_memory))
     recipe = prepare_run(args.recipe, args.set, world_size=nproc * nnodes, nodes=nnodes)
     run_dir = recipe.run_dir.resolve()
     workdir = Path.cwd()

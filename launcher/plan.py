@@ -28,9 +28,8 @@ measured. docs/plan_vs_measured.md compares estimates with measurements.
 from __future__ import annotations
 
 import json
-import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -356,10 +355,13 @@ def workload(recipe: Recipe, gpus_per_node: int, nodes: int) -> Workload:
 def choose(recipe: Recipe, gpus_per_node: int, nodes: int = 1, gpu_memory: float = DEFAULT_GPU_MEMORY,
            cpu_memory: float = DEFAULT_CPU_MEMORY) -> Strategy:
     """What `distributed.zero: auto` runs: the fastest fitting strategy of the recipe's method,
-    with the recipe's gradient checkpointing. One-line error when none fits."""
+    with the recipe's gradient checkpointing (and offload, where the recipe turns it on).
+    One-line error when none fits."""
     w = workload(recipe, gpus_per_node, nodes)
     method = recipe.method.kind
-    rows = plan(w, method, gpu_memory, cpu_memory)
+    d = recipe.distributed   # offload the recipe asks for stays on
+    rows = [r for r in plan(w, method, gpu_memory, cpu_memory)
+            if (r.strategy.offload_optimizer or not d.offload_optimizer) and (r.strategy.offload_params or not d.offload_params)]
     best = recommend(rows, method, recipe.train.gradient_checkpointing)
     if best is None:
         smallest = min((r for r in rows if r.strategy.method == method), key=lambda r: r.total)
@@ -368,6 +370,27 @@ def choose(recipe: Recipe, gpus_per_node: int, nodes: int = 1, gpu_memory: float
             f"{gpu_memory / GIB:.0f} GiB: the smallest, {smallest.strategy.label}, {smallest.why_not}; "
             "add GPUs, lower train.micro_batch_size or data.max_len, or use method.kind: lora / qlora")
     return best.strategy
+
+
+def check_fits(recipe: Recipe, gpus_per_node: int, nodes: int = 1, gpu_memory: float = DEFAULT_GPU_MEMORY,
+               cpu_memory: float = DEFAULT_CPU_MEMORY) -> Estimate:
+    """The estimate of the strategy the (resolved) recipe runs; a one-line error when it cannot fit."""
+    w = workload(recipe, gpus_per_node, nodes)
+    d = recipe.distributed
+    st = Strategy(recipe.method.kind, recipe.zero_stage(), d.offload_optimizer, d.offload_params,
+                  recipe.train.gradient_checkpointing)
+    m = estimate_memory(w, st)
+    mfu, source = efficiency(st, w.world)
+    e = Estimate(st, m["params"], m["grads"], m["optimizer"], m["activations"], m["logits"], m["temporary"],
+                 m["total"], m["cpu_per_node"], True, 0.0, mfu, source)
+    if m["total"] > gpu_memory - RESERVED or m["cpu_per_node"] > cpu_memory * 0.9:
+        better = recommend(plan(w, recipe.method.kind, gpu_memory, cpu_memory), recipe.method.kind)
+        hint = ("; " + " ".join(f"--set {o}" for o in better.strategy.overrides()) + " fits") if better else ""
+        raise RecipeError(
+            f"{st.label} needs about {m['total'] / GIB:.1f} GiB per GPU (usable: {(gpu_memory - RESERVED) / GIB:.1f} "
+            f"GiB) and {m['cpu_per_node'] / GIB:.0f} GiB CPU memory per node: it will not fit{hint} "
+            f"(see `zerotune plan`, or --gpu-memory if your GPUs are larger)")
+    return e
 
 
 # --------------------------------------------------------------------------- CLI
@@ -390,6 +413,8 @@ def _gib(x: float) -> str:
 def _hours(h: Optional[float]) -> str:
     if h is None:
         return "?"
+    if h < 1 / 60:
+        return f"{h * 3600:.0f}s"
     return f"{h * 60:.0f}m" if h < 1 else f"{h:.1f}h"
 
 
@@ -401,7 +426,8 @@ def format_table(rows: list[Estimate], w: Workload, best: Optional[Estimate], gp
         lines.append([r.strategy.label, _gib(r.params), _gib(r.grads), _gib(r.optimizer), _gib(r.activations),
                       _gib(r.logits), _gib(r.temporary), _gib(r.total), _gib(r.cpu_per_node),
                       "yes" if r.fits else "NO", f"{r.tokens_per_s:,.0f}", _hours(r.hours),
-                      f"{r.gpu_hours:.1f}" if r.gpu_hours is not None else "?",
+                      (f"{r.gpu_hours:.1f}" if r.gpu_hours >= 10 else f"{r.gpu_hours:.2f}")
+                      if r.gpu_hours is not None else "?",
                       f"{r.cost:,.2f}" if r.cost is not None else "-"])
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     out = ["  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(row)) for row in lines]

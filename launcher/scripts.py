@@ -117,8 +117,16 @@ def sbatch_script(recipe: Recipe, run_dir: Path, nproc: int, workdir: Optional[P
         lines.append("# `zerotune launch --slurm --submit` passes --output, --error and --chdir to sbatch.")
     hint = "sbatch " + " ".join(shlex.quote(o) for o in path_options(run_dir, workdir)) + " " + \
         shlex.quote(str(run_dir / SBATCH_SCRIPT))
+    image = getattr(recipe.cluster, "container_image", None)   # pyxis/enroot, when the schema has it
+    container = ""
+    if image:
+        mounts = getattr(recipe.cluster, "container_mounts", None) or []
+        container = f"--container-image={shlex.quote(image)} --no-container-entrypoint "
+        if mounts:
+            container += f"--container-mounts={shlex.quote(','.join(mounts))} "
+        python = python or "python"   # the image's interpreter, not the launcher's
     values = _common(recipe, run_dir, workdir, python or sys.executable)
-    values.update(sbatch_lines="\n".join(lines), grace=str(recipe.cluster.signal_grace_s), nproc=str(nproc),
+    values.update(srun_container=container, sbatch_lines="\n".join(lines), grace=str(recipe.cluster.signal_grace_s), nproc=str(nproc),
                   omp_threads=str(omp_threads(recipe.cluster.cpus_per_task, nproc)),
                   submit_hint=hint.replace("\n", "\\n"))
     return render_template(SBATCH_SCRIPT, values)

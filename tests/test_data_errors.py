@@ -7,9 +7,10 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import PHI3_TOKENIZER, STORIES, base_recipe, write_recipe, zerotune
+from conftest import PHI3_TOKENIZER, STORIES, base_recipe, write_recipe
 from transformers import AutoTokenizer
 
+from launcher.cli import main
 from training.config import DataConfig, DataSource, validate_recipe
 from training.data import DataError, build_data, tokenize_source
 from training.data.templates import BUILTIN
@@ -34,7 +35,7 @@ CASES = [  # file, format, columns, the error must match (after the file name)
     ("empty.jsonl", "alpaca", {}, r": empty file \(expected one JSON object per line\)"),
     ("empty_list.json", "alpaca", {}, r": no rows"),
     ("truncated.json", "alpaca", {}, r" line 1: not valid JSON"),
-    ("not_utf8.jsonl", "alpaca", {}, r": not UTF-8 text \(byte 0\)"),
+    ("not_utf8.jsonl", "alpaca", {}, r" line 1: not UTF-8 text \(byte 0 of the line\)"),
     ("notes.txt", "alpaca", {}, r": unsupported file type '.txt' \(expected .json, .jsonl, .parquet, .csv\)"),
     ("alpaca_missing_output.json", "alpaca", {}, r" row 2: missing field 'output' \(alpaca rows need instruction and output; this row has 'instruction'"),
     ("alpaca_wrong_type.json", "alpaca", {}, r" row 2: field 'output' must be a string, got int"),
@@ -132,9 +133,8 @@ def test_too_long_and_no_target_are_counted(tok, tmp_path):
     assert st["dropped_no_target"] == 1 and st["samples"] == 3
 
 
-def test_preview_cli_error_is_one_line(tmp_path):
+def test_preview_cli_error_is_one_line(tmp_path, capsys):
     r = base_recipe(tmp_path, data={"train": [{"path": str(BAD / "sharegpt_unknown_role.jsonl"), "format": "sharegpt"}]})
-    proc = zerotune("data", "preview", str(write_recipe(tmp_path, r)), check=False)
-    assert proc.returncode == 2
-    err = proc.stderr.strip().splitlines()
-    assert len(err) == 1 and re.match(r"zerotune: error: .*sharegpt_unknown_role.jsonl line 2: turn 2 has unknown role 'wizard'", err[0]), proc.stderr
+    assert main(["data", "preview", str(write_recipe(tmp_path, r))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.match(r"zerotune: error: .*sharegpt_unknown_role.jsonl line 2: turn 2 has unknown role 'wizard'", err[0]), err

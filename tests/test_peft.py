@@ -33,6 +33,7 @@ METHODS = {
     "adapter": (2, {"adapter": {"bottleneck": 16}}, {}),
 }
 FULL = {"full-z3": 3, "full-z2": 2}
+EXTRA = ("lora-z3", "lora-resume")  # LoRA at ZeRO-3; LoRA with a mid-run checkpoint
 MERGEABLE = ("lora", "qlora", "ia3")
 STEPS = 3
 PROBE = [[1, 403, 261, 378, 275, 40, 269, 296, 418, 379, 263, 58, 13, 2, 1, 82],
@@ -43,6 +44,9 @@ CAPTURE = "trained.safetensors"  # rank 0 writes it into each run dir after trai
 def _recipe(tmp: Path, name: str) -> dict:
     if name in FULL:
         return base_recipe(tmp, name=name, distributed={"zero": FULL[name]},
+                           train={"max_steps": STEPS, "lr": 1e-2, "warmup_steps": 0})
+    if name == "lora-z3":
+        return base_recipe(tmp, name=name, method={"kind": "lora", **METHODS["lora"][1]}, distributed={"zero": 3},
                            train={"max_steps": STEPS, "lr": 1e-2, "warmup_steps": 0})
     if name == "lora-resume":
         stage, method, train = METHODS["lora"]
@@ -69,14 +73,18 @@ def _worker(run_dirs: list[str]) -> int:
     loop.build_model = build_and_keep
     for i, run_dir in enumerate(run_dirs):
         if i:  # a fresh rendezvous for each run: rank 0 hosts a new store on the next port
+            import importlib
+
             import deepspeed.comm.comm as ds_comm
+            import deepspeed.utils.groups as ds_groups
             ds_comm.cdb = None
+            importlib.reload(ds_groups)  # forget the previous run's process groups
             os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"
             os.environ["MASTER_PORT"] = str(int(os.environ["MASTER_PORT"]) + 1)
         rc = loop.train(Path(run_dir))
         if rc != 0:
             return rc
-        if os.environ["RANK"] == "0" and not any(run_dir.endswith(f) for f in FULL):
+        if os.environ["RANK"] == "0" and Path(run_dir).name in METHODS:
             model = kept["model"].eval()
             with torch.no_grad():
                 logits = model(input_ids=torch.tensor(PROBE)).logits
@@ -103,15 +111,23 @@ def _train_all(tmp: Path, names: list[str]) -> dict[str, Path]:
     return dirs
 
 
+_trained: dict[str, dict[str, Path]] = {}  # test_export/test_generate import the fixture: train once
+
+
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """Every PEFT method, two full runs (ZeRO-3 and ZeRO-2), and a LoRA run with a mid-run checkpoint."""
-    return _train_all(tmp_path_factory.mktemp("peft"), [*METHODS, *FULL, "lora-resume"])
+    """Every PEFT method, two full runs (ZeRO-3 and ZeRO-2), LoRA at ZeRO-3, and a LoRA run with a
+    mid-run checkpoint."""
+    if "dirs" not in _trained:
+        _trained["dirs"] = _train_all(tmp_path_factory.mktemp("peft"), [*METHODS, *FULL, *EXTRA])
+    return _trained["dirs"]
 
 
 def losses(run_dir: Path) -> list[float]:
+    """train/loss by step (a resumed run's rows replace those it repeats)."""
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["train/loss"] for r in rows if "train/loss" in r]
+    by_step = {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+    return [by_step[s] for s in sorted(by_step)]
 
 
 def captured(run_dir: Path) -> dict:
@@ -189,7 +205,14 @@ def test_checkpoint_holds_only_trainable_parameters(runs, method):
     ckpt = latest_complete(runs[method])
     fresh = fresh_model(run_recipe(runs[method]))
     trainable = {n for n, p in fresh.named_parameters() if p.requires_grad}
-    assert set(checkpoint_tensors(ckpt, trainable_only=True)) == trainable
+    # DeepSpeed drops frozen parameters by their first name only: a tied copy's second name
+    # (lm_head.weight of stories260K) stays (DeepSpeed's module_state_dict, 0.19.8)
+    # Frozen entries that are not parameters stay too: bitsandbytes' 4-bit quantisation state (absmax, ...)
+    first_names = {n for n, _ in fresh.named_parameters()}
+    tied_copies = {n for n, _ in fresh.named_parameters(remove_duplicate=False)} - first_names
+    not_parameters = set(fresh.state_dict()) - {n for n, _ in fresh.named_parameters(remove_duplicate=False)}
+    saved = set(checkpoint_tensors(ckpt, trainable_only=True))
+    assert trainable <= saved and saved - trainable <= tied_copies | not_parameters
     size = sum(f.stat().st_size for f in ckpt.iterdir())
     assert size < 3_000_000, f"{ckpt} holds {size} bytes: frozen weights were saved"
 
@@ -253,14 +276,18 @@ def test_lora_resume_is_exact(runs, tmp_path):
     # a copy of the run as it was after step 2: the step-2 checkpoint and the first two metric rows
     run = tmp_path / "runs" / "lora-resume"
     shutil.copytree(src, run, ignore=shutil.ignore_patterns("step-000004", "final", "tensorboard", CAPTURE))
-    rows = (src / "metrics.jsonl").read_text().splitlines()[:2]
+    rows = [r for r in (src / "metrics.jsonl").read_text().splitlines() if json.loads(r).get("step", 0) <= 2]
     (run / "metrics.jsonl").write_text("\n".join(rows) + "\n")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "-m", "training", str(run)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
     assert "resumed from step-000002" in proc.stdout + proc.stderr
-    assert losses(run) == first
+    again = losses(run)
+    assert again[:2] == first[:2]
+    # fp32 on CPU: equal to ~1e-7 (not bitwise: gloo's all-reduce and the restored optimizer
+    # partitions may sum in another order)
+    assert again[2:] == pytest.approx(first[2:], rel=1e-5, abs=0)
 
 
 def test_recipe_errors_are_one_line(tmp_path):
@@ -288,6 +315,21 @@ def test_trainable_report_counts_4bit_weights_at_full_size(tmp_path):
     r = validate_recipe(base_recipe(tmp_path, method={"kind": "qlora"}))
     assert trainable_report(qlora, r).split(":")[1] == trainable_report(lora, r).split(":")[1]
     assert "92,480 / 352,512" in trainable_report(lora, r)
+
+
+RECIPES = ["demo-lora", "demo-qlora", "demo-ia3", "demo-prompt-tuning", "demo-p-tuning", "demo-prefix-tuning",
+           "demo-adapter", "llama3-8b-lora", "llama3-8b-qlora"]
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_method_recipes_are_valid(name):
+    from training.config import load_recipe
+    recipe = load_recipe(ROOT / "recipes" / f"{name}.yaml")
+    assert recipe.method.is_peft and recipe.zero_stage() in (0, 1, 2)
+    if recipe.method.kind == "prefix_tuning":
+        assert not recipe.train.gradient_checkpointing
+    if recipe.method.kind == "qlora":
+        assert recipe.train.optimizer == "paged_adamw_8bit"
 
 
 if __name__ == "__main__":

@@ -165,6 +165,8 @@ def test_zero_auto_resolves_to_the_plan_choice(tmp_path):
     for world in (1, 4):  # ZeRO-3 is no faster on one GPU and slower on several
         d = resolve(r, world_size=world).distributed
         assert d.zero in (1, 2) and not d.offload_optimizer and not d.offload_params
+    off = validate_recipe(base_recipe(tmp_path, distributed={"zero": "auto", "offload_optimizer": True}))
+    assert resolve(off, world_size=2).distributed.offload_optimizer is True
     big = validate_recipe(base_recipe(tmp_path, distributed={"zero": "auto"}, train={"max_steps": 1, "micro_batch_size": 100000}))
     with pytest.raises(RecipeError, match="no strategy fits"):
         resolve(big, world_size=1)

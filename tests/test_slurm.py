@@ -111,9 +111,9 @@ def test_two_nodes_one_process_each(cluster, tmp_path):
 def test_time_limit_signal_saves_requeues_and_completes(cluster, tmp_path):
     """USR1 to the batch shell (what --signal=B:USR1@grace sends before the time limit): the
     training saves at the next step and exits, the job requeues itself and finishes from there."""
-    steps = 400
+    steps = 100
     recipe = slurm_recipe(tmp_path, nodes=1, gpus=1, train={"max_steps": steps, "lr": 1e-3},
-                          checkpoint={"every": 1000})
+                          checkpoint={"every": 1000}, distributed={"zero": 1})
     job_id = submit(recipe)
     run_dir = tmp_path / "runs" / "t"
     deadline = time.time() + 300

@@ -172,7 +172,7 @@ class TrainConfig(_Section):
 
 # ----------------------------------------------------------------------------- distributed, checkpoint, logging, cluster
 class DistributedConfig(_Section):
-    zero: Union[Literal[0, 1, 2, 3], Literal["auto"]] = Field(
+    zero: Literal[0, 1, 2, 3, "auto"] = Field(
         "auto", description="ZeRO stage 0-3, or auto (the planner picks the fastest that fits).")
     offload_optimizer: bool = Field(False, description="Optimizer states and step on CPU (ZeRO 1-3).")
     offload_params: bool = Field(False, description="Parameters on CPU between uses (ZeRO-3 only).")

@@ -108,6 +108,7 @@ def weights_only_loads():
     import torch
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
     original = torch.load
 
     def load(*a, **kw):
@@ -115,7 +116,7 @@ def weights_only_loads():
         return original(*a, **kw)
     torch.load = load
     try:
-        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
+        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]):
             yield
     finally:
         torch.load = original
@@ -129,16 +130,27 @@ def module_states(ckpt: Path) -> dict:
         return torch.load(ckpt / MODEL_STATES, map_location="cpu", mmap=True)["module"]
 
 
+def _refuse_pickles(ckpt: Path, error: Exception):
+    import pickle
+    if isinstance(error, pickle.UnpicklingError):
+        raise ExportError(f"{ckpt}: refusing to load a checkpoint file that holds more than tensors and plain "
+                          f"data ({str(error).splitlines()[0][:200]})") from None
+    raise error
+
+
 def checkpoint_tensors(ckpt: Path, trainable_only: bool) -> dict:
     """name -> tensor (or a lazy DeepSpeed GatheredTensor: call .contiguous()) of a checkpoint.
     ZeRO 1-3: the fp32 master weights; ZeRO 0: the module's weights."""
     stage = zero_stage(ckpt)
-    if stage == 0 or (stage < 3 and trainable_only):
-        return module_states(ckpt)
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    with weights_only_loads():
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=True,
-                                                        exclude_frozen_parameters=trainable_only)
+    try:
+        if stage == 0 or (stage < 3 and trainable_only):
+            return module_states(ckpt)
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        with weights_only_loads():
+            return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=True,
+                                                            exclude_frozen_parameters=trainable_only)
+    except Exception as e:
+        _refuse_pickles(ckpt, e)
 
 
 def materialise(t):
@@ -308,7 +320,7 @@ def export_checkpoint(recipe, ckpt: Path, out: Path, merge: bool = False, max_sh
         what = "Hugging Face model"
     elif not merge:
         save_adapter_folder(adapter_model_from_checkpoint(recipe, ckpt), recipe, tmp)
-        what = f"{kind} adapter"
+        what = "bottleneck adapter" if kind == "adapter" else f"{kind} adapter"
     else:
         adapter_tmp = fresh_tmp(out.with_name(out.name + ".adapter"))
         try:

@@ -110,7 +110,10 @@ def load(target: str, adapter_specs: list[str], dtype_name: str | None):
             from peft import PeftModel
             model = PeftModel.from_pretrained(model, str(path), adapter_name=name)
         else:
-            model.load_adapter(str(path), adapter_name=name)
+            try:
+                model.load_adapter(str(path), adapter_name=name)
+            except ValueError as e:  # peft holds adapters of one type together (e.g. LoRA with LoRA)
+                raise GenerateError(f"--adapter {name}: {e}") from None
     return model.eval(), tokenizer, template, kind, [n for n, _ in adapters]
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import checkpoint
+from . import checkpoint, diagnostics
 from .checkpoint_files import PREEMPT_MARKER, atomic_write, check_fresh_start
 from .config import REQUEUE_EXIT_CODE, load_run_recipe
 from .data import ResumableSampler, batches, build_data, collate, target_tokens
@@ -135,7 +135,8 @@ def train(run_dir: Path) -> int:
     signal.signal(signal.SIGUSR1, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
 
-    log = Metrics(run_dir, rank, total_steps, state["step"], recipe)
+    log = Metrics(run_dir, rank, total_steps, state["step"], recipe, world_size=world)
+    guard = diagnostics.NanGuard(t.max_bad_steps, state)  # counts steps skipped for a NaN/inf loss
     log.say(f"zerotune: {recipe.name}: {len(data.train)} train / {len(data.eval)} eval samples, "
             f"{world} process(es), ZeRO-{ds_config['zero_optimization']['stage']}, "
             f"{trainable:,} / {total:,} parameters trainable ({100 * trainable / total:.2f}%), "
@@ -145,10 +146,11 @@ def train(run_dir: Path) -> int:
         log.say(f"data: {data.stats}")
 
     def save(step: int) -> None:
+        t_save = time.perf_counter()
         path = checkpoint.save(engine, run_dir, step, state, sampler.state_dict(), keep=recipe.checkpoint.keep,
                                rank=rank, world=world, eval_loss=last_eval, recipe_digest=recipe.digest(),
                                frozen_params=frozen)
-        log.say(f"step {step}: saved {path}")
+        log.saved(step, path, time.perf_counter() - t_save)
 
     def run_eval(step: int) -> bool:
         """Evaluate, log, and return True when early stopping says stop."""
@@ -156,8 +158,7 @@ def train(run_dir: Path) -> int:
         if not data.eval:
             return False
         loss = last_eval = evaluate(engine, data.eval, rank, world, mbs, tokenizer.pad_token_id, t.eval_batches)
-        log.scalars(step, {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50))})
-        log.say(f"step {step}: eval loss {loss:.4f}")
+        log.eval(step, loss)  # eval/loss, eval/perplexity and a one-line summary
         es = t.early_stopping
         if state["best_eval"] is None or loss < state["best_eval"] - (es.min_delta if es else 0):
             state["best_eval"], state["evals_without_improvement"] = loss, 0
@@ -167,50 +168,71 @@ def train(run_dir: Path) -> int:
 
     # --- the loop -----------------------------------------------------------------------
     stream = batches(data.train, sampler, mbs, tokenizer.pad_token_id)
-    stop_early = preempted = False
-    while state["step"] < total_steps and not stop_early:
-        t0 = time.perf_counter()
-        sampler_before = sampler.state_dict()
-        micro = [to_device(next(stream), engine.device) for _ in range(gas)]
-        # one all-reduce per step: global target tokens, real tokens, and "did any rank get a signal"
-        counts = torch.tensor([sum(target_tokens(b) for b in micro), sum(int(b["attention_mask"].sum()) for b in micro),
-                               float(stop_requested["signal"] is not None)], dtype=torch.float64, device=engine.device)
-        dist.all_reduce(counts)
-        n_target, real_tokens = counts[0].item(), counts[1].item()
-        if counts[2].item() > 0:
-            preempted = True
-            break
-        lr = engine.get_lr()[0]  # the rate this step uses (the scheduler steps inside engine.step)
-        step_loss = torch.zeros((), dtype=torch.float64, device=engine.device)
-        for b in micro:
-            out = engine(**b, num_items_in_batch=n_target)   # loss = summed token loss / n_target
-            engine.backward(out.loss * world, scale_wrt_gas=False)  # DeepSpeed averages over ranks
-            engine.step()
-            step_loss += out.loss.detach().double()
-        dist.all_reduce(step_loss)
-        state["step"] += 1
-        state["tokens_seen"] += int(real_tokens)
-        step = state["step"]
-        dt = time.perf_counter() - t0
-        loss = step_loss.item()
-        grad_norm = engine.get_global_grad_norm()
-        if step % recipe.logging.every == 0 or step == total_steps:
-            log.scalars(step, {
-                "train/loss": loss,
-                "train/lr": lr,
-                "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "train/tokens_per_sec": real_tokens / dt,
-                "train/samples_seen": step * samples_per_step,
-                "train/epoch": sampler.epoch + sampler.consumed / sampler.per_rank,
-            })
-        log.progress(step, loss, real_tokens / dt)
-        _test_signal_hook(step, rank)
-        if t.eval_every and step % t.eval_every == 0 and step < total_steps:
-            stop_early = run_eval(step)
-            if stop_early:
-                log.say(f"step {step}: early stopping after {state['evals_without_improvement']} evals without improvement")
-        if recipe.checkpoint.every and step % recipe.checkpoint.every == 0 and step < total_steps and not stop_early:
-            save(step)
+    stop_early = preempted = too_many_bad = False
+    with diagnostics.oom_guard(run_dir, recipe, state, total_steps, world, rank):  # CUDA OOM: one clear message
+        while state["step"] < total_steps and not stop_early:
+            t0 = time.perf_counter()
+            sampler_before = sampler.state_dict()
+            with log.time("data"):
+                micro = [to_device(next(stream), engine.device) for _ in range(gas)]
+            # one all-reduce per step: global target, real and padded tokens, and "did any rank get a signal"
+            counts = torch.tensor([sum(target_tokens(b) for b in micro), sum(int(b["attention_mask"].sum()) for b in micro),
+                                   sum(b["input_ids"].numel() for b in micro),
+                                   float(stop_requested["signal"] is not None)], dtype=torch.float64, device=engine.device)
+            dist.all_reduce(counts)
+            n_target, real_tokens, padded_tokens = counts[0].item(), counts[1].item(), counts[2].item()
+            if counts[3].item() > 0:
+                preempted = True
+                break
+            lr = engine.get_lr()[0]  # the rate this step uses (the scheduler steps inside engine.step)
+            diagnostics.inject_oom(state["step"] + 1)  # test hook: ZEROTUNE_TEST_OOM_STEP
+            step_loss = torch.zeros((), dtype=torch.float64, device=engine.device)
+            for i, b in enumerate(micro):
+                with log.time("fwd_bwd"):
+                    out = engine(**b, num_items_in_batch=n_target)   # loss = summed token loss / n_target
+                    loss_i = diagnostics.inject_nan(out.loss, state["step"] + 1)  # test hook: ZEROTUNE_TEST_NAN_STEPS
+                    engine.backward(loss_i * world, scale_wrt_gas=False)  # DeepSpeed averages over ranks
+                    step_loss += loss_i.detach().double()
+                    if i < gas - 1:
+                        engine.step()  # accumulates; the update comes at the boundary below
+            dist.all_reduce(step_loss)  # before the update: every rank agrees whether the loss is finite
+            finite = bool(torch.isfinite(step_loss))
+            with log.time("optimizer"):
+                diagnostics.optimizer_step(engine, skip=not finite)  # NaN/inf loss: the update is discarded
+            state["step"] += 1
+            state["tokens_seen"] += int(real_tokens)
+            step = state["step"]
+            dt = time.perf_counter() - t0
+            loss = step_loss.item()
+            if guard.update(finite):
+                log.skipped(step, loss, guard.in_a_row, t.max_bad_steps, guard.total)
+                if guard.should_stop:
+                    too_many_bad = True
+                    break
+            else:
+                grad_norm = engine.get_global_grad_norm()
+                log.step(step, seconds=dt, loss=loss, lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else None,
+                         tokens=real_tokens, padded_tokens=padded_tokens, samples=step * samples_per_step,
+                         epoch=sampler.epoch + sampler.consumed / sampler.per_rank, seq_len=micro[0]["input_ids"].shape[1])
+            _test_signal_hook(step, rank)
+            if t.eval_every and step % t.eval_every == 0 and step < total_steps:
+                stop_early = run_eval(step)
+                if stop_early:
+                    log.say(f"step {step}: early stopping after {state['evals_without_improvement']} evals without improvement")
+            if recipe.checkpoint.every and step % recipe.checkpoint.every == 0 and step < total_steps and not stop_early:
+                save(step)
+
+    # --- too many NaN/inf losses in a row: keep a checkpoint (skipped steps changed nothing) and stop
+    if too_many_bad:
+        save(state["step"])
+        msg = guard.stop_message(state["step"], recipe)
+        log.say(msg)
+        if rank == 0:
+            diagnostics.write_failure(run_dir, msg)
+        log.close(finished=False)
+        dist.barrier()
+        dist.destroy_process_group()
+        return diagnostics.BAD_LOSS_EXIT_CODE
 
     # --- preempted: save where we are and ask the job script to requeue ------------------------
     if preempted:
@@ -221,7 +243,7 @@ def train(run_dir: Path) -> int:
                                                                "time": time.time()}) + "\n")
         log.say(f"step {state['step']}: stopped by {stop_requested['signal'] or 'a signal on another rank'}; "
                 f"checkpoint saved, exiting with {REQUEUE_EXIT_CODE} so the job is requeued")
-        log.close()
+        log.close(finished=False)
         dist.barrier()
         dist.destroy_process_group()
         return REQUEUE_EXIT_CODE
@@ -236,7 +258,7 @@ def train(run_dir: Path) -> int:
         log.say(f"final model: {run_dir / 'final'}")
     if rank == 0:
         (run_dir / PREEMPT_MARKER).unlink(missing_ok=True)
-    log.close()
+    log.close(final_eval_loss=last_eval)
     dist.barrier()
     dist.destroy_process_group()
     return 0

@@ -114,8 +114,8 @@ def build_model(recipe, ds_config: dict):
     quant = quantization_config(recipe, stage)
     if quant is not None:
         extra["quantization_config"] = quant
-        if torch.cuda.is_available() and stage < 3:  # bitsandbytes quantises while moving to the GPU
-            extra["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    if torch.cuda.is_available() and stage < 3:  # load straight onto this rank's GPU (bitsandbytes quantises there)
+        extra["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     model = AutoModelForCausalLM.from_pretrained(
         recipe.model.path,
         dtype=DTYPES[recipe.model.dtype],

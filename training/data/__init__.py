@@ -39,6 +39,22 @@ class DataBundle:
     eval: TokenDataset | list
     stats: dict = field(default_factory=dict)
 
+    def summary(self) -> str:
+        """One line for the training log."""
+        s = self.stats
+        line = (f"{s['train_samples']:,} train samples in {s['train_rows']:,} rows, {s['train_tokens']:,} tokens "
+                f"({100 * s['trained_fraction']:.1f}% trained)")
+        if s["packing"]:
+            line += f", packing efficiency {100 * s['packing_efficiency']:.1f}%"
+        dropped = {k: s[k] for k in ("truncated", "dropped_too_long", "dropped_no_target", "skipped_bad_rows") if s[k]}
+        if dropped:
+            line += ", " + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in dropped.items())
+        if s.get("cache") == "hit":
+            line += f"; cache hit ({s['load_seconds']:.2f} s, tokenizing took {s['tokenize_seconds']:.2f} s)"
+        elif s.get("cache") == "miss":
+            line += f"; tokenized in {s['tokenize_seconds']:.2f} s"
+        return line
+
 
 def prepare_tokenizer(recipe, tokenizer) -> tuple[str | None, list[str]]:
     """(template, added tokens): adds the special tokens a built-in template needs to the tokenizer.
@@ -248,15 +264,16 @@ def build_data(recipe, tokenizer, use_cache: bool = True) -> DataBundle:
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank = dist.get_rank() if distributed else 0
     built = None
+    if rank == 0:
+        error_file.unlink(missing_ok=True)   # a failure left by an earlier run
     if rank == 0 and not folder.is_dir():
-        error_file.unlink(missing_ok=True)
         try:
             built = _build(recipe, tokenizer, template)
             _save(folder, *built)
-        except DataError as e:
-            if distributed:   # let the waiting ranks fail with the same message
+        except Exception as e:
+            if distributed:   # let the waiting ranks fail with the same message instead of hanging
                 folder.parent.mkdir(parents=True, exist_ok=True)
-                error_file.write_text(str(e))
+                error_file.write_text(str(e) if isinstance(e, DataError) else f"rank 0: {type(e).__name__}: {e}")
                 dist.barrier()
             raise
     if distributed:

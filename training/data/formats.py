@@ -33,7 +33,7 @@ SHAREGPT_ROLES = {
 MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool",
                  "function": "tool", "ipython": "tool"}
 
-# The fields each format reads (the keys `columns` may remap); the first ones are required.
+# The fields each format reads (the keys `columns` may remap); REQUIRED: those a row must have.
 FIELDS = {
     "alpaca": ("instruction", "output", "input", "system", "history"),
     "sharegpt": ("conversations", "system", "tools", "role_tag", "content_tag"),
@@ -135,7 +135,8 @@ def alpaca(row: dict, where: str, columns: dict[str, str], system_prompt: str | 
 
 def _turns(row: dict, where: str, columns: dict[str, str], fmt: str, roles: dict[str, str],
            system_prompt: str | None) -> Conversation:
-    list_col = columns.get(fmt if fmt == "messages" else "conversations", "messages" if fmt == "messages" else "conversations")
+    key = "messages" if fmt == "messages" else "conversations"
+    list_col = columns.get(key, key)
     role_tag = columns.get("role_tag", TAG_DEFAULTS[fmt][0])
     content_tag = columns.get("content_tag", TAG_DEFAULTS[fmt][1])
     if list_col not in row or row[list_col] is None:
@@ -157,16 +158,13 @@ def _turns(row: dict, where: str, columns: dict[str, str], fmt: str, roles: dict
             raise DataError(f"{where}: turn {k} has unknown role {role!r} (expected one of {', '.join(map(repr, roles))})")
         if not isinstance(content, str):
             raise DataError(f"{where}: turn {k} {content_tag!r} must be a string, got {_type(content)}")
+        if roles[role] == "system" and k > 1:
+            raise DataError(f"{where}: turn {k} is a system turn; only the first turn may be one")
         conv.append({"role": roles[role], "content": content})
-    if conv and conv[0]["role"] == "system":
-        sys_turn, rest = conv[:1], conv[1:]
-    else:
-        sys_turn, rest = _system(row, columns.get("system", "system"), where, fmt, system_prompt), conv
-    if any(t["role"] == "system" for t in rest):
-        k = next(i for i, t in enumerate(turns, 1) if roles.get(t[role_tag]) == "system" and i > 1)
-        raise DataError(f"{where}: turn {k} is a system turn; only the first turn may be one")
-    conv = _with_tools(sys_turn + rest, _tools_text(row, columns.get("tools", "tools"), where))
-    return _check_order(conv, where)
+    _check_order(conv, where)   # turn numbers in errors are those of the row's own list
+    if not (conv and conv[0]["role"] == "system"):
+        conv = _system(row, columns.get("system", "system"), where, fmt, system_prompt) + conv
+    return _with_tools(conv, _tools_text(row, columns.get("tools", "tools"), where))
 
 
 def sharegpt(row, where, columns, system_prompt=None) -> Conversation:

@@ -9,12 +9,12 @@ position_ids, so packed samples never attend to each other (tests/test_data_pack
 from __future__ import annotations
 
 import bisect
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .formats import DataError
 from .tokenize import IGNORE
 
 
@@ -145,8 +145,8 @@ class ResumableSampler:
     def load_state_dict(self, state: dict) -> None:
         for key, mine in (("num_samples", self.n), ("world_size", self.world)):
             if key in state and int(state[key]) != mine:
-                raise ValueError(f"sampler state was saved with {key}={state[key]}, this run has {mine}: "
-                                 "the data or the number of processes changed since the checkpoint")
+                raise DataError(f"sampler state was saved with {key}={state[key]}, this run has {mine}: "
+                                "the data or the number of processes changed since the checkpoint")
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
 
 
@@ -201,7 +201,3 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> int:
         return int(batch["attention_mask"].sum())
     pad = (batch["position_ids"] == 0).flip(-1).long().cumprod(-1).sum(-1)
     return int(batch["position_ids"].numel() - pad.sum())
-
-
-def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=1, sort_keys=True))

@@ -43,41 +43,58 @@ def files_of(path: str) -> list[Path]:
 
 
 def _json_rows(p: Path) -> Iterator[tuple[str, object]]:
+    """A .json file holds a list of rows (or JSON lines, as some exports do); read whole."""
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{p}: not UTF-8 text (byte {e.start})") from None
     if not text.strip():
-        raise DataError(f"{p}: empty file (expected a JSON list of rows)" if p.suffix == ".json"
-                        else f"{p}: empty file (expected one JSON object per line)")
-    if p.suffix == ".json":
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            if text.lstrip().startswith("{"):   # JSON lines saved as .json
-                yield from _jsonl_lines(p, text)
-                return
-            raise DataError(f"{p}: not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from None
-        if isinstance(rows, dict):
-            rows = [rows]
-        if not isinstance(rows, list):
-            raise DataError(f"{p}: expected a JSON list of rows, got {type(rows).__name__}")
-        for n, row in enumerate(rows, 1):
-            yield f"{p} row {n}", row
-        return
-    yield from _jsonl_lines(p, text)
+        raise DataError(f"{p}: empty file (expected a JSON list of rows)")
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        if text.lstrip().startswith("{"):   # JSON lines saved as .json
+            yield from _jsonl_lines(p, text.splitlines())
+            return
+        raise DataError(f"{p}: not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from None
+    if isinstance(rows, dict):
+        rows = [rows]
+    if not isinstance(rows, list):
+        raise DataError(f"{p}: expected a JSON list of rows, got {type(rows).__name__}")
+    for n, row in enumerate(rows, 1):
+        yield f"{p} row {n}", row
 
 
-def _jsonl_lines(p: Path, text: str) -> Iterator[tuple[str, object]]:
-    for n, line in enumerate(text.splitlines(), 1):
+def _jsonl_rows(p: Path) -> Iterator[tuple[str, object]]:
+    """A .jsonl file is streamed line by line (it may be larger than memory)."""
+    def lines():
+        with open(p, "rb") as fh:
+            for n, raw in enumerate(fh, 1):
+                try:
+                    yield raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield DataError(f"{p} line {n}: not UTF-8 text (byte {e.start} of the line)")
+    yield from _jsonl_lines(p, lines())
+
+
+def _jsonl_lines(p: Path, lines) -> Iterator[tuple[str, object]]:
+    seen = False
+    for n, line in enumerate(lines, 1):
+        if isinstance(line, DataError):
+            seen = True
+            yield f"{p} line {n}", line
+            continue
         if not line.strip():
             continue
+        seen = True
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             yield f"{p} line {n}", DataError(f"{p} line {n}: not valid JSON (column {e.colno}: {e.msg})")
             continue
         yield f"{p} line {n}", row
+    if not seen:
+        raise DataError(f"{p}: empty file (expected one JSON object per line)")
 
 
 def _arrow_rows(ds, label: str, offset: int = 1) -> Iterator[tuple[str, object]]:
@@ -113,7 +130,7 @@ def read_rows(source) -> Iterator[tuple[str, object]]:
         return
     for f in files:
         if f.suffix in (".json", ".jsonl"):
-            yield from _json_rows(f)
+            yield from (_json_rows(f) if f.suffix == ".json" else _jsonl_rows(f))
             continue
         if f.stat().st_size == 0:
             raise DataError(f"{f}: empty file")
