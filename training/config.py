@@ -220,6 +220,31 @@ class ClusterConfig(_Section):
     signal_grace_s: int = Field(300, gt=0, description="Seconds before the time limit at which USR1 asks for a save.")
     extra_sbatch: list[str] = Field(default_factory=list, description="Extra '#SBATCH' option lines, e.g. '--mail-type=END'.")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment exported in job scripts.")
+    container_image: Optional[str] = Field(None, description="pyxis/enroot image for srun --container-image.")
+    container_mounts: list[str] = Field(default_factory=list, description="srun --container-mounts entries, SRC:DST.")
+    gpu_memory: Optional[str] = Field(None, description="GPU memory per GPU for the planner, e.g. 80GB (default 80GB).")
+
+    @field_validator("container_image")
+    @classmethod
+    def _image(cls, v):
+        if v is not None and (not v or any(c in v for c in "\n\r\"'`$;& ")):
+            raise ValueError(f"{v!r} must be one image reference without spaces, quotes or shell characters")
+        return v
+
+    @field_validator("container_mounts")
+    @classmethod
+    def _mounts(cls, v):
+        for m in v:
+            if any(c in m for c in ",\n\r") or not m:
+                raise ValueError(f"{m!r}: a mount is SRC[:DST[:FLAGS]] without commas or newlines")
+        return v
+
+    @field_validator("gpu_memory")
+    @classmethod
+    def _gpu_mem(cls, v):
+        if v is not None and not re.match(r"^\d+(\.\d+)?\s*(GB|GiB|G)?$", v, re.I):
+            raise ValueError(f"{v!r} is not a size like 80GB")
+        return v
 
     @field_validator("partition", "account", "qos", "constraint", "time", "mem", "gres")
     @classmethod

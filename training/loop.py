@@ -68,8 +68,7 @@ def evaluate(engine, dataset: list[dict], rank: int, world: int, mbs: int, pad_i
                 samples.append({"input_ids": dataset[0]["input_ids"], "labels": [-100] * len(dataset[0]["labels"])})
         batch = to_device(collate(samples, pad_id), engine.device)
         n = target_tokens(batch)
-        out = engine(**batch, num_items_in_batch=max(n, 1))
-        loss_sum += out.loss.double() * n
+        loss_sum += engine(**batch, num_items_in_batch=max(n, 1)).loss.double() * n
         tokens += n
     dist.all_reduce(loss_sum)
     dist.all_reduce(tokens)
@@ -189,8 +188,9 @@ def train(run_dir: Path) -> int:
             step_loss = torch.zeros((), dtype=torch.float64, device=engine.device)
             for i, b in enumerate(micro):
                 with log.time("fwd_bwd"):
-                    out = engine(**b, num_items_in_batch=n_target)   # loss = summed token loss / n_target
-                    loss_i = diagnostics.inject_nan(out.loss, state["step"] + 1)  # test hook: ZEROTUNE_TEST_NAN_STEPS
+                    # loss = summed token loss / n_target; keep only the loss, so the logits are freed before backward
+                    loss_i = engine(**b, num_items_in_batch=n_target).loss
+                    loss_i = diagnostics.inject_nan(loss_i, state["step"] + 1)  # test hook: ZEROTUNE_TEST_NAN_STEPS
                     engine.backward(loss_i * world, scale_wrt_gas=False)  # DeepSpeed averages over ranks
                     step_loss += loss_i.detach().double()
                     if i < gas - 1:
