@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# What the device (H100/H200) calls ran, stage by stage, so every number in the notes can be
+# reproduced:  bash benchmarks/device_call.sh setup demo full1b ...
+# Needs: .whl/ from ../shared/device/wheels.sh, .bench/peer_hf.py (copy of ../shared/bench/peer_hf.py).
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 TOKENIZERS_PARALLELISM=false
+peer() { torchrun --nproc_per_node 1 .bench/peer_hf.py "$@" 2>&1 | grep RESULT | sed 's/^/peer /' | tee -a "$OUT/results.txt"; }
+for stage in "$@"; do
+  echo "=== $stage $(date +%T)" | tee -a "$OUT/results.txt"
+  case $stage in
+    setup)
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+      nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/results.txt" ;;
+    demo)   # the demo recipe, bf16 on CUDA, no code change
+      python -m launcher.cli train recipes/demo.yaml --set model.dtype=bf16 --set "output_dir=$OUT/runs" --set logging.progress=false 2>&1 | grep -vi warn | tail -8
+      python - "$OUT/runs/demo" <<'PY' | tee -a "$OUT/results.txt"
+import json, sys
+recs = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl")]
+tr = [r for r in recs if "train/loss" in r]; ev = [r["eval/loss"] for r in recs if r.get("eval/loss") is not None]
+tps = sorted(r["train/tokens_per_sec"] for r in tr[5:])
+print(json.dumps({"demo_bf16": True, "steps": len(tr), "loss_first": tr[0]["train/loss"], "loss_last": tr[-1]["train/loss"],
+                  "eval": ev, "median_tokens_per_s": tps[len(tps) // 2],
+                  "peak_gib": max(r.get("train/gpu_mem_peak_gb", 0) for r in tr)}))
+PY
+      ;;
+    full1b)  python benchmarks/measure_memory.py full-1b-zero3 | tee -a "$OUT/results.txt"
+             peer full --size 1b --seq 2048 --mbs 8 ;;
+    offload) python benchmarks/measure_memory.py full-1b-zero3-offload | tee -a "$OUT/results.txt"
+             peer full --size 1b --seq 2048 --mbs 8 --offload ;;
+    peft8b)  python benchmarks/measure_memory.py lora-8b qlora-8b | tee -a "$OUT/results.txt"
+             peer lora --size 8b --seq 2048 --mbs 4
+             peer qlora --size 8b --seq 2048 --mbs 4 ;;
+    gputests) python -m pytest -m gpu -q -x tests 2>&1 | tail -15 | tee -a "$OUT/results.txt" ;;
+  esac
+done
