@@ -11,7 +11,7 @@ holds only the trainable parameters; they are written as a standard PEFT adapter
 (adapter_config.json + adapter_model.safetensors) that `PeftModel.from_pretrained` loads,
 or, for bottleneck adapters, a zerotune adapter folder (training/adapters.py).
 
-The training loop calls `save_final(...)` at the end of a run to write RUN_DIR/final the same way.
+The training loop calls `save_final(engine, model, recipe, out, rank)` at the end of a run to write RUN_DIR/final the same way.
 Checkpoint files are read with torch.load(weights_only=True) only.
 """
 from __future__ import annotations
@@ -164,20 +164,36 @@ def base_model_id(recipe) -> str:
     return str(p.resolve()) if p.is_dir() else recipe.model.path
 
 
-def tokenizer_with_template(recipe, tokenizer=None):
-    """The run's tokenizer carrying the chat template it trained with (model.chat_template)."""
-    from .model import load_tokenizer
-    tok = tokenizer if tokenizer is not None else load_tokenizer(recipe)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
+                   "vocab.txt", "spiece.model")
+
+
+def copy_tokenizer(recipe, out: Path) -> None:
+    """The run's tokenizer files, copied as they are (transformers 5 does not round-trip every
+    tokenizer through save_pretrained: stories260K's loses its leading-space rule), plus the
+    chat template the run trained with (model.chat_template) in tokenizer_config.json."""
+    src = Path(recipe.model.tokenizer or recipe.model.path).expanduser()
+    if not src.is_dir():  # a hub id: its files from the local cache (or the hub)
+        from huggingface_hub import snapshot_download
+        src = Path(snapshot_download(recipe.model.tokenizer or recipe.model.path, allow_patterns=list(TOKENIZER_FILES)))
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, out / name)
     if recipe.model.chat_template is not None:
         from .data.tokenize import resolve_template
-        tok.chat_template = resolve_template(tok, recipe.model.chat_template)
-    return tok
+        from .model import load_tokenizer
+        template = resolve_template(load_tokenizer(recipe), recipe.model.chat_template)
+        config = json.loads((out / "tokenizer_config.json").read_text())
+        config["chat_template"] = template
+        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        (out / "chat_template.jinja").write_text(template)
 
 
-def save_side_files(recipe, out: Path, tokenizer=None) -> None:
+def save_side_files(recipe, out: Path) -> None:
     """Tokenizer (with the run's chat template) and generation config next to the weights."""
     from transformers import GenerationConfig
-    tokenizer_with_template(recipe, tokenizer).save_pretrained(out)
+    copy_tokenizer(recipe, out)
     if not (out / "generation_config.json").is_file():
         try:
             gen = GenerationConfig.from_pretrained(recipe.model.path)
@@ -335,7 +351,7 @@ def export_checkpoint(recipe, ckpt: Path, out: Path, merge: bool = False, max_sh
 
 
 # ----------------------------------------------------------------------------- end of training
-def save_final(engine, model, tokenizer, recipe, out: Path, rank: int) -> None:
+def save_final(engine, model, recipe, out: Path, rank: int) -> None:
     """Every rank calls at the end of training: RUN_DIR/final as a Hugging Face folder (full)
     or an adapter folder (PEFT), with the tokenizer and its chat template. ZeRO-3 parameters
     are gathered first (all ranks take part); rank 0 writes."""
@@ -360,6 +376,6 @@ def save_final(engine, model, tokenizer, recipe, out: Path, rank: int) -> None:
             model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
         else:
             save_adapter_folder(model, recipe, tmp, state_dict=sd)
-        save_side_files(recipe, tmp, tokenizer)
+        save_side_files(recipe, tmp)
         replace_dir(tmp, out)
     dist.barrier()
