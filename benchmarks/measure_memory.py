@@ -107,13 +107,13 @@ def measure(name: str, models: Path, steps: int, warmup: int) -> dict:
     for step in range(steps):
         sync()
         t0 = time.perf_counter()
-        out = engine(**batch, num_items_in_batch=n_target)   # as training/loop.py does
-        engine.backward(out.loss, scale_wrt_gas=False)
+        loss = engine(**batch, num_items_in_batch=n_target).loss   # as training/loop.py does: logits freed
+        engine.backward(loss, scale_wrt_gas=False)
         engine.step()
         sync()
         if step >= warmup:
             times.append(time.perf_counter() - t0)
-        del out
+        del loss
     step_s = sorted(times)[len(times) // 2]
     tps = w["mbs"] * seq / step_s
     model_cfg = json.loads((make_model(w["size"], models) / "config.json").read_text())

@@ -22,6 +22,7 @@ from . import checkpoint, diagnostics
 from .checkpoint_files import PREEMPT_MARKER, atomic_write, check_fresh_start
 from .config import REQUEUE_EXIT_CODE, load_run_recipe
 from .data import ResumableSampler, batches, build_data, collate, target_tokens
+from .data import real_tokens as count_real_tokens
 from .engine import build_engine
 from .metrics import Metrics
 from .model import build_model, count_parameters, load_tokenizer
@@ -111,6 +112,9 @@ def train(run_dir: Path) -> int:
 
     # --- model and engine ---------------------------------------------------------------
     model = build_model(recipe, ds_config)
+    if len(tokenizer) > model.config.vocab_size and not hasattr(model, "peft_config"):
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)  # tokens a chat template added
+    model.config.use_cache = False  # no KV cache in training; a cache also turns off packed-sequence masking
     engine = build_engine(model, ds_config, t, total_steps)
     trainable, total = count_parameters(model)
     frozen = trainable < total  # PEFT: checkpoints hold only the trainable parameters
@@ -141,8 +145,7 @@ def train(run_dir: Path) -> int:
             f"{trainable:,} / {total:,} parameters trainable ({100 * trainable / total:.2f}%), "
             f"{total_steps} steps of {samples_per_step} samples" +
             (f", resumed from {resume_from.name}" if resume_from else ""))
-    if data.stats.get("truncated") or data.stats.get("dropped_too_long") or data.stats.get("dropped_no_target"):
-        log.say(f"data: {data.stats}")
+    log.say(f"data: {data.summary()}")
 
     def save(step: int) -> None:
         t_save = time.perf_counter()
@@ -175,7 +178,7 @@ def train(run_dir: Path) -> int:
             with log.time("data"):
                 micro = [to_device(next(stream), engine.device) for _ in range(gas)]
             # one all-reduce per step: global target, real and padded tokens, and "did any rank get a signal"
-            counts = torch.tensor([sum(target_tokens(b) for b in micro), sum(int(b["attention_mask"].sum()) for b in micro),
+            counts = torch.tensor([sum(target_tokens(b) for b in micro), sum(count_real_tokens(b) for b in micro),
                                    sum(b["input_ids"].numel() for b in micro),
                                    float(stop_requested["signal"] is not None)], dtype=torch.float64, device=engine.device)
             dist.all_reduce(counts)
