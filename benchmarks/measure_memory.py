@@ -94,6 +94,7 @@ def measure(name: str, models: Path, steps: int, warmup: int) -> dict:
     deepspeed.init_distributed()
     model = build_model(recipe, cfg)
     engine = build_engine(model, cfg, recipe.train, total_steps=steps)
+    engine.train()  # as the loop does: gradient checkpointing only acts in train mode
     vocab = SIZES[w["size"]]["vocab_size"]
     g = torch.Generator().manual_seed(0)
     seq = SEQ if cuda else 128

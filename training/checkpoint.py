@@ -206,21 +206,3 @@ def load(engine, ckpt: Path, rank: int, world: int, frozen_params: bool) -> dict
         consumed_global = samplers[0]["consumed"] * saved_world
         state["sampler"] = {"epoch": samplers[0]["epoch"], "consumed": consumed_global // world}
     return state
-
-
-# ----------------------------------------------------------------------------- final export
-def export_final(engine, model, tokenizer, out: Path, rank: int) -> None:
-    """Gather full weights (16-bit for ZeRO-3) and write a Hugging Face folder on rank 0."""
-    if engine.zero_optimization_partition_weights():
-        sd = engine._zero3_consolidated_16bit_state_dict()
-    else:
-        sd = {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
-    if rank == 0:
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    dist.barrier()

@@ -219,7 +219,6 @@ def meta_model(recipe):
 def write_hf_weights(tensors: dict, model, out: Path, dtype, max_shard_size: int) -> None:
     """Stream `tensors` (lazy or real) into safetensors shards named as Hugging Face names them,
     converting floats to `dtype`; drops tied copies and checks every weight is there."""
-    import torch
     from safetensors.torch import save_file
     expected = list(model.state_dict().keys())
     tied = set(getattr(model, "all_tied_weights_keys", None) or {}) if model.config.get_text_config().tie_word_embeddings else set()

@@ -25,7 +25,8 @@ from .data import ResumableSampler, batches, build_data, collate, target_tokens
 from .data import real_tokens as count_real_tokens
 from .engine import build_engine
 from .metrics import Metrics
-from .model import build_model, count_parameters, load_tokenizer
+from .export import save_final
+from .model import build_model, count_parameters, load_tokenizer, trainable_report
 
 
 def seed_everything(seed: int) -> None:
@@ -112,8 +113,12 @@ def train(run_dir: Path) -> int:
 
     # --- model and engine ---------------------------------------------------------------
     model = build_model(recipe, ds_config)
-    if len(tokenizer) > model.config.vocab_size and not hasattr(model, "peft_config"):
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)  # tokens a chat template added
+    if len(tokenizer) > model.config.vocab_size:  # tokens a chat template added
+        if recipe.method.is_peft:
+            raise RuntimeError(f"model.chat_template adds tokens {data.stats.get('added_tokens')} that {recipe.model.path} "
+                               "lacks; a PEFT run cannot train new embeddings yet: use a template made of tokens "
+                               "the tokenizer has, or method.kind: full")
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     model.config.use_cache = False  # no KV cache in training; a cache also turns off packed-sequence masking
     engine = build_engine(model, ds_config, t, total_steps)
     trainable, total = count_parameters(model)
@@ -169,6 +174,8 @@ def train(run_dir: Path) -> int:
         return bool(es and state["evals_without_improvement"] >= es.patience)
 
     # --- the loop -----------------------------------------------------------------------
+    log.text("trainable_parameters", trainable_report(model, recipe))
+    engine.train()  # from_pretrained leaves the model in eval mode: no dropout, no gradient checkpointing
     stream = batches(data.train, sampler, mbs, tokenizer.pad_token_id)
     stop_early = preempted = too_many_bad = False
     with diagnostics.oom_guard(run_dir, recipe, state, total_steps, world, rank):  # CUDA OOM: one clear message
@@ -257,7 +264,7 @@ def train(run_dir: Path) -> int:
         run_eval(step)
     save(step)
     if recipe.checkpoint.save_final:
-        checkpoint.export_final(engine, model, tokenizer, run_dir / "final", rank)
+        save_final(engine, model, recipe, run_dir / "final", rank)
         log.say(f"final model: {run_dir / 'final'}")
     if rank == 0:
         (run_dir / PREEMPT_MARKER).unlink(missing_ok=True)
