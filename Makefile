@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(VENV)/bin/zerotune train recipes/demo.yaml
-	$(PY) -m training.generate_demo runs/demo/final
+	$(VENV)/bin/zerotune generate runs/demo --prompt "Give three tips for staying healthy." --max-new-tokens 40
 
 test: install
 	$(VENV)/bin/pytest -m "not gpu" $(PYTEST_ARGS) tests
