@@ -39,6 +39,18 @@ def base_recipe(tmp_path: Path, **sections) -> dict:
     return r
 
 
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """step -> train loss from RUN_DIR/metrics.jsonl, the last record of each step (a resumed run
+    logs the steps after its checkpoint again)."""
+    import json
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "train/loss" in rec:
+            out[rec["step"]] = rec["train/loss"]
+    return out
+
+
 def write_recipe(tmp_path: Path, recipe: dict, name: str = "recipe.yaml") -> Path:
     p = tmp_path / name
     p.write_text(yaml.safe_dump(recipe, sort_keys=False))

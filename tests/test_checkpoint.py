@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ALPACA, base_recipe, write_recipe, zerotune
+from conftest import train_losses, ALPACA, base_recipe, write_recipe, zerotune
 from training.checkpoint_files import MARKER, PREEMPT_MARKER, complete_checkpoints, read_state
 from training.config import REQUEUE_EXIT_CODE
 
@@ -26,16 +26,6 @@ def small_alpaca(tmp_path: Path, rows: int = 24) -> Path:
     p = tmp_path / "alpaca24.json"
     p.write_text(json.dumps(short))
     return p
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """step -> train loss, the last record of each step (a resumed run rewrites later steps)."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "train/loss" in rec:
-            out[rec["step"]] = rec["train/loss"]
-    return out
 
 
 def same_curve(got: dict[int, float], want: dict[int, float], resumed_at: int) -> None:
@@ -69,7 +59,7 @@ def data24(tmp_path_factory):
 def test_crash_mid_save_then_resume_is_exact(tmp_path, data24, zero, crash_point):
     straight = recipe(tmp_path, "straight", zero, data24)
     zerotune("train", str(straight), "--nproc", "2")
-    want = losses(tmp_path / "runs" / "straight")
+    want = train_losses(tmp_path / "runs" / "straight")
     assert sorted(want) == [1, 2, 3, 4, 5, 6]
 
     crashed = recipe(tmp_path, "crashed", zero, data24)
@@ -83,14 +73,14 @@ def test_crash_mid_save_then_resume_is_exact(tmp_path, data24, zero, crash_point
     p = zerotune("train", str(crashed), "--nproc", "2")
     assert "ignoring incomplete checkpoint(s) step-000004" in p.stderr
     assert "resumed from step-000002" in p.stdout + p.stderr
-    same_curve(losses(run), want, resumed_at=2)
+    same_curve(train_losses(run), want, resumed_at=2)
     assert [c.name for c in complete_checkpoints(run)] == ["step-000004", "step-000006"]
 
 
 def test_preemption_signal_saves_and_requeue_code_then_exact_resume(tmp_path, data24):
     straight = recipe(tmp_path, "straight", 3, data24)
     zerotune("train", str(straight), "--nproc", "2")
-    want = losses(tmp_path / "runs" / "straight")
+    want = train_losses(tmp_path / "runs" / "straight")
 
     pre = recipe(tmp_path, "pre", 3, data24)
     run = tmp_path / "runs" / "pre"
@@ -102,7 +92,7 @@ def test_preemption_signal_saves_and_requeue_code_then_exact_resume(tmp_path, da
     assert read_state(complete_checkpoints(run)[-1])["loop"]["step"] == 3
 
     zerotune("train", str(pre), "--nproc", "2")
-    same_curve(losses(run), want, resumed_at=3)
+    same_curve(train_losses(run), want, resumed_at=3)
     assert not (run / PREEMPT_MARKER).exists()
 
 
@@ -113,9 +103,9 @@ def test_resume_on_a_different_world_size(tmp_path, data24, first, second):
     run = tmp_path / "runs" / "ws"
     zerotune("train", str(r), "--nproc", str(first), check=False, env={"ZEROTUNE_TEST_CRASH": "start:4:0"})
     assert complete_checkpoints(run)[-1].name == "step-000002"
-    before = losses(run)
+    before = train_losses(run)
     p = zerotune("train", str(r), "--nproc", str(second))
-    after = losses(run)
+    after = train_losses(run)
     assert sorted(after) == [1, 2, 3, 4, 5, 6]
     # same samples per step, same optimizer state: the curve continues where it was
     assert after[1] == before[1] and after[2] == before[2]

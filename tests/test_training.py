@@ -11,18 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import base_recipe, write_recipe, zerotune
+from conftest import train_losses, base_recipe, write_recipe, zerotune
 
 pytestmark = pytest.mark.slow
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "train/loss" in rec:
-            out[rec["step"]] = rec["train/loss"]
-    return out
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -54,10 +45,10 @@ def runs(tmp_path_factory):
 
 
 def test_accumulation_and_world_size_do_not_change_loss_or_update(runs):
-    ref = losses(runs["mb4"])
+    ref = train_losses(runs["mb4"])
     assert sorted(ref) == [1, 2, 3]
     for other in ("acc4", "ranks2"):
-        got = losses(runs[other])
+        got = train_losses(runs[other])
         for s in ref:
             assert got[s] == pytest.approx(ref[s], rel=1e-5), (other, s, got[s], ref[s])
         # Same update: compare what training changed. Adam divides by sqrt(v), so a parameter whose
