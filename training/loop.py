@@ -129,7 +129,9 @@ def train(run_dir: Path) -> int:
     state = {"step": 0, "tokens_seen": 0, "best_eval": None, "evals_without_improvement": 0}
     last_eval = None
     if resume_from is not None:
+        t_load = time.perf_counter()
         saved = checkpoint.load(engine, resume_from, rank, world, frozen)
+        t_load = time.perf_counter() - t_load
         state.update(saved["loop"])
         sampler.load_state_dict(saved["sampler"])
         last_eval = saved.get("eval_loss")
@@ -149,7 +151,7 @@ def train(run_dir: Path) -> int:
             f"{world} process(es), ZeRO-{ds_config['zero_optimization']['stage']}, "
             f"{trainable:,} / {total:,} parameters trainable ({100 * trainable / total:.2f}%), "
             f"{total_steps} steps of {samples_per_step} samples" +
-            (f", resumed from {resume_from.name}" if resume_from else ""))
+            (f", resumed from {resume_from.name} (loaded in {t_load:.1f}s)" if resume_from else ""))
     log.say(f"data: {data.summary()}")
 
     def save(step: int) -> None:
