@@ -10,7 +10,8 @@ The memory model (bytes, per GPU; N parameters, W GPUs, B x S tokens per micro-b
                working set while it is recomputed; without: every layer's working set.
                Working set of a Llama-style layer, per token: (11 d + 4 ff + 2 kv) x act bytes
                (norm inputs in fp32, q, rotated q/k, repeated k/v, attention out, gate, up,
-               silu(gate), gate*up); LoRA adds its fp32 input copy for every adapted linear.
+               silu(gate), gate*up); LoRA adds, for every adapted linear, its dropout output
+               (saved by lora_A, in the adapter's dtype) and the 1-byte dropout mask.
   logits       B S V x 12 bytes at the loss backward: fp32 log-probs saved by log_softmax, the
                gradient coming in and the gradient going out (all fp32).
   temporary    ZeRO communication buckets (reduce d^2, prefetch 0.9 d^2 elements) and, under
@@ -19,6 +20,31 @@ The memory model (bytes, per GPU; N parameters, W GPUs, B x S tokens per micro-b
   total = parameters + gradients + optimizer + temporary + kept activations
           + max(logits, one layer's working set)   (the loss and a layer's recomputation
                                                      never hold memory at the same time)
+
+LoRA / QLoRA on zerotune's path (training/model.py + training/engine.py, bf16 recipe). peft
+creates the adapters in fp32, and for QLoRA peft's prepare_model_for_kbit_training upcasts every
+non-quantised parameter (embeddings, LM head, norms) to fp32; then deepspeed.initialize with
+bf16 enabled casts every floating-point parameter back to bf16 (engine._cast_module_mixed_
+precision; the packed 4-bit weights are uint8 and stay) and wraps the optimizer in its
+mixed-precision optimizer, which keeps an fp32 master copy of the trainable parameters. So:
+  parameters   frozen base: bf16 (LoRA); QLoRA: every linear of the decoder layers in 4 bits
+               plus its quantisation constants (NF4 blocks of 64 weights: one absmax each, with
+               double quantisation an 8-bit absmax plus one fp32 scale per 256 blocks: 4.127
+               bits a weight; without it an fp32 absmax: 4.5 bits; 8-bit: an fp32 scale per
+               output row), embeddings, LM head and norms in bf16 (bitsandbytes never quantises
+               them); plus the trainable adapters in bf16
+  gradients    the adapters' bf16 gradients
+  optimizer    fp32 master of the adapters (4 bytes) + AdamW m, v (8 bytes) or 8-bit m, v
+               (2 bytes; paged AdamW 8-bit puts those of tensors of 100k+ elements in CUDA
+               unified memory, which torch.cuda.max_memory_allocated does not see: < 0.08 GiB
+               for an 8B model; counted here, as nvidia-smi sees them)
+  activations  bf16 like the full fine-tune: with bf16 norm weights the residual stream is bf16;
+               QLoRA adds the one 4-bit weight bitsandbytes dequantises to bf16 for each matmul
+               (the largest linear, forward and backward), to the recomputed layer's working set.
+The HF Trainer peer (../shared/bench/peer_hf.py, Workload(trainer="hf-trainer")) has no DeepSpeed
+cast: its adapters stay fp32 (4 + 4 bytes parameters and gradients, no master copy), and for QLoRA
+the non-quantised parameters stay fp32 (4 bytes) and their fp32 norm weights make the residual
+stream, and so the kept and recomputed activations, fp32.
 
 Speed: tokens/s per GPU = MFU x peak FLOP/s / training FLOPs per token (training/flops.py).
 The MFUs are the initial calibration: the HF Trainer peer measured on one H100 80GB
@@ -128,6 +154,7 @@ class Workload:
     double_quant: bool = True
     train_tokens: Optional[float] = None   # tokens the run processes (None: unknown)
     data_note: str = ""
+    trainer: str = "zerotune"    # whose training path: "zerotune" or "hf-trainer" (the peer; module docstring)
 
     @property
     def world(self) -> int:
@@ -149,13 +176,31 @@ def lora_params(w: Workload) -> int:
     return s["layers"] * sum(w.lora_r * (i + o) for i, o in shapes)
 
 
+def adapter_bytes(w: Workload) -> int:
+    """Bytes of one adapter parameter: bf16 after DeepSpeed's cast (zerotune), fp32 for the peer."""
+    return 4 if w.trainer == "hf-trainer" else dtype_bytes(w.dtype)
+
+
+def quantised_bytes(w: Workload) -> float:
+    """Bytes of the decoder layers' linear weights quantised by bitsandbytes, constants included."""
+    s = shape(w.model)
+    total = 0.0
+    for i, o in linear_shapes(w.model):
+        if w.quant_bits == 8:   # LLM.int8: int8 weights + one fp32 scale per output row
+            total += i * o + 4 * o
+        else:                   # NF4/FP4 blocks of 64: absmax in fp32, or 8-bit + fp32 per 256 blocks
+            bits = 4 + (8 / 64 + 32 / (64 * 256) if w.double_quant else 32 / 64)
+            total += i * o * bits / 8
+    return s["layers"] * total
+
+
 def layer_working_bytes(w: Workload, method: str, act: int) -> float:
     """Bytes per token of one layer's saved tensors during its backward."""
     s = shape(w.model)
     kv = s["kv_heads"] * s["head_dim"]
     base = (11 * s["d"] + 4 * s["ff"] + 2 * kv) * act
-    if method in ("lora", "qlora"):  # fp32 copy of each adapted linear's input (+ dropout mask)
-        base += sum(i for i, _ in linear_shapes(w.model)) * (4 + (1 if w.lora_dropout else 0))
+    if method in ("lora", "qlora"):  # each adapted linear's dropout output (+ its 1-byte mask)
+        base += sum(i for i, _ in linear_shapes(w.model)) * (adapter_bytes(w) + (1 if w.lora_dropout else 0))
     return base
 
 
@@ -184,21 +229,26 @@ def estimate_memory(w: Workload, st: Strategy) -> dict:
         if zero3:  # the gathered LM head / embedding and its gradient, in working precision
             temp += 2 * V * d * wb
         act = wb
-    else:
-        if st.method == "qlora":  # 4-bit linear weights + quantisation constants; the rest fp32
+    else:  # adapters on a frozen base; see "LoRA / QLoRA" in the module docstring
+        peer = w.trainer == "hf-trainer"
+        if st.method == "qlora":
             linear = s["layers"] * sum(i * o for i, o in linear_shapes(w.model))
-            bits = w.quant_bits + (8 / 64 + 32 / (64 * 256) if w.double_quant else 32 / 64)
-            params = linear * bits / 8 + (n - linear) * 4  # prepare_model_for_kbit_training upcasts
-            act = 4   # fp32 norm weights make the residual stream fp32
+            rest = 4 if peer else wb   # embeddings, LM head, norms: fp32 for the peer, bf16 for zerotune
+            params = quantised_bytes(w) + (n - linear) * rest
+            act = rest                 # the norm weights' dtype is the residual stream's
         else:
             params = wb * n / shard_p
             act = wb
         trainable = lora_params(w) if st.method in ("lora", "qlora") else int(0.001 * n)
-        params += 4 * trainable                          # adapters in fp32 (peft autocast)
-        grads = 4 * trainable
-        optim = (2 if eight_bit else 8) * trainable
+        ab = adapter_bytes(w)
+        master = 0 if ab == 4 else 4                     # DeepSpeed's fp32 copy of bf16 adapters
+        params += ab * trainable
+        grads = ab * trainable
+        optim = (master + (2 if eight_bit else 8)) * trainable
     kept = (s["layers"] * d * act * tokens) if st.grad_ckpt else 0.0
     working = layer_working_bytes(w, st.method, act) * tokens * (1 if st.grad_ckpt else s["layers"])
+    if st.method == "qlora":  # the largest 4-bit weight, dequantised to bf16 for its matmul
+        working += 2 * max(i * o for i, o in linear_shapes(w.model))
     logits = LOGIT_BYTES * tokens * V
     if st.grad_ckpt:
         total = params + grads + optim + temp + kept + max(logits, working)
