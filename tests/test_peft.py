@@ -293,17 +293,18 @@ def test_lora_resume_is_exact(runs, tmp_path):
 def test_recipe_errors_are_one_line(tmp_path):
     from training.config import RecipeError, validate_recipe
     from training.model import build_model
-    r = validate_recipe(base_recipe(tmp_path, method={"kind": "prefix_tuning"}, distributed={"zero": 0},
+    with pytest.raises(RecipeError, match="gradient_checkpointing: false"):  # caught when the recipe loads
+        validate_recipe(base_recipe(tmp_path, method={"kind": "prefix_tuning"}, distributed={"zero": 0},
                                     train={"gradient_checkpointing": True}))
-    with pytest.raises(RecipeError, match="gradient_checkpointing: false"):
-        build_model(r, {})
+    r = validate_recipe(base_recipe(tmp_path, method={"kind": "prefix_tuning"}, distributed={"zero": 0}))
+    assert r.train.gradient_checkpointing is False and r.train.optimizer == "adamw"
+    assert validate_recipe(base_recipe(tmp_path, method={"kind": "qlora"}, distributed={"zero": 0})).train.optimizer == "paged_adamw_8bit"
     r = validate_recipe(base_recipe(tmp_path, method={"kind": "prompt_tuning", "prompt": {"init": "text"}},
                                     distributed={"zero": 0}))
     with pytest.raises(RecipeError, match="method.prompt.init_text"):
         build_model(r, {})
-    r = validate_recipe(base_recipe(tmp_path, method={"kind": "ia3"}, distributed={"zero": 3}))
-    with pytest.raises(RecipeError, match="ZeRO-3"):
-        build_model(r, {"zero_optimization": {"stage": 3}})
+    with pytest.raises(RecipeError, match="distributed.zero: 3 is for full, lora and qlora"):
+        validate_recipe(base_recipe(tmp_path, method={"kind": "ia3"}, distributed={"zero": 3}))
 
 
 def test_trainable_report_counts_4bit_weights_at_full_size(tmp_path):

@@ -97,3 +97,11 @@ def test_help_for_every_command():
         assert name in top.stdout
         sub = zerotune(name, "--help")
         assert "usage: zerotune " + name in sub.stdout and "not built yet" not in sub.stdout
+
+
+def test_cli_does_not_import_torch():
+    """`zerotune --help`, plan and launch run on login nodes: no torch at import time."""
+    import subprocess, sys
+    code = "import sys, launcher.cli; launcher.cli.build_parser(); bad = [m for m in ('torch', 'deepspeed', 'transformers') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr

@@ -290,6 +290,22 @@ class Recipe(_Section):
             raise ValueError(f"{v!r} must start with a letter or digit and hold only letters, digits, '.', '_' and '-'")
         return v
 
+    @model_validator(mode="after")
+    def _method_defaults(self):
+        """Defaults and limits that depend on the method (checked here, before any GPU time)."""
+        kind = self.method.kind
+        if kind == "qlora" and "optimizer" not in self.train.model_fields_set:
+            self.train.optimizer = "paged_adamw_8bit"  # the QLoRA paper's choice
+        if kind == "prefix_tuning":
+            if "gradient_checkpointing" not in self.train.model_fields_set:
+                self.train.gradient_checkpointing = False
+            elif self.train.gradient_checkpointing:
+                raise ValueError("method.kind prefix_tuning needs train.gradient_checkpointing: false "
+                                 "(peft's prefix tuning does not support it)")
+        if self.distributed.zero == 3 and kind not in ("full", "lora", "qlora"):
+            raise ValueError(f"method.kind {kind} runs at ZeRO 0-2 (distributed.zero: 3 is for full, lora and qlora)")
+        return self
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name

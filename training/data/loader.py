@@ -12,7 +12,6 @@ import bisect
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .formats import DataError
 from .tokenize import IGNORE
@@ -126,6 +125,7 @@ class ResumableSampler:
         if not self.shuffle:
             idx = list(range(self.n))
         else:
+            import torch  # imported here so `zerotune --help` and the launcher stay torch-free
             g = torch.Generator().manual_seed(self.seed + epoch)
             idx = torch.randperm(self.n, generator=g).tolist()
         return idx[self.rank: self.per_rank * self.world: self.world]
@@ -159,6 +159,7 @@ def collate(samples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     masks per packed sample); padding gets position 0 for every token, i.e. attends only to
     itself, and -100 labels.
     """
+    import torch
     T = max(len(s["input_ids"]) for s in samples)
     B = len(samples)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
