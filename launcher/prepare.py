@@ -8,6 +8,8 @@ from pathlib import Path
 
 from training.config import Recipe, RecipeError, load_recipe, validate_recipe
 
+from training.checkpoint_files import check_fresh_start
+
 from . import ds_config
 
 
@@ -65,6 +67,7 @@ def prepare_run(recipe_path: str, overrides: list[str], world_size: int, nodes: 
     check_data_paths(recipe)
     recipe = resolve(recipe, world_size, nodes)
     run_dir = recipe.run_dir
+    check_fresh_start(run_dir, recipe.checkpoint.resume, recipe.checkpoint.overwrite)  # before anything is written
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = ds_config.render(recipe, world_size)
     atomic_write(run_dir / "recipe.yaml", recipe.to_yaml())
