@@ -1,7 +1,12 @@
 """`python -m training RUN_DIR`: what torchrun starts on every rank."""
 import sys
+import warnings
 
-from .loop import train
+# DeepSpeed 0.19 calls torch.distributed APIs that torch 2.11+ deprecates, once per collective:
+# silence exactly those, so the console shows the run.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+
+from .loop import train  # noqa: E402
 
 
 def main() -> int:
