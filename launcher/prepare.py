@@ -3,12 +3,11 @@ then write RUN_DIR/recipe.yaml (resolved) and RUN_DIR/ds_config.json."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from training.config import Recipe, RecipeError, load_recipe, validate_recipe
 
-from training.checkpoint_files import check_fresh_start
+from training.checkpoint_files import atomic_write, check_fresh_start
 
 from . import ds_config
 
@@ -53,12 +52,6 @@ def resolve(recipe: Recipe, world_size: int, nodes: int = 1) -> Recipe:
         data["distributed"].update(zero=best.zero, offload_optimizer=best.offload_optimizer,
                                    offload_params=best.offload_params)
     return validate_recipe(data, source="resolved recipe")
-
-
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def prepare_run(recipe_path: str, overrides: list[str], world_size: int, nodes: int = 1) -> Recipe:

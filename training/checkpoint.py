@@ -176,8 +176,7 @@ def to_universal(ckpt: Path, rank: int) -> Path:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise CheckpointError(f"converting {ckpt} for a new world size failed:\n{proc.stderr[-2000:]}")
-        for name in (STATE_FILE,):
-            shutil.copy(ckpt / name, out_root / ckpt.name / name)
+        shutil.copy(ckpt / STATE_FILE, out_root / ckpt.name / STATE_FILE)
         atomic_write(done, "{}\n")
     dist.barrier()
     return out_root / ckpt.name
@@ -189,10 +188,7 @@ def load(engine, ckpt: Path, rank: int, world: int, frozen_params: bool) -> dict
     _safe_deepspeed_loads(engine)
     state = read_state(ckpt)
     saved_world = state["world_size"]
-    if saved_world != world:
-        ckpt_to_load = to_universal(ckpt, rank)
-    else:
-        ckpt_to_load = ckpt
+    ckpt_to_load = to_universal(ckpt, rank) if saved_world != world else ckpt
     engine.load_checkpoint(str(ckpt_to_load.parent), tag=ckpt_to_load.name,
                            load_module_strict=not frozen_params)
     rng = ckpt / f"rng-rank{rank}.safetensors"

@@ -175,6 +175,12 @@ def train(run_dir: Path) -> int:
             state["evals_without_improvement"] += 1
         return bool(es and state["evals_without_improvement"] >= es.patience)
 
+    def finish(code: int, **close) -> int:
+        log.close(**close)
+        dist.barrier()
+        dist.destroy_process_group()
+        return code
+
     # --- the loop -----------------------------------------------------------------------
     log.text("trainable_parameters", trainable_report(model, recipe))
     engine.train()  # from_pretrained leaves the model in eval mode: no dropout, no gradient checkpointing
@@ -241,10 +247,7 @@ def train(run_dir: Path) -> int:
         log.say(msg)
         if rank == 0:
             diagnostics.write_failure(run_dir, msg)
-        log.close(finished=False)
-        dist.barrier()
-        dist.destroy_process_group()
-        return diagnostics.BAD_LOSS_EXIT_CODE
+        return finish(diagnostics.BAD_LOSS_EXIT_CODE, finished=False)
 
     # --- preempted: save where we are and ask the job script to requeue ------------------------
     if preempted:
@@ -255,10 +258,7 @@ def train(run_dir: Path) -> int:
                                                                "time": time.time()}) + "\n")
         log.say(f"step {state['step']}: stopped by {stop_requested['signal'] or 'a signal on another rank'}; "
                 f"checkpoint saved, exiting with {REQUEUE_EXIT_CODE} so the job is requeued")
-        log.close(finished=False)
-        dist.barrier()
-        dist.destroy_process_group()
-        return REQUEUE_EXIT_CODE
+        return finish(REQUEUE_EXIT_CODE, finished=False)
 
     # --- the end: final eval, checkpoint, Hugging Face export -------------------------------
     step = state["step"]
@@ -270,7 +270,4 @@ def train(run_dir: Path) -> int:
         log.say(f"final model: {run_dir / 'final'}")
     if rank == 0:
         (run_dir / PREEMPT_MARKER).unlink(missing_ok=True)
-    log.close(final_eval_loss=last_eval)
-    dist.barrier()
-    dist.destroy_process_group()
-    return 0
+    return finish(0, final_eval_loss=last_eval)

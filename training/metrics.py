@@ -350,11 +350,6 @@ class Metrics:
                 print(f"step {step}/{self.total} | loss {loss:.4f} | {tps:,.0f} tok/s | ETA {format_duration(eta)}",
                       flush=True)
 
-    def progress(self, step: int, loss: float, tokens_per_sec: float) -> None:
-        """Kept for callers that log by hand; `step()` already updates the progress bar."""
-        if self.rank == 0:
-            self._progress(step, loss, tokens_per_sec, self.eta_seconds(step))
-
     # ------------------------------------------------------------------ the end
     def hparams(self, final_eval_loss: float | None) -> None:
         """The recipe's main knobs with the final eval loss, for TensorBoard's HPARAMS tab."""
