@@ -13,7 +13,7 @@ for stage in "$@"; do
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
       nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/results.txt" ;;
     demo)   # the demo recipe, bf16 on CUDA, no code change
-      python -m launcher.cli train recipes/demo.yaml --set model.dtype=bf16 --set "output_dir=$OUT/runs" --set logging.progress=false 2>&1 | grep -vi warn | tail -8
+      python -m zerotune.launcher.cli train recipes/demo.yaml --set model.dtype=bf16 --set "output_dir=$OUT/runs" --set logging.progress=false 2>&1 | grep -vi warn | tail -8
       python - "$OUT/runs/demo" <<'PY' | tee -a "$OUT/results.txt"
 import json, sys
 recs = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl")]
@@ -45,8 +45,8 @@ PY
              --set model.chat_template=null --set "output_dir=$OUT/runs" --set name=l1b --set data.max_len=2048
              --set data.packing=true --set train.micro_batch_size=8 --set train.grad_accum=1 --set train.lr=1e-4
              --set train.eval_every=10 --set train.eval_batches=4 --set checkpoint.every=10 --set logging.progress=false)
-      python -m launcher.cli train recipes/demo.yaml "${set1b[@]}" --set train.max_steps=20 2>&1 | grep -E "zerotune|step 1|step 2|saved|done|final|Error" | tail -12 | tee -a "$OUT/results.txt"
-      python -m launcher.cli train recipes/demo.yaml "${set1b[@]}" --set train.max_steps=25 2>&1 | grep -E "zerotune|resumed|saved|done|final|Error" | tail -8 | tee -a "$OUT/results.txt"
+      python -m zerotune.launcher.cli train recipes/demo.yaml "${set1b[@]}" --set train.max_steps=20 2>&1 | grep -E "zerotune|step 1|step 2|saved|done|final|Error" | tail -12 | tee -a "$OUT/results.txt"
+      python -m zerotune.launcher.cli train recipes/demo.yaml "${set1b[@]}" --set train.max_steps=25 2>&1 | grep -E "zerotune|resumed|saved|done|final|Error" | tail -8 | tee -a "$OUT/results.txt"
       du -sh "$OUT"/runs/l1b/checkpoints/step-000020 | tee -a "$OUT/results.txt"
       python - "$OUT/runs/l1b" <<'PY' | tee -a "$OUT/results.txt"
 import json, sys

@@ -2,7 +2,7 @@
 
 Runs the workloads of ../shared/bench/README.md on one GPU with random-initialised
 Llama-3-shaped models (built from a config, saved once under --models) and random tokens
-(no padding): the model and engine come from training.model.build_model and
+(no padding): the model and engine come from zerotune.training.model.build_model and
 training.engine.build_engine with the ds_config launcher/ds_config.py renders, and each
 micro-step is the loop's (forward with num_items_in_batch, engine.backward, engine.step).
 Every workload runs in a fresh process; one JSON line per workload:
@@ -63,7 +63,7 @@ def make_model(size: str, models: Path) -> Path:
 
 
 def recipe_for(name: str, model_path: Path):
-    from training.config import validate_recipe
+    from zerotune.core.recipe import validate_recipe
     w = {**WORKLOADS, **SMOKE}[name]
     return validate_recipe({
         "name": name, "output_dir": "/tmp/zerotune-measure",
@@ -82,10 +82,10 @@ def measure(name: str, models: Path, steps: int, warmup: int) -> dict:
     import deepspeed
     import torch
 
-    from launcher import ds_config as dsc
-    from launcher import plan
-    from training.engine import build_engine
-    from training.model import build_model
+    from zerotune.launcher import ds_config as dsc
+    from zerotune.launcher import plan
+    from zerotune.training.engine import build_engine
+    from zerotune.training.model import build_model
 
     w = {**WORKLOADS, **SMOKE}[name]
     recipe = recipe_for(name, make_model(w["size"], models))
@@ -121,7 +121,7 @@ def measure(name: str, models: Path, steps: int, warmup: int) -> dict:
     wl = plan.Workload(model=model_cfg, micro_batch=w["mbs"], seq_len=seq, optimizer=recipe.train.optimizer)
     st = plan.Strategy(w["method"], w["zero"], w.get("offload", False), w.get("offload", False))
     est = plan.estimate_memory(wl, st)
-    from training.flops import flops_per_token
+    from zerotune.core.flops import flops_per_token
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else 0.0
     return {"workload": name, "peak_gib": round(peak, 2) if cuda else None,
             "reserved_gib": round(torch.cuda.max_memory_reserved() / 2 ** 30, 2) if cuda else None,

@@ -9,17 +9,18 @@ import argparse
 import importlib
 import sys
 
-from training.config import RecipeError
+from zerotune.core.errors import UserError
+from zerotune.core.layout import USER_ERROR_EXIT_CODE
 
 COMMANDS = {
-    "train": "launcher.train",
-    "launch": "launcher.launch",
-    "plan": "launcher.plan",
-    "status": "launcher.status",
-    "report": "launcher.report",
-    "data": "training.data.preview",
-    "export": "training.export",
-    "generate": "training.generate",
+    "train": "zerotune.launcher.train",
+    "launch": "zerotune.launcher.launch",
+    "plan": "zerotune.launcher.plan",
+    "status": "zerotune.launcher.status",
+    "report": "zerotune.launcher.report",
+    "data": "zerotune.training.data.preview",
+    "export": "zerotune.training.export",
+    "generate": "zerotune.training.generate",
 }
 
 
@@ -42,16 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (RecipeError, FileNotFoundError) as e:
+    except (UserError, FileNotFoundError) as e:
         print(f"zerotune: error: {e}", file=sys.stderr)
-        return 2
+        return USER_ERROR_EXIT_CODE
     except KeyboardInterrupt:
         return 130
-    except Exception as e:  # data and other user-facing errors define `user_facing = True`
-        if getattr(e, "user_facing", False):
-            print(f"zerotune: error: {e}", file=sys.stderr)
-            return 2
-        raise
 
 
 if __name__ == "__main__":

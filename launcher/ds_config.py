@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from training.config import Recipe, RecipeError
+from zerotune.core.recipe import Recipe, RecipeError
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "ds_configs"
 

@@ -8,10 +8,10 @@ then run it (torchrun on this node) or submit it (Slurm).
 """
 from __future__ import annotations
 
-import os
-import stat
 import sys
 from pathlib import Path
+
+from zerotune.core.io import atomic_write
 
 HELP = "write RUN_DIR and a torchrun (launch.sh) or Slurm (job.sbatch) script, then run or submit it"
 DESCRIPTION = __doc__.split("\n", 2)[2] if __doc__ else HELP
@@ -33,13 +33,6 @@ def add_arguments(p) -> None:
     p.add_argument("--submit", action="store_true", help="with --slurm: submit it with sbatch and print the job id")
 
 
-def write_executable(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.chmod(tmp.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP)
-    os.replace(tmp, path)
-
-
 def processes_per_node(args, recipe_gpus) -> int:
     if args.nproc:
         return args.nproc
@@ -57,7 +50,7 @@ def _has_gpus() -> bool:
 
 
 def run(args) -> int:
-    from training.config import RecipeError, load_recipe
+    from zerotune.core.recipe import RecipeError, load_recipe
 
     from . import scripts, submit
     from .prepare import prepare_run, resolve
@@ -71,7 +64,8 @@ def run(args) -> int:
     nnodes = draft.cluster.nodes if args.slurm else (args.nnodes or 1)
     on_gpus = draft.cluster.gpus_per_node if args.slurm else (args.nproc is None and _has_gpus())
     if on_gpus:  # before anything is written or any GPU time is spent: will it fit?
-        from .plan import check_fits, parse_size
+        from zerotune.core.io import parse_size
+        from .plan import check_fits
         check_fits(resolve(draft, nproc * nnodes, nnodes), nproc, nnodes, parse_size(args.gpu_memory))
     recipe = prepare_run(args.recipe, args.set, world_size=nproc * nnodes, nodes=nnodes)
     run_dir = recipe.run_dir.resolve()
@@ -79,11 +73,11 @@ def run(args) -> int:
 
     if args.slurm:
         path = run_dir / scripts.SBATCH_SCRIPT
-        write_executable(path, scripts.sbatch_script(recipe, run_dir, nproc, workdir))
+        atomic_write(path, scripts.sbatch_script(recipe, run_dir, nproc, workdir), executable=True)
     else:
         path = run_dir / scripts.LAUNCH_SCRIPT
-        write_executable(path, scripts.launch_script(recipe, run_dir, nproc, nnodes, args.node_rank,
-                                                     args.master_addr, args.master_port, workdir))
+        atomic_write(path, scripts.launch_script(recipe, run_dir, nproc, nnodes, args.node_rank,
+                                                     args.master_addr, args.master_port, workdir), executable=True)
     print(f"zerotune: wrote {path} ({nnodes} node(s) x {nproc} process(es), ZeRO-{recipe.distributed.zero})",
           file=sys.stderr, flush=True)
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from training.config import Recipe, RecipeError, load_recipe, validate_recipe
+from zerotune.core.recipe import Recipe, RecipeError, load_recipe, validate_recipe
 
-from training.checkpoint_files import atomic_write, check_fresh_start
+from zerotune.core.io import atomic_write
+from zerotune.core.layout import DS_CONFIG_FILE, RECIPE_FILE, check_fresh_start
 
 from . import ds_config
 
@@ -63,6 +64,6 @@ def prepare_run(recipe_path: str, overrides: list[str], world_size: int, nodes: 
     check_fresh_start(run_dir, recipe.checkpoint.resume, recipe.checkpoint.overwrite)  # before anything is written
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = ds_config.render(recipe, world_size)
-    atomic_write(run_dir / "recipe.yaml", recipe.to_yaml())
-    atomic_write(run_dir / "ds_config.json", json.dumps(cfg, indent=2) + "\n")
+    atomic_write(run_dir / RECIPE_FILE, recipe.to_yaml())
+    atomic_write(run_dir / DS_CONFIG_FILE, json.dumps(cfg, indent=2) + "\n")
     return recipe

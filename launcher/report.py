@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from zerotune.core.layout import TENSORBOARD_DIR
+
 HELP = "draw a run's loss, learning rate, throughput and memory curves to a PNG"
 DESCRIPTION = ("Read RUN_DIR/tensorboard and draw loss + eval loss, learning rate, tokens/s + MFU and\n"
                "GPU memory into one PNG (headless; no display needed).\n\n"
@@ -23,7 +25,7 @@ def add_arguments(p) -> None:
 def read_scalars(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
     """tag -> (steps, values) from RUN_DIR/tensorboard, one value per step (the last written)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    tb = Path(run_dir) / "tensorboard"
+    tb = Path(run_dir) / TENSORBOARD_DIR
     if not tb.is_dir() or not any(tb.glob("events.out.tfevents.*")):
         raise FileNotFoundError(f"{tb}: no TensorBoard event files (was logging.tensorboard off?)")
     acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})  # 0: keep every point
@@ -115,7 +117,7 @@ def draw(runs: dict[str, dict], out: Path) -> Path:
 
 
 def run(args) -> int:
-    from training.config import RecipeError
+    from zerotune.core.recipe import RecipeError
     if args.compare and args.run_dir:
         raise RecipeError("give RUN_DIR or --compare RUN_A RUN_B, not both")
     dirs = [Path(d) for d in (args.compare or ([args.run_dir] if args.run_dir else []))]

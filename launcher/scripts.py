@@ -13,13 +13,12 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from training.config import REQUEUE_EXIT_CODE, Recipe, RecipeError
+from zerotune.core.layout import LAUNCH_SCRIPT, REQUEUE_EXIT_CODE, SBATCH_SCRIPT
+from zerotune.core.recipe import Recipe, RecipeError
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "slurm"
 PLAIN_PATH = re.compile(r"^[A-Za-z0-9._/+@:,=-]+$")   # no spaces, quotes, %, $ or newlines
 HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$|^\[?[0-9A-Fa-f:.]+\]?$")
-SBATCH_SCRIPT = "job.sbatch"
-LAUNCH_SCRIPT = "launch.sh"
 
 
 def render_template(name: str, values: dict[str, str]) -> str:

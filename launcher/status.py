@@ -11,6 +11,8 @@ import json
 import time
 from pathlib import Path
 
+from zerotune.core.layout import METRICS_FILE, RECIPE_FILE
+
 HELP = "show a run's state: job, step, loss, speed, ETA, newest checkpoint"
 DESCRIPTION = ("Show where a run stands, reading only files in RUN_DIR (safe on a login node while\n"
                "the job runs):\n\n"
@@ -46,16 +48,16 @@ def read_records(path: Path, tail_bytes: int = TAIL_BYTES) -> list[dict]:
 
 
 def ago(seconds: float) -> str:
-    from training.metrics import format_duration
+    from zerotune.training.metrics import format_duration
     return format_duration(max(0.0, seconds)) + " ago"
 
 
 def collect(run_dir: Path) -> dict:
     """Everything status shows, as plain data."""
-    from training.checkpoint_files import PREEMPT_MARKER, complete_checkpoints, partial_checkpoints, step_of
-    from training.diagnostics import FAILED_FILE
+    from zerotune.core.layout import (FAILED_FILE, PREEMPT_MARKER, complete_checkpoints, partial_checkpoints,
+                                      step_of)
     now = time.time()
-    records = read_records(run_dir / "metrics.jsonl")
+    records = read_records(run_dir / METRICS_FILE)
     train = [r for r in records if "train/loss" in r]
     evals = [r for r in records if "eval/loss" in r and r.get("event") != "end"]
     starts = [r for r in records if r.get("event") == "start"]
@@ -65,7 +67,7 @@ def collect(run_dir: Path) -> dict:
                "tokens_per_sec": None, "mfu": None, "epoch": None, "eta_s": None, "updated_s_ago": None,
                "skipped_steps": None, "checkpoint": None, "checkpoint_age_s": None, "partial_checkpoints": 0,
                "failure": None}
-    recipe = run_dir / "recipe.yaml"
+    recipe = run_dir / RECIPE_FILE
     if recipe.is_file():
         import yaml
         try:
@@ -73,7 +75,7 @@ def collect(run_dir: Path) -> dict:
         except yaml.YAMLError:
             pass
     try:
-        from launcher.submit import slurm_job_state
+        from zerotune.launcher.submit import slurm_job_state
         s["job"] = slurm_job_state(run_dir)
     except ImportError:
         pass
@@ -122,7 +124,7 @@ def collect(run_dir: Path) -> dict:
 
 
 def render(s: dict) -> str:
-    from training.metrics import format_duration
+    from zerotune.training.metrics import format_duration
     rows = [("run", s["run_dir"] + (f" ({s['name']})" if s["name"] else ""))]
     j = s["job"]
     if j:
@@ -168,7 +170,7 @@ def run(args) -> int:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run folder")
-    if not (run_dir / "recipe.yaml").is_file() and not (run_dir / "metrics.jsonl").is_file():
+    if not (run_dir / RECIPE_FILE).is_file() and not (run_dir / METRICS_FILE).is_file():
         raise FileNotFoundError(f"{run_dir}: not a zerotune run folder (no recipe.yaml or metrics.jsonl)")
     s = collect(run_dir)
     print(json.dumps(s, indent=1) if args.json else render(s))

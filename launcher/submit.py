@@ -12,14 +12,14 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from training.checkpoint_files import PREEMPT_MARKER
-from training.config import REQUEUE_EXIT_CODE
+from zerotune.core.layout import PREEMPT_MARKER, REQUEUE_EXIT_CODE
+from zerotune.core.errors import UserError
 
 JOB_ID_FILE = "slurm_job_id"
 
 
-class SlurmError(RuntimeError):
-    user_facing = True
+class SlurmError(UserError, RuntimeError):
+    """sbatch / squeue / scontrol refused or are missing."""
 
 
 def visible_gpus() -> int:
@@ -29,7 +29,7 @@ def visible_gpus() -> int:
 
 def torchrun_argv(run_dir: Path, nproc: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "training", str(run_dir)]
+            "-m", "zerotune.training", str(run_dir)]
 
 
 def _exit_code(run_dir: Path, rc: int, started: float) -> int:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 HELP = "validate a recipe, write RUN_DIR and train on this machine with torchrun"
 DESCRIPTION = ("Validate RECIPE, write RUN_DIR (recipe.yaml, ds_config.json) and run\n"
-               "`torchrun -m training RUN_DIR` on this machine.\n\n"
+               "`torchrun -m zerotune.training RUN_DIR` on this machine.\n\n"
                "  zerotune train recipes/demo.yaml\n"
                "  zerotune train recipes/demo.yaml --set train.lr=1e-4 --set 'data.packing=true' --nproc 2")
 

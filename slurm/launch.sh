@@ -21,7 +21,7 @@ export NCCL_ASYNC_ERROR_HANDLING=1         # the same, for older torch
 
 started=$(date +%s)
 # torchrun ignores USR1; the handler below passes it on to the training processes only.
-(trap '' USR1; exec "$PYTHON" -m torch.distributed.run {{torchrun_args}} -m training "$RUN_DIR") &
+(trap '' USR1; exec "$PYTHON" -m torch.distributed.run {{torchrun_args}} -m zerotune.training "$RUN_DIR") &
 pid=$!
 trap 'pkill -USR1 -P "$pid"' USR1
 trap 'kill -TERM "$pid" 2>/dev/null' TERM INT

@@ -61,7 +61,7 @@ def zerotune(*args: str, check: bool = True, timeout: int = 900, env: dict | Non
     """Run the CLI in a subprocess (as a user would); returns CompletedProcess with text output."""
     e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
     e.update(env or {})
-    proc = subprocess.run([sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "zerotune.launcher.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=e, cwd=cwd or ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"zerotune {' '.join(args)} exited {proc.returncode}\n"

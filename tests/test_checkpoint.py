@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from conftest import train_losses, ALPACA, base_recipe, write_recipe, zerotune
-from training.checkpoint_files import MARKER, PREEMPT_MARKER, complete_checkpoints, read_state
-from training.config import REQUEUE_EXIT_CODE
+from zerotune.core.layout import MARKER, PREEMPT_MARKER, complete_checkpoints, read_state
+from zerotune.core.layout import REQUEUE_EXIT_CODE
 
 pytestmark = pytest.mark.slow
 

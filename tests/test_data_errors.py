@@ -10,11 +10,11 @@ import pytest
 from conftest import PHI3_TOKENIZER, STORIES, base_recipe, write_recipe
 from transformers import AutoTokenizer
 
-from launcher.cli import main
-from training.config import DataConfig, DataSource, validate_recipe
-from training.data import DataError, build_data, tokenize_source
-from training.data.templates import BUILTIN
-from training.model import load_tokenizer
+from zerotune.launcher.cli import main
+from zerotune.core.recipe import DataConfig, DataSource, validate_recipe
+from zerotune.training.data import DataError, build_data, tokenize_source
+from zerotune.training.data.templates import BUILTIN
+from zerotune.training.model import load_tokenizer
 
 BAD = Path(__file__).parent / "fixtures" / "data"
 

@@ -6,7 +6,7 @@ import re
 
 from conftest import ALPACA, base_recipe, write_recipe
 
-from launcher.cli import main
+from zerotune.launcher.cli import main
 
 
 def test_preview_marks_trained_tokens_and_reports_stats(tmp_path, capsys):

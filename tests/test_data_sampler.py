@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from training.data import ResumableSampler, batches
+from zerotune.training.data import ResumableSampler, batches
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,9 +59,9 @@ def worker(out_dir: str, recipe_path: str) -> None:
     """Runs on each rank under torchrun (see the test below)."""
     import torch.distributed as dist
 
-    from training.config import load_recipe
-    from training.data import build_data
-    from training.model import load_tokenizer
+    from zerotune.core.recipe import load_recipe
+    from zerotune.training.data import build_data
+    from zerotune.training.model import load_tokenizer
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     recipe = load_recipe(recipe_path)
@@ -81,7 +81,7 @@ def worker(out_dir: str, recipe_path: str) -> None:
     stream2 = batches(data.train, resumed, mbs, tok.pad_token_id)
     rest2 = [_digest(next(stream2)) for _ in range(M)]
     # a data error on rank 0 reaches every rank as the same one-line error (no rank hangs at the barrier)
-    from training.data import DataError
+    from zerotune.training.data import DataError
     bad = recipe.model_copy(deep=True)
     bad.data.train[0].path = str(ROOT / "tests/fixtures/data/sharegpt_unknown_role.jsonl")
     bad.data.train[0].format = "sharegpt"

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from conftest import STORIES, base_recipe
-from launcher import ds_config
-from training.config import RecipeError, validate_recipe
+from zerotune.launcher import ds_config
+from zerotune.core.recipe import RecipeError, validate_recipe
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "ds_configs"
 CASES = [(0, False, False), (1, False, False), (1, True, False), (2, False, False), (2, True, False),

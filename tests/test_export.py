@@ -17,7 +17,7 @@ from test_peft import PROBE, runs  # noqa: E402,F401  (the session fixture)
 
 def cli(capsys, *args) -> tuple[int, str, str]:
     """The real command, in-process (saves the imports of a subprocess)."""
-    from launcher.cli import main
+    from zerotune.launcher.cli import main
     rc = main(["export", *args])
     out = capsys.readouterr()
     return rc, out.out, out.err

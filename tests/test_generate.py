@@ -17,7 +17,7 @@ TOKENS = 12
 
 
 def cli(capsys, *args) -> list[str]:
-    from launcher.cli import main
+    from zerotune.launcher.cli import main
     assert main(["generate", *args, "--max-new-tokens", str(TOKENS)]) == 0
     return capsys.readouterr().out.strip().splitlines()
 
@@ -26,8 +26,8 @@ def expected(model, tokenizer) -> str:
     """Greedy continuation of PROMPT under the Alpaca template, computed directly."""
     import torch
 
-    from training.data.templates import BUILTIN
-    from training.data.tokenize import render
+    from zerotune.training.data.templates import BUILTIN
+    from zerotune.training.data.tokenize import render
     text = render(tokenizer, BUILTIN["alpaca"], [{"role": "user", "content": PROMPT}], add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.no_grad():
@@ -72,7 +72,7 @@ def test_bottleneck_adapter_and_full_run(runs, capsys):
 
 
 def test_errors_are_one_line(tmp_path, capsys):
-    from launcher.cli import main
+    from zerotune.launcher.cli import main
     assert main(["generate", str(STORIES), "--prompt", "hi"]) == 2  # stories260K has no chat template
     assert "--chat-template" in capsys.readouterr().err
     assert main(["generate", str(STORIES), "--adapter", str(tmp_path / "nope"), "--prompt", "hi"]) == 2
@@ -81,7 +81,7 @@ def test_errors_are_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_adapters_of_different_peft_types_are_refused(runs, capsys):
-    from launcher.cli import main
+    from zerotune.launcher.cli import main
     assert main(["generate", str(STORIES), "--chat-template", "alpaca", "--adapter", str(runs["lora"] / "final"),
                  "--adapter", f"b={runs['ia3'] / 'final'}", "--prompt", "hi"]) == 2
     assert "different peft types" in capsys.readouterr().err

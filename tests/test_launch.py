@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from conftest import base_recipe, write_recipe, zerotune
-from launcher import scripts
-from training.config import REQUEUE_EXIT_CODE, RecipeError, validate_recipe
+from zerotune.launcher import scripts
+from zerotune.core.layout import REQUEUE_EXIT_CODE
+from zerotune.core.recipe import RecipeError, validate_recipe
 
 SHELLCHECK = shutil.which("shellcheck") or str(Path(os.sys.executable).parent / "shellcheck")
 
@@ -253,7 +254,7 @@ def test_launch_refuses_a_run_that_cannot_fit(tmp_path):
 
 
 def test_job_state_of_a_run_never_submitted(tmp_path):
-    from launcher.submit import parse_scontrol, slurm_job_state
+    from zerotune.launcher.submit import parse_scontrol, slurm_job_state
     assert slurm_job_state(tmp_path) is None
     f = parse_scontrol("JobId=7 JobName=t JobState=COMPLETED Reason=None ExitCode=0:0 RunTime=00:01:02 Restarts=1")
     assert f["JobState"] == "COMPLETED" and f["ExitCode"] == "0:0" and f["Restarts"] == "1"
@@ -261,7 +262,7 @@ def test_job_state_of_a_run_never_submitted(tmp_path):
 
 def test_run_local_recovers_the_requeue_code(tmp_path):
     """torchrun turns any failing worker into exit 1; a fresh PREEMPTED marker means the training saved and stopped."""
-    from launcher.submit import _exit_code
+    from zerotune.launcher.submit import _exit_code
     started = time.time()
     assert _exit_code(tmp_path, 1, started) == 1
     (tmp_path / "PREEMPTED").write_text("{}")

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, base_recipe, write_recipe, zerotune
-from training.config import validate_recipe
+from zerotune.core.recipe import validate_recipe
 
 TRAIN_TAGS = ["train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/samples_seen",
               "train/epoch", "data/packing_efficiency", "time/step_s", "time/data_wait_s", "time/fwd_bwd_s",
@@ -49,7 +49,7 @@ def summaries(run_dir: Path, plugin: str) -> list[tuple[int, str]]:
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:
     """The `zerotune` CLI in this process (a subprocess per call costs ~10 s of imports)."""
-    from launcher.cli import main
+    from zerotune.launcher.cli import main
     capsys.readouterr()
     rc = main(list(args))
     out = capsys.readouterr()
@@ -62,7 +62,7 @@ def records(run_dir: Path) -> list[dict]:
 
 # ----------------------------------------------------------------------------- Metrics in-process
 def make_metrics(tmp_path: Path, start_step: int = 0, total: int = 6, **sections):
-    from training.metrics import Metrics
+    from zerotune.training.metrics import Metrics
     recipe = validate_recipe(base_recipe(tmp_path, **sections))
     run_dir = tmp_path / "run"
     run_dir.mkdir(exist_ok=True)
@@ -120,7 +120,7 @@ def test_metrics_tags_resume_without_duplicates_and_hparams(tmp_path):
 
 
 def test_mfu_from_flops_per_token(tmp_path, monkeypatch):
-    from training.flops import flops_per_token
+    from zerotune.core.flops import flops_per_token
     from conftest import STORIES
     monkeypatch.setenv("ZEROTUNE_PEAK_TFLOPS", "100")
     m, run_dir = make_metrics(tmp_path)
@@ -152,7 +152,7 @@ def test_console_summaries_and_warnings(tmp_path, capsys):
 # ----------------------------------------------------------------------------- diagnostics in-process
 def test_nan_guard_and_test_hooks(monkeypatch):
     import torch
-    from training import diagnostics
+    from zerotune.training import diagnostics
     state = {"step": 0}
     guard = diagnostics.NanGuard(2, state)
     assert [guard.update(f) for f in (True, False, True, False)] == [False, True, False, True]
@@ -170,7 +170,7 @@ def test_nan_guard_and_test_hooks(monkeypatch):
 
 
 def test_oom_message_orders_changes_by_cost(tmp_path):
-    from training import diagnostics
+    from zerotune.training import diagnostics
     recipe = validate_recipe(base_recipe(tmp_path, distributed={"zero": 1}, train={"micro_batch_size": 8, "grad_accum": 2}))
     (tmp_path / "checkpoints" / "step-000010").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step-000010" / "COMPLETE").write_text("{}")
@@ -195,11 +195,11 @@ SKIP_SCRIPT = textwrap.dedent("""
     import json, os, sys
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
     import torch, deepspeed
-    from training.config import validate_recipe
-    from training.model import build_model
-    from training.engine import build_engine
-    from training.diagnostics import optimizer_step
-    from launcher.ds_config import render
+    from zerotune.core.recipe import validate_recipe
+    from zerotune.training.model import build_model
+    from zerotune.training.engine import build_engine
+    from zerotune.training.diagnostics import optimizer_step
+    from zerotune.launcher.ds_config import render
     deepspeed.init_distributed()
     base = json.loads(sys.argv[1])
     result = {}
@@ -350,7 +350,7 @@ def test_real_cuda_oom_message_names_peak_memory(tmp_path, capsys):
     """On the GPU machine: a real CUDA OOM (memory capped to 1 GiB) inside oom_guard.
     Run: python -m pytest tests/test_monitoring.py -m gpu -q"""
     import torch
-    from training import diagnostics
+    from zerotune.training import diagnostics
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     recipe = validate_recipe(base_recipe(tmp_path))

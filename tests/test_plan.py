@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from conftest import base_recipe, write_recipe, zerotune
-from launcher import plan as P
-from training.config import RecipeError, validate_recipe
-from training.flops import flops_per_token, num_params
+from zerotune.launcher import plan as P
+from zerotune.core.recipe import RecipeError, validate_recipe
+from zerotune.core.flops import flops_per_token, num_params
 
 GIB = 2 ** 30
 LLAMA_1B = dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -205,7 +205,7 @@ def test_plan_names_what_does_not_fit(tmp_path):
 
 
 def test_zero_auto_resolves_to_the_plan_choice(tmp_path):
-    from launcher.prepare import resolve
+    from zerotune.launcher.prepare import resolve
     r = validate_recipe(base_recipe(tmp_path, distributed={"zero": "auto"}))
     for world in (1, 4):  # ZeRO-3 is no faster on one GPU and slower on several
         d = resolve(r, world_size=world).distributed

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, base_recipe, write_recipe, zerotune
-from training.config import RecipeError, apply_override, load_recipe, validate_recipe
+from zerotune.core.recipe import RecipeError, apply_override, load_recipe, validate_recipe
 
 
 def test_demo_and_shipped_recipes_load():
@@ -92,7 +92,7 @@ def test_cli_errors_are_one_line(tmp_path, recipe_file):
 
 def test_help_for_every_command():
     top = zerotune("--help")
-    from launcher.cli import COMMANDS
+    from zerotune.launcher.cli import COMMANDS
     for name in COMMANDS:
         assert name in top.stdout
         sub = zerotune(name, "--help")
@@ -102,6 +102,6 @@ def test_help_for_every_command():
 def test_cli_does_not_import_torch():
     """`zerotune --help`, plan and launch run on login nodes: no torch at import time."""
     import subprocess, sys
-    code = "import sys, launcher.cli; launcher.cli.build_parser(); bad = [m for m in ('torch', 'deepspeed', 'transformers') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    code = "import sys, zerotune.launcher.cli; zerotune.launcher.cli.build_parser(); bad = [m for m in ('torch', 'deepspeed', 'transformers') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr

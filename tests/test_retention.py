@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 
-from training.checkpoint import prune, resolve_resume
-from training.checkpoint_files import MARKER, STATE_FILE, complete_checkpoints, latest_complete, partial_checkpoints
+from zerotune.training.checkpoint import prune, resolve_resume
+from zerotune.core.layout import MARKER, STATE_FILE, complete_checkpoints, latest_complete, partial_checkpoints
 
 
 def make(run, step, eval_loss=None, complete=True):
@@ -47,15 +47,15 @@ def test_resume_picks_the_newest_complete_and_ignores_a_partial_one(tmp_path, ca
     assert resolve_resume(tmp_path, "never") is None
     assert resolve_resume(tmp_path, str(tmp_path / "checkpoints" / "step-000010")).name == "step-000010"
     import pytest
-    from training.checkpoint import CheckpointError
+    from zerotune.training.checkpoint import CheckpointError
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         resolve_resume(tmp_path, str(tmp_path / "checkpoints" / "step-000020"))
 
 
 def test_resume_never_refuses_to_overwrite_a_run_unless_told(tmp_path):
     import pytest
-    from training.checkpoint_files import check_fresh_start
-    from training.config import RecipeError
+    from zerotune.core.layout import check_fresh_start
+    from zerotune.core.recipe import RecipeError
     make(tmp_path, 10)
     with pytest.raises(RecipeError, match="already holds checkpoints"):
         check_fresh_start(tmp_path, "never", overwrite=False)

@@ -103,7 +103,7 @@ def test_two_nodes_one_process_each(cluster, tmp_path):
     run_dir = tmp_path / "runs" / "t"
     check_finished(run_dir, job_id, 6)
     assert "on 2 node(s) x 1 process(es)" in logs(run_dir)
-    from launcher.submit import slurm_job_state
+    from zerotune.launcher.submit import slurm_job_state
     state = slurm_job_state(run_dir)
     assert state["job_id"] == job_id and state["state"] == "COMPLETED" and state["exit_code"] == "0:0"
 

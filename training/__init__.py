@@ -1,1 +1,1 @@
-"""zerotune training package: what runs on every rank (`python -m training RUN_DIR`)."""
+"""zerotune training package: what runs on every rank (`python -m zerotune.training RUN_DIR`)."""

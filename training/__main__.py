@@ -1,4 +1,4 @@
-"""`python -m training RUN_DIR`: what torchrun starts on every rank."""
+"""`python -m zerotune.training RUN_DIR`: what torchrun starts on every rank."""
 import sys
 import warnings
 
@@ -11,7 +11,7 @@ from .loop import train  # noqa: E402
 
 def main() -> int:
     if len(sys.argv) != 2:
-        print("usage: python -m training RUN_DIR", file=sys.stderr)
+        print("usage: python -m zerotune.training RUN_DIR", file=sys.stderr)
         return 2
     return train(sys.argv[1])
 

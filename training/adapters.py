@@ -125,7 +125,7 @@ def load_adapter(model, path: str | Path, name: str = DEFAULT):
     """Add the adapter saved in `path` to `model` under `name` and make it active."""
     from safetensors.torch import load_file
 
-    from .config import AdapterConfig
+    from zerotune.core.recipe import AdapterConfig
     cfg = read_config(path)
     add_adapters(model, AdapterConfig(bottleneck=cfg["bottleneck"], placement=cfg["placement"],
                                       dropout=cfg["dropout"]), name=name, freeze_base=False)

@@ -29,14 +29,16 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from .checkpoint_files import (MARKER, STATE_FILE, atomic_write, checkpoints_dir, complete_checkpoints,
-                               latest_complete, partial_checkpoints, read_state, step_of, tag)
+from zerotune.core.errors import UserError
+from zerotune.core.io import atomic_write
+from zerotune.core.layout import (MARKER, STATE_FILE, checkpoints_dir, complete_checkpoints, latest_complete,
+                                  partial_checkpoints, read_state, step_of, tag)
 
 __all__ = ["save", "load", "resolve_resume", "needs_universal", "latest_complete", "complete_checkpoints"]
 
 
-class CheckpointError(RuntimeError):
-    user_facing = True
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be used (missing, incomplete, from another run)."""
 
 
 # ----------------------------------------------------------------------------- test hook
@@ -78,12 +80,18 @@ def _set_rng_state(path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- safe loading
-def _safe_deepspeed_loads(engine) -> None:
-    """Make DeepSpeed read its checkpoint files with torch.load(weights_only=True)."""
+def deepspeed_safe_types() -> list:
+    """The only classes a DeepSpeed checkpoint file may hold besides tensors and builtins: the
+    allow-list for torch.load(weights_only=True), here and in export."""
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
     from deepspeed.utils.tensor_fragment import fragment_address
-    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def _safe_deepspeed_loads(engine) -> None:
+    """Make DeepSpeed read its checkpoint files with torch.load(weights_only=True)."""
+    allowed = deepspeed_safe_types()
     ce = engine.checkpoint_engine
 
     def load(path, map_location=None):

@@ -34,10 +34,9 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-OOM_EXIT_CODE = 4
-BAD_LOSS_EXIT_CODE = 3
-FAILED_FILE = "FAILED"
-GIB = 2 ** 30
+from zerotune.core import memory
+from zerotune.core.io import GIB, atomic_write
+from zerotune.core.layout import FAILED_FILE, OOM_EXIT_CODE, RECIPE_FILE, latest_complete
 
 
 # ----------------------------------------------------------------------------- test hooks
@@ -169,18 +168,17 @@ def _suggestions(recipe, world: int) -> list[tuple[str, dict, dict]]:
 
 def _planner_estimates(recipe, world: int, changes: list[tuple[str, dict, dict]]) -> tuple[float | None, list]:
     """Planner estimate (bytes per GPU) of the current setup and after each cumulative change;
-    (None, [None, ...]) when launcher/plan.py is missing or cannot model this run."""
+    (None, [None, ...]) when the memory model cannot model this run."""
     try:
-        from launcher import plan
-        w = plan.workload(recipe, world, 1)
-        st = plan.Strategy(recipe.method.kind, recipe.zero_stage(), recipe.distributed.offload_optimizer,
-                           recipe.distributed.offload_params, recipe.train.gradient_checkpointing)
-        now = plan.estimate_memory(w, st)["total"]
+        w = memory.workload_of(recipe, world)
+        st = memory.Strategy(recipe.method.kind, recipe.zero_stage(), recipe.distributed.offload_optimizer,
+                             recipe.distributed.offload_params, recipe.train.gradient_checkpointing)
+        now = memory.estimate_memory(w, st)["total"]
         after = []
         for _, wl, strat in changes:  # each change keeps the ones before it
             w = dataclasses.replace(w, **wl)
             st = dataclasses.replace(st, **strat)
-            after.append(plan.estimate_memory(w, st)["total"])
+            after.append(memory.estimate_memory(w, st)["total"])
         return now, after
     except Exception:
         return None, [None] * len(changes)
@@ -203,7 +201,6 @@ def _memory_line(torch_message: str) -> str:
 
 
 def oom_message(e: BaseException, run_dir: Path, recipe, step: int, total_steps: int, world: int, rank: int) -> str:
-    from .checkpoint_files import latest_complete
     t = recipe.train
     head = (f"zerotune: out of GPU memory at step {step}/{total_steps} on rank {rank} ({_memory_line(str(e))}) "
             f"with micro_batch_size {t.micro_batch_size}, data.max_len {recipe.data.max_len}"
@@ -219,13 +216,12 @@ def oom_message(e: BaseException, run_dir: Path, recipe, step: int, total_steps:
         lines.append(f"  {i}. {advice}" + (f"  [plan: ~{_size(est)} per GPU]" if est else ""))
     if now is not None:
         lines.append(f"The planner estimated ~{_size(now)} per GPU for the current setup; "
-                     f"`zerotune plan {run_dir / 'recipe.yaml'}` compares every strategy.")
+                     f"`zerotune plan {run_dir / RECIPE_FILE}` compares every strategy.")
     return "\n".join(lines)
 
 
 def write_failure(run_dir: Path, message: str) -> None:
     """RUN_DIR/FAILED: why the run stopped, for `zerotune status` (removed when a new attempt starts)."""
-    from .checkpoint_files import atomic_write
     try:
         atomic_write(Path(run_dir) / FAILED_FILE, message.rstrip() + "\n")
     except OSError:

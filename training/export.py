@@ -22,6 +22,10 @@ import os
 import shutil
 from pathlib import Path
 
+from zerotune.core.errors import UserError
+from zerotune.core.io import parse_size
+from zerotune.core.layout import RECIPE_FILE, checkpoints_dir
+
 HELP = "write a Hugging Face model or PEFT adapter folder from a run's checkpoint (CPU only)"
 DESCRIPTION = """Write a Hugging Face folder (safetensors shards, config, tokenizer, generation config)
 from a run's ZeRO checkpoint, or, for adapter methods, a PEFT adapter folder that
@@ -36,8 +40,8 @@ MERGEABLE = ("lora", "qlora", "ia3")
 MODEL_STATES = "mp_rank_00_model_states.pt"
 
 
-class ExportError(RuntimeError):
-    user_facing = True
+class ExportError(UserError, RuntimeError):
+    """An export that cannot be written (missing checkpoint, refused output folder)."""
 
 
 def add_arguments(p) -> None:
@@ -50,21 +54,21 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from .config import load_run_recipe
+    from zerotune.core.recipe import load_run_recipe
     run_dir = Path(args.run_dir)
-    if not (run_dir / "recipe.yaml").is_file():
+    if not (run_dir / RECIPE_FILE).is_file():
         raise ExportError(f"{run_dir}: not a run folder (no recipe.yaml)")
     recipe = load_run_recipe(run_dir)
     ckpt = find_checkpoint(run_dir, args.checkpoint)
     out = Path(args.out)
-    what = export_checkpoint(recipe, ckpt, out, merge=args.merge, max_shard_size=parse_size(args.max_shard_size))
+    what = export_checkpoint(recipe, ckpt, out, merge=args.merge, max_shard_size=int(parse_size(args.max_shard_size)))
     print(f"zerotune: exported {ckpt} -> {out} ({what})")
     return 0
 
 
 # ----------------------------------------------------------------------------- finding things
 def find_checkpoint(run_dir: Path, which: str) -> Path:
-    from .checkpoint_files import MARKER, complete_checkpoints, tag
+    from zerotune.core.layout import MARKER, complete_checkpoints, tag
     if which == "latest":
         found = complete_checkpoints(run_dir)
         if not found:
@@ -75,20 +79,11 @@ def find_checkpoint(run_dir: Path, which: str) -> Path:
         name = which
         if which.startswith("step-") and which[5:].isdigit():
             name = tag(int(which[5:]))
-        path = run_dir / "checkpoints" / name
+        path = checkpoints_dir(run_dir) / name
     if not (path / MARKER).is_file():
         have = ", ".join(p.name for p in complete_checkpoints(run_dir)) or "none"
         raise ExportError(f"--checkpoint {which}: {path} is not a complete checkpoint (complete ones: {have})")
     return path
-
-
-def parse_size(text: str) -> int:
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    t = text.strip().upper()
-    for u, f in units.items():
-        if t.endswith(u):
-            return int(float(t[: -len(u)]) * f)
-    return int(t)
 
 
 def zero_stage(ckpt: Path) -> int:
@@ -106,9 +101,7 @@ def weights_only_loads():
     """Every torch.load inside (DeepSpeed's zero_to_fp32 included) runs with weights_only=True,
     allowing only DeepSpeed's own plain checkpoint types."""
     import torch
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
+    from .checkpoint import deepspeed_safe_types
     original = torch.load
 
     def load(*a, **kw):
@@ -116,7 +109,7 @@ def weights_only_loads():
         return original(*a, **kw)
     torch.load = load
     try:
-        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]):
+        with torch.serialization.safe_globals(deepspeed_safe_types()):
             yield
     finally:
         torch.load = original

@@ -9,6 +9,8 @@ apply the chat template and generate; with several adapters, switch between them
 from __future__ import annotations
 
 from pathlib import Path
+from zerotune.core.errors import UserError
+from zerotune.core.layout import FINAL_DIR, RECIPE_FILE
 
 HELP = "generate text from a model or run, with one or several adapters switched by name"
 DESCRIPTION = """Generate from MODEL_OR_RUN: a run folder (its final model, or its base plus its final
@@ -21,8 +23,8 @@ every prompt is answered by each adapter in turn (--use picks some), and by the 
       --adapter a=runs/lora/final --adapter b=runs/ia3/final --base --prompt "Hello\""""
 
 
-class GenerateError(RuntimeError):
-    user_facing = True
+class GenerateError(UserError, RuntimeError):
+    """A run folder or model that generate cannot use."""
 
 
 def add_arguments(p) -> None:
@@ -65,11 +67,11 @@ def resolve(target: str, adapter_specs: list[str]):
     """(base model path, [(name, adapter dir)], chat template or None, recipe or None)."""
     adapters = parse_adapters(adapter_specs)
     run = Path(target)
-    if not (run / "recipe.yaml").is_file():
+    if not (run / RECIPE_FILE).is_file():
         return target, adapters, None, None
-    from .config import load_run_recipe
+    from zerotune.core.recipe import load_run_recipe
     recipe = load_run_recipe(run)
-    final = run / "final"
+    final = run / FINAL_DIR
     if not final.is_dir():
         raise GenerateError(f"{run}: no final/ folder (the run has not finished; "
                             f"`zerotune export {run} --out DIR` writes one from a checkpoint)")

@@ -19,8 +19,10 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint, diagnostics
-from .checkpoint_files import PREEMPT_MARKER, atomic_write, check_fresh_start
-from .config import REQUEUE_EXIT_CODE, load_run_recipe
+from zerotune.core.io import atomic_write
+from zerotune.core.layout import (BAD_LOSS_EXIT_CODE, DS_CONFIG_FILE, FINAL_DIR, PREEMPT_MARKER, REQUEUE_EXIT_CODE,
+                                  check_fresh_start)
+from zerotune.core.recipe import load_run_recipe
 from .data import ResumableSampler, batches, build_data, collate, target_tokens
 from .data import real_tokens as count_real_tokens
 from .engine import build_engine
@@ -81,7 +83,7 @@ def evaluate(engine, dataset: list[dict], rank: int, world: int, mbs: int, pad_i
 def train(run_dir: Path) -> int:
     run_dir = Path(run_dir)
     recipe = load_run_recipe(run_dir)
-    ds_config = json.loads((run_dir / "ds_config.json").read_text())
+    ds_config = json.loads((run_dir / DS_CONFIG_FILE).read_text())
     t = recipe.train
 
     # --- distributed -------------------------------------------------------------------
@@ -247,7 +249,7 @@ def train(run_dir: Path) -> int:
         log.say(msg)
         if rank == 0:
             diagnostics.write_failure(run_dir, msg)
-        return finish(diagnostics.BAD_LOSS_EXIT_CODE, finished=False)
+        return finish(BAD_LOSS_EXIT_CODE, finished=False)
 
     # --- preempted: save where we are and ask the job script to requeue ------------------------
     if preempted:
@@ -266,7 +268,7 @@ def train(run_dir: Path) -> int:
         run_eval(step)
     save(step)
     if recipe.checkpoint.save_final:
-        save_final(engine, model, recipe, run_dir / "final", rank)
+        save_final(engine, model, recipe, run_dir / FINAL_DIR, rank)
         log.say(f"final model: {run_dir / 'final'}")
     if rank == 0:
         (run_dir / PREEMPT_MARKER).unlink(missing_ok=True)

@@ -38,6 +38,11 @@ from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 
+from zerotune.core.flops import flops_per_token
+from zerotune.core.io import read_model_config
+from zerotune.core.layout import DS_CONFIG_FILE, FAILED_FILE, METRICS_FILE, PLAN_FILE, TENSORBOARD_DIR
+from zerotune.core.memory import PEAK_TFLOPS
+
 GB = 1e9
 SPIKE_FACTOR = 5.0          # grad norm above 5x the median of the recent steps is a spike
 SPIKE_WINDOW = 50
@@ -66,10 +71,6 @@ def peak_flops(device_name: str) -> float | None:
     ZEROTUNE_PEAK_TFLOPS overrides it (for GPUs the table lacks)."""
     if os.environ.get("ZEROTUNE_PEAK_TFLOPS"):
         return float(os.environ["ZEROTUNE_PEAK_TFLOPS"]) * 1e12
-    try:
-        from launcher.plan import PEAK_TFLOPS
-    except ImportError:
-        return None
     name = device_name.lower()
     if "h100" in name and "pcie" in name:
         return 756e12
@@ -82,10 +83,8 @@ def peak_flops(device_name: str) -> float | None:
 def model_flops_per_token(recipe, seq_len: int) -> float | None:
     """Training FLOPs (forward + backward) of one token, or None when we cannot know them."""
     try:
-        from .flops import flops_per_token
-        cfg = json.loads((Path(recipe.model.path).expanduser() / "config.json").read_text())
-        return float(flops_per_token(cfg, seq_len))
-    except Exception:  # no flops module yet, a hub id, an architecture it does not cover
+        return float(flops_per_token(read_model_config(recipe.model.path), seq_len))
+    except Exception:  # an unreadable config, an architecture flops.py does not cover
         return None
 
 
@@ -150,14 +149,14 @@ class Metrics:
         self._last_plain = 0.0
         if rank != 0:
             return
-        (self.run_dir / "FAILED").unlink(missing_ok=True)  # a new attempt: the old failure is history
+        (self.run_dir / FAILED_FILE).unlink(missing_ok=True)  # a new attempt: the old failure is history
         if recipe.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             # purge_step: TensorBoard drops what an earlier attempt logged after the step we resume
             # from (a crash after the last checkpoint), so the curves have no duplicate steps.
-            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_step + 1, flush_secs=10)
+            self.writer = SummaryWriter(str(self.run_dir / TENSORBOARD_DIR), purge_step=start_step + 1, flush_secs=10)
             self._config_text(start_step)
-        self.log_file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        self.log_file = open(self.run_dir / METRICS_FILE, "a", buffering=1)
         self._record({"step": start_step, "event": "start", "total_steps": total_steps, "world_size": world_size})
         if recipe.logging.progress and sys.stderr.isatty():
             from tqdm import tqdm
@@ -170,7 +169,7 @@ class Metrics:
 
     def _config_text(self, step: int) -> None:
         self.writer.add_text("config/recipe", "```yaml\n" + self.recipe.to_yaml() + "\n```", step)
-        for tag, name, lang in (("config/ds_config", "ds_config.json", "json"), ("config/plan", "plan.txt", ""),
+        for tag, name, lang in (("config/ds_config", DS_CONFIG_FILE, "json"), ("config/plan", PLAN_FILE, ""),
                                 ("config/plan", "plan.md", ""), ("config/plan", "plan.json", "json")):
             path = self.run_dir / name
             if path.is_file():

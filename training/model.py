@@ -18,7 +18,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations import HfDeepSpeedConfig
 
-from .config import RecipeError
+from zerotune.core.recipe import RecipeError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PEFT_KINDS = ("lora", "qlora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning")  # built by HF peft

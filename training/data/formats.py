@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from zerotune.core.errors import UserError
 
 Conversation = list[dict[str, str]]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data. The message names the file and row; print it as is."""
-    user_facing = True
 
 
 # sharegpt "from" values (FastChat, LLaMA-Factory) -> roles. function_call turns are the

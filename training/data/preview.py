@@ -95,8 +95,8 @@ def format_stats(stats: dict, would_pack: float | None) -> list[str]:
 
 
 def run(args) -> int:
-    from training.config import load_recipe
-    from training.model import load_tokenizer
+    from zerotune.core.recipe import load_recipe
+    from zerotune.training.model import load_tokenizer
 
     from . import build_data, pack, prepare_tokenizer, tokenize_source
 

@@ -1,25 +1,52 @@
-"""Where checkpoints live and which are complete. No torch import: `zerotune status` and the
-launcher read these on login nodes.
+"""The run-folder contract: every file name in RUN_DIR and every exit code, in one place, and
+which checkpoints are complete. No torch import: `zerotune status` and the launcher read these
+on login nodes.
 
+    RUN_DIR/recipe.yaml                 the resolved recipe (RECIPE_FILE)
+    RUN_DIR/ds_config.json              the filled DeepSpeed config (DS_CONFIG_FILE)
+    RUN_DIR/plan.txt                    the planner's table for this run (PLAN_FILE)
+    RUN_DIR/launch.sh, job.sbatch       torchrun / Slurm scripts (LAUNCH_SCRIPT, SBATCH_SCRIPT)
+    RUN_DIR/metrics.jsonl               one JSON record per logged step and event (METRICS_FILE)
+    RUN_DIR/tensorboard/                TensorBoard events (TENSORBOARD_DIR)
     RUN_DIR/checkpoints/step-000500/    DeepSpeed shards, zerotune_state.json, rng-rank*.safetensors
     RUN_DIR/checkpoints/step-000500/COMPLETE   written last, atomically: the checkpoint counts
+    RUN_DIR/final/                      the Hugging Face model (or adapter) at the end (FINAL_DIR)
     RUN_DIR/PREEMPTED                   written after a save forced by SIGUSR1/SIGTERM
+    RUN_DIR/FAILED                      why the run stopped (OOM, bad loss), for `zerotune status`
 """
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
-MARKER = "COMPLETE"
+from .errors import RecipeError
+
+RECIPE_FILE = "recipe.yaml"
+DS_CONFIG_FILE = "ds_config.json"
+PLAN_FILE = "plan.txt"
+LAUNCH_SCRIPT = "launch.sh"
+SBATCH_SCRIPT = "job.sbatch"
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+CHECKPOINTS_DIR = "checkpoints"
+FINAL_DIR = "final"
+FAILED_FILE = "FAILED"
 PREEMPT_MARKER = "PREEMPTED"
+MARKER = "COMPLETE"
 STATE_FILE = "zerotune_state.json"
+CACHE_DIR_NAME = ".zerotune-cache"   # beside the run folders (RUN_DIR/..), unless data.cache_dir
+
+# Exit codes of `python -m zerotune.training` (and so of torchrun, launch.sh and job.sbatch).
+USER_ERROR_EXIT_CODE = 2     # a recipe, data or file problem, printed as one line
+BAD_LOSS_EXIT_CODE = 3       # too many non-finite losses in a row (train.max_bad_steps)
+OOM_EXIT_CODE = 4            # CUDA out of memory; FAILED holds the advice
+REQUEUE_EXIT_CODE = 85       # saved because of SIGUSR1/SIGTERM: the Slurm script requeues the job
 _TAG = re.compile(r"^step-(\d{6,})$")
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return Path(run_dir) / CHECKPOINTS_DIR
 
 
 def tag(step: int) -> str:
@@ -54,26 +81,9 @@ def read_state(ckpt: Path) -> dict:
     return json.loads((Path(ckpt) / STATE_FILE).read_text())
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write-to-temp, fsync, rename, fsync the folder: the file is either old or new, never torn."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def check_fresh_start(run_dir: Path, resume: str, overwrite: bool) -> None:
     """`resume: never` must not silently replace a run that has checkpoints."""
     if resume == "never" and not overwrite and complete_checkpoints(run_dir):
-        from .config import RecipeError
         raise RecipeError(
             f"checkpoint.resume: 'never' but {run_dir} already holds checkpoints "
             f"({', '.join(p.name for p in complete_checkpoints(run_dir))}); use resume: auto to continue it, "

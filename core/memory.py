@@ -1,0 +1,270 @@
+"""The memory and speed model: bytes per GPU and tokens/s of one strategy for one workload.
+Torch-free: the planner (launcher/plan.py) and the OOM advice (training/diagnostics.py) use it.
+
+The memory model (bytes, per GPU; N parameters, W GPUs, B x S tokens per micro-batch):
+
+  parameters   2N (bf16/fp16) or 4N (fp32); ZeRO-3 shards them (/W); offload_params: on CPU
+  gradients    2N or 4N; ZeRO-2/3 shard them (/W); with offload_optimizer they go to CPU
+  optimizer    AdamW in mixed precision: fp32 master + m + v = 12N (ZeRO paper's K=12); 8N in
+               fp32; 8-bit AdamW: master + 2 bytes. ZeRO-1/2/3 shard them (/W); offload: on CPU
+  activations  with gradient checkpointing: each layer's input (B S d) is kept, plus one layer's
+               working set while it is recomputed; without: every layer's working set.
+               Working set of a Llama-style layer, per token: (11 d + 4 ff + 2 kv) x act bytes
+               (norm inputs in fp32, q, rotated q/k, repeated k/v, attention out, gate, up,
+               silu(gate), gate*up); LoRA adds, for every adapted linear, its dropout output
+               (saved by lora_A, in the adapter's dtype) and the 1-byte dropout mask.
+  logits       B S V x 12 bytes at the loss backward: fp32 log-probs saved by log_softmax, the
+               gradient coming in and the gradient going out (all fp32).
+  temporary    ZeRO communication buckets (reduce d^2, prefetch 0.9 d^2 elements) and, under
+               ZeRO-3, the gathered LM-head/embedding weight and its gradient.
+
+  total = parameters + gradients + optimizer + temporary + kept activations
+          + max(logits, one layer's working set)   (the loss and a layer's recomputation
+                                                     never hold memory at the same time)
+
+LoRA / QLoRA on zerotune's path (training/model.py + training/engine.py, bf16 recipe). peft
+creates the adapters in fp32, and for QLoRA peft's prepare_model_for_kbit_training upcasts every
+non-quantised parameter (embeddings, LM head, norms) to fp32; then deepspeed.initialize with
+bf16 enabled casts every floating-point parameter back to bf16 (engine._cast_module_mixed_
+precision; the packed 4-bit weights are uint8 and stay) and wraps the optimizer in its
+mixed-precision optimizer, which keeps an fp32 master copy of the trainable parameters. So:
+  parameters   frozen base: bf16 (LoRA); QLoRA: every linear of the decoder layers in 4 bits
+               plus its quantisation constants (NF4 blocks of 64 weights: one absmax each, with
+               double quantisation an 8-bit absmax plus one fp32 scale per 256 blocks: 4.127
+               bits a weight; without it an fp32 absmax: 4.5 bits; 8-bit: an fp32 scale per
+               output row), embeddings, LM head and norms in bf16 (bitsandbytes never quantises
+               them); plus the trainable adapters in bf16
+  gradients    the adapters' bf16 gradients
+  optimizer    fp32 master of the adapters (4 bytes) + AdamW m, v (8 bytes) or 8-bit m, v
+               (2 bytes; paged AdamW 8-bit puts those of tensors of 100k+ elements in CUDA
+               unified memory, which torch.cuda.max_memory_allocated does not see: < 0.08 GiB
+               for an 8B model; counted here, as nvidia-smi sees them)
+  activations  bf16 like the full fine-tune: with bf16 norm weights the residual stream is bf16;
+               QLoRA adds the one 4-bit weight bitsandbytes dequantises to bf16 for each matmul
+               (the largest linear, forward and backward), to the recomputed layer's working set.
+The HF Trainer peer (../shared/bench/peer_hf.py, Workload(trainer="hf-trainer")) has no DeepSpeed
+cast: its adapters stay fp32 (4 + 4 bytes parameters and gradients, no master copy), and for QLoRA
+the non-quantised parameters stay fp32 (4 bytes) and their fp32 norm weights make the residual
+stream, and so the kept and recomputed activations, fp32.
+
+Speed: tokens/s per GPU = MFU x peak FLOP/s / training FLOPs per token (training/flops.py).
+The MFUs are the initial calibration: the HF Trainer peer measured on one H100 80GB
+(../shared/bench/README.md, 2026-11-24); values marked "assumed" in EFFICIENCY were not
+measured. docs/plan_vs_measured.md compares estimates with measurements.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from .flops import linear_shapes, num_params, shape
+from .io import GIB, read_model_config
+
+DEFAULT_GPU_MEMORY = 80 * GIB      # an 80 GB A100/H100 (nvidia-smi's 80 GB are GiB)
+DEFAULT_CPU_MEMORY = 512 * GIB     # per node
+RESERVED = 2.5 * GIB               # CUDA context, NCCL buffers, allocator fragmentation
+LOGIT_BYTES = 12                   # per logit element, see the module docstring
+PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "l40s": 362.0, "a10g": 125.0}
+
+# MFU per strategy, with gradient checkpointing, on one H100 (peer measurements unless "assumed").
+EFFICIENCY = {
+    ("full", 3, False, False): (0.221, "measured: peer, 1B ZeRO-3 mbs 8 seq 2048"),
+    ("full", 3, True, True): (0.118, "measured: peer, 1B ZeRO-3 + offload optimizer and params"),
+    ("full", 3, True, False): (0.16, "assumed: between ZeRO-3 and ZeRO-3 + offload all"),
+    ("full", 2, True, False): (0.16, "assumed: as ZeRO-3 + offload optimizer"),
+    ("full", 1, True, False): (0.16, "assumed: as ZeRO-3 + offload optimizer"),
+    ("full", 2, False, False): (0.221, "assumed: as ZeRO-3 on one GPU"),
+    ("full", 1, False, False): (0.221, "assumed: as ZeRO-3 on one GPU"),
+    ("lora", 0, False, False): (0.297, "measured: peer, LoRA r16 8B mbs 4"),
+    ("lora", 3, False, False): (0.22, "assumed: LoRA with the frozen base gathered per layer"),
+    ("qlora", 0, False, False): (0.237, "measured: peer, QLoRA r16 8B NF4 mbs 4"),
+}
+ZERO3_MULTI_GPU = 0.9   # assumed: ZeRO-3 moves 1.5x the bytes of ZeRO-1/2 (ZeRO paper, sec. 7)
+NO_CHECKPOINTING = 4 / 3  # recomputation costs one more forward: 8N instead of 6N FLOPs per token
+
+
+@dataclass(frozen=True)
+class Strategy:
+    method: str                 # full | lora | qlora | other PEFT kinds
+    zero: int
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    grad_ckpt: bool = True
+
+    @property
+    def label(self) -> str:
+        m = {"full": "full", "lora": "LoRA", "qlora": "QLoRA"}.get(self.method, self.method)
+        off = " +offload opt+params" if self.offload_params else (" +offload opt" if self.offload_optimizer else "")
+        return f"{m} ZeRO-{self.zero}{off}, ckpt {'on' if self.grad_ckpt else 'off'}"
+
+    def overrides(self) -> list[str]:
+        return [f"distributed.zero={self.zero}", f"distributed.offload_optimizer={str(self.offload_optimizer).lower()}",
+                f"distributed.offload_params={str(self.offload_params).lower()}",
+                f"train.gradient_checkpointing={str(self.grad_ckpt).lower()}"]
+
+
+@dataclass
+class Estimate:
+    strategy: Strategy
+    params: float
+    grads: float
+    optimizer: float
+    activations: float          # kept (checkpoints) + one layer's working set
+    logits: float
+    temporary: float
+    total: float                # per GPU, bytes
+    cpu_per_node: float         # offloaded states, bytes
+    fits: bool
+    tokens_per_s: float         # per GPU
+    mfu: float
+    mfu_source: str
+    hours: Optional[float] = None
+    gpu_hours: Optional[float] = None
+    cost: Optional[float] = None
+    why_not: str = ""
+
+
+@dataclass
+class Workload:
+    """What the estimate needs to know about a run."""
+    model: dict                  # Hugging Face config.json
+    dtype: str = "bf16"
+    micro_batch: int = 1
+    seq_len: int = 2048
+    gpus_per_node: int = 1
+    nodes: int = 1
+    optimizer: str = "adamw"
+    lora_r: int = 16
+    lora_targets: object = "all-linear"
+    lora_dropout: float = 0.05
+    quant_bits: int = 4
+    double_quant: bool = True
+    train_tokens: Optional[float] = None   # tokens the run processes (None: unknown)
+    data_note: str = ""
+    trainer: str = "zerotune"    # whose training path: "zerotune" or "hf-trainer" (the peer; module docstring)
+
+    @property
+    def world(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+
+# --------------------------------------------------------------------------- memory
+def dtype_bytes(dtype: str) -> int:
+    return 4 if dtype == "fp32" else 2
+
+
+def lora_params(w: Workload) -> int:
+    """LoRA parameters: r x (in + out) for every adapted linear of every layer."""
+    s = shape(w.model)
+    shapes = linear_shapes(w.model)
+    if w.lora_targets != "all-linear":  # Llama names, in linear_shapes order
+        names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        shapes = [io for n, io in zip(names, shapes) if n in w.lora_targets]
+    return s["layers"] * sum(w.lora_r * (i + o) for i, o in shapes)
+
+
+def adapter_bytes(w: Workload) -> int:
+    """Bytes of one adapter parameter: bf16 after DeepSpeed's cast (zerotune), fp32 for the peer."""
+    return 4 if w.trainer == "hf-trainer" else dtype_bytes(w.dtype)
+
+
+def quantised_bytes(w: Workload) -> float:
+    """Bytes of the decoder layers' linear weights quantised by bitsandbytes, constants included."""
+    s = shape(w.model)
+    total = 0.0
+    for i, o in linear_shapes(w.model):
+        if w.quant_bits == 8:   # LLM.int8: int8 weights + one fp32 scale per output row
+            total += i * o + 4 * o
+        else:                   # NF4/FP4 blocks of 64: absmax in fp32, or 8-bit + fp32 per 256 blocks
+            bits = 4 + (8 / 64 + 32 / (64 * 256) if w.double_quant else 32 / 64)
+            total += i * o * bits / 8
+    return s["layers"] * total
+
+
+def layer_working_bytes(w: Workload, method: str, act: int) -> float:
+    """Bytes per token of one layer's saved tensors during its backward."""
+    s = shape(w.model)
+    kv = s["kv_heads"] * s["head_dim"]
+    base = (11 * s["d"] + 4 * s["ff"] + 2 * kv) * act
+    if method in ("lora", "qlora"):  # each adapted linear's dropout output (+ its 1-byte mask)
+        base += sum(i for i, _ in linear_shapes(w.model)) * (adapter_bytes(w) + (1 if w.lora_dropout else 0))
+    return base
+
+
+def estimate_memory(w: Workload, st: Strategy) -> dict:
+    s = shape(w.model)
+    n, W, d, V = num_params(w.model), w.world, s["d"], s["vocab"]
+    wb = dtype_bytes(w.dtype)
+    tokens = w.micro_batch * w.seq_len
+    eight_bit = w.optimizer in ("adamw_8bit", "paged_adamw_8bit")
+    zero3 = st.zero == 3
+    shard_p = W if zero3 else 1
+    temp = (d * d + (0.9 * d * d if zero3 else d * d)) * wb  # reduce + prefetch / allgather buckets
+    cpu = 0.0
+
+    if st.method == "full":
+        trainable = n
+        params = 0.0 if st.offload_params else wb * n / shard_p
+        grads = 0.0 if (st.offload_optimizer and st.zero >= 2) else wb * n / (W if st.zero >= 2 else 1)
+        master = 0 if w.dtype == "fp32" else 4
+        k = master + (2 if eight_bit else 8)
+        optim = 0.0 if st.offload_optimizer else k * n / (W if st.zero >= 1 else 1)
+        if st.offload_optimizer:
+            cpu += (k + 4) * n / W            # states + fp32 gradient partition, per GPU
+        if st.offload_params:
+            cpu += wb * n / W
+        if zero3:  # the gathered LM head / embedding and its gradient, in working precision
+            temp += 2 * V * d * wb
+        act = wb
+    else:  # adapters on a frozen base; see "LoRA / QLoRA" in the module docstring
+        peer = w.trainer == "hf-trainer"
+        if st.method == "qlora":
+            linear = s["layers"] * sum(i * o for i, o in linear_shapes(w.model))
+            rest = 4 if peer else wb   # embeddings, LM head, norms: fp32 for the peer, bf16 for zerotune
+            params = quantised_bytes(w) + (n - linear) * rest
+            act = rest                 # the norm weights' dtype is the residual stream's
+        else:
+            params = wb * n / shard_p
+            act = wb
+        trainable = lora_params(w) if st.method in ("lora", "qlora") else int(0.001 * n)
+        ab = adapter_bytes(w)
+        master = 0 if ab == 4 else 4                     # DeepSpeed's fp32 copy of bf16 adapters
+        params += ab * trainable
+        grads = ab * trainable
+        optim = (master + (2 if eight_bit else 8)) * trainable
+    kept = (s["layers"] * d * act * tokens) if st.grad_ckpt else 0.0
+    working = layer_working_bytes(w, st.method, act) * tokens * (1 if st.grad_ckpt else s["layers"])
+    if st.method == "qlora":  # the largest 4-bit weight, dequantised to bf16 for its matmul
+        working += 2 * max(i * o for i, o in linear_shapes(w.model))
+    logits = LOGIT_BYTES * tokens * V
+    if st.grad_ckpt:
+        total = params + grads + optim + temp + kept + max(logits, working)
+    else:
+        total = params + grads + optim + temp + working + logits
+    return {"params": params, "grads": grads, "optimizer": optim, "activations": kept + working,
+            "logits": logits, "temporary": temp, "total": total,
+            "cpu_per_node": cpu * w.gpus_per_node, "trainable": trainable}
+
+
+# --------------------------------------------------------------------------- speed
+def efficiency(st: Strategy, world: int) -> tuple[float, str]:
+    method = st.method if st.method in ("full", "lora", "qlora") else "lora"
+    key = (method, st.zero, st.offload_optimizer, st.offload_params)
+    mfu, source = EFFICIENCY.get(key, (0.15, "assumed: no measurement for this strategy"))
+    if st.zero == 3 and world > 1:
+        mfu *= ZERO3_MULTI_GPU
+    if not st.grad_ckpt:
+        mfu *= NO_CHECKPOINTING
+    return mfu, source
+
+
+def workload_of(recipe, gpus_per_node: int, nodes: int = 1, train_tokens: Optional[float] = None,
+                data_note: str = "") -> Workload:
+    """The Workload of a recipe: model shape, precision, batch geometry and method settings."""
+    m = recipe.method
+    return Workload(model=read_model_config(recipe.model.path), dtype=recipe.model.dtype,
+                    micro_batch=recipe.train.micro_batch_size, seq_len=recipe.data.max_len,
+                    gpus_per_node=gpus_per_node, nodes=nodes, optimizer=recipe.train.optimizer,
+                    lora_r=m.lora.r, lora_targets=m.lora.target_modules, lora_dropout=m.lora.dropout,
+                    quant_bits=m.quant.bits, double_quant=m.quant.double_quant,
+                    train_tokens=train_tokens, data_note=data_note)
