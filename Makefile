@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-gpu clean
+.PHONY: install demo test test-gpu wheel-check clean
 
 install: $(VENV)/.installed
 
@@ -26,5 +26,18 @@ test: install
 test-gpu: install
 	$(VENV)/bin/pytest -m gpu $(PYTEST_ARGS) tests
 
+# The installed package as users get it: a built wheel (not editable) in its own venv, running
+# the demo recipe from another directory (templates, package data and recipe paths must all work).
+WHEEL_VENV ?= .venv-wheel
+wheel-check: install
+	rm -rf dist $(WHEEL_VENV)
+	$(PY) -m pip wheel -q --no-deps -w dist .
+	python3 -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip install -q "$(TORCH)"
+	$(WHEEL_VENV)/bin/python -m pip install -q dist/zerotune-*.whl
+	! $(WHEEL_VENV)/bin/python -c "import training" 2>/dev/null   # nothing generic lands in site-packages
+	d=$$(mktemp -d) && cd $$d && $(CURDIR)/$(WHEEL_VENV)/bin/zerotune train $(CURDIR)/recipes/demo.yaml \
+	  --set train.max_steps=4 --set train.eval_every=2 --set output_dir=$$d/runs && test -f $$d/runs/demo/final/config.json
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(WHEEL_VENV) dist runs

@@ -4,7 +4,7 @@ Runs the workloads of ../shared/bench/README.md on one GPU with random-initialis
 Llama-3-shaped models (built from a config, saved once under --models) and random tokens
 (no padding): the model and engine come from zerotune.training.model.build_model and
 training.engine.build_engine with the ds_config launcher/ds_config.py renders, and each
-micro-step is the loop's (forward with num_items_in_batch, engine.backward, engine.step).
+step is the loop's own (training/step.py forward_backward + diagnostics.optimizer_step).
 Every workload runs in a fresh process; one JSON line per workload:
 
     {"workload": "full-1b-zero3", "peak_gib": 43.9, "estimate_gib": 43.9, "error_pct": 0.1,
@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 SIZES = {  # the peer's Llama-3 shapes (../shared/bench/peer_hf.py); tiny: a CPU smoke test of this script
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -84,8 +83,10 @@ def measure(name: str, models: Path, steps: int, warmup: int) -> dict:
 
     from zerotune.launcher import ds_config as dsc
     from zerotune.launcher import plan
+    from zerotune.training.diagnostics import optimizer_step
     from zerotune.training.engine import build_engine
     from zerotune.training.model import build_model
+    from zerotune.training.step import forward_backward
 
     w = {**WORKLOADS, **SMOKE}[name]
     recipe = recipe_for(name, make_model(w["size"], models))
@@ -108,9 +109,8 @@ def measure(name: str, models: Path, steps: int, warmup: int) -> dict:
     for step in range(steps):
         sync()
         t0 = time.perf_counter()
-        loss = engine(**batch, num_items_in_batch=n_target).loss   # as training/loop.py does: logits freed
-        engine.backward(loss, scale_wrt_gas=False)
-        engine.step()
+        loss = forward_backward(engine, [batch], n_target, world=1)   # the loop's own step (training/step.py)
+        optimizer_step(engine, skip=False)
         sync()
         if step >= warmup:
             times.append(time.perf_counter() - t0)
@@ -118,7 +118,7 @@ def measure(name: str, models: Path, steps: int, warmup: int) -> dict:
     step_s = sorted(times)[len(times) // 2]
     tps = w["mbs"] * seq / step_s
     model_cfg = json.loads((make_model(w["size"], models) / "config.json").read_text())
-    wl = plan.Workload(model=model_cfg, micro_batch=w["mbs"], seq_len=seq, optimizer=recipe.train.optimizer)
+    wl = plan.Workload(model=model_cfg, micro_batch_size=w["mbs"], seq_len=seq, optimizer=recipe.train.optimizer)
     st = plan.Strategy(w["method"], w["zero"], w.get("offload", False), w.get("offload", False))
     est = plan.estimate_memory(wl, st)
     from zerotune.core.flops import flops_per_token

@@ -1,5 +1,5 @@
 """Small torch-free file helpers both sides share: one atomic write, one size parser, one
-reader of a model's config.json."""
+reader of a model's config.json, and the rules for telling a local path from a hub id."""
 from __future__ import annotations
 
 import json
@@ -39,16 +39,52 @@ def parse_size(text: str) -> float:
     return float(m.group(1)) * 1024 ** "BKMGT".index((m.group(2) or "B").upper())
 
 
+# Hub ids: `gpt2` or `org/name` (one slash at most, no leading `.`, `~` or `/`, no `..` or `--`).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def looks_like_hub_id(value: str) -> bool:
+    """True for what the Hugging Face hub accepts as a repo id; `./x`, `a/b/c`, `/abs`, `~/x` are local."""
+    return bool(_HUB_ID.match(value)) and ".." not in value and "--" not in value
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE=1 (or true/yes/on): look only in the local Hugging Face cache."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_file(repo_id: str, filename: str, repo_type: str = "model") -> Path:
+    """A file of a hub repo: from the local cache, else downloaded. With HF_HUB_OFFLINE=1 only the
+    cache is read (no network, no retries). Raises RecipeError whose message is the reason only."""
+    from huggingface_hub import try_to_load_from_cache
+    cached = try_to_load_from_cache(repo_id, filename, repo_type=repo_type)
+    if isinstance(cached, str):
+        return Path(cached)
+    if hub_offline():
+        raise RecipeError("HF_HUB_OFFLINE=1 and it is not in the local Hugging Face cache")
+    import logging
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)   # no "Retrying in 4s" lines between the command and its one-line error
+    try:
+        from huggingface_hub import hf_hub_download
+        return Path(hf_hub_download(repo_id, filename, repo_type=repo_type))
+    except Exception as e:  # offline, private, misspelt
+        text = str(e).strip()
+        raise RecipeError(text.splitlines()[0][:160] if text else type(e).__name__) from None
+    finally:
+        hub_log.setLevel(level)
+
+
 def read_model_config(model_path: str, key: str = "model.path") -> dict:
     """A model's config.json from its local folder, or from the Hugging Face hub cache/download.
     `key` names the recipe key in the error."""
     path = Path(model_path).expanduser()
     if (path / "config.json").is_file():
         return json.loads((path / "config.json").read_text())
-    if path.is_absolute() or model_path.startswith((".", "~")) or path.exists():
+    if path.exists() or not looks_like_hub_id(model_path):
         raise RecipeError(f"{key}: {model_path!r} has no config.json")
     try:
-        from huggingface_hub import hf_hub_download
-        return json.loads(Path(hf_hub_download(model_path, "config.json")).read_text())
-    except Exception as e:
-        raise RecipeError(f"{key}: cannot read config.json of {model_path!r} ({type(e).__name__})") from None
+        return json.loads(hub_file(model_path, "config.json").read_text())
+    except RecipeError as e:
+        raise RecipeError(f"{key}: cannot read config.json of {model_path!r} ({e})") from None

@@ -14,7 +14,11 @@ The memory model (bytes, per GPU; N parameters, W GPUs, B x S tokens per micro-b
                silu(gate), gate*up); LoRA adds, for every adapted linear, its dropout output
                (saved by lora_A, in the adapter's dtype) and the 1-byte dropout mask.
   logits       B S V x 12 bytes at the loss backward: fp32 log-probs saved by log_softmax, the
-               gradient coming in and the gradient going out (all fp32).
+               gradient coming in and the gradient going out (all fp32). With the chunked loss
+               (train.fused_loss, training/loss.py) the logits of one chunk of at most
+               FUSED_CHUNK tokens (fp32, plus their bf16 matmul output and gradient: 8 bytes a
+               logit), the head's fp32 gradient V d x 4 and its cast V d x act bytes, and the
+               hidden states' gradient B S d x act bytes.
   temporary    ZeRO communication buckets (reduce d^2, prefetch 0.9 d^2 elements) and, under
                ZeRO-3, the gathered LM-head/embedding weight and its gradient.
 
@@ -64,6 +68,7 @@ DEFAULT_GPU_MEMORY = 80 * GIB      # an 80 GB A100/H100 (nvidia-smi's 80 GB are 
 DEFAULT_CPU_MEMORY = 512 * GIB     # per node
 RESERVED = 2.5 * GIB               # CUDA context, NCCL buffers, allocator fragmentation
 LOGIT_BYTES = 12                   # per logit element, see the module docstring
+FUSED_CHUNK = 4096                 # tokens per chunk of the chunked loss (training/loss.py CHUNK_TOKENS)
 PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "l40s": 362.0, "a10g": 125.0}
 
 # MFU per strategy, with gradient checkpointing, on one H100 (peer measurements unless "assumed").
@@ -129,7 +134,7 @@ class Workload:
     """What the estimate needs to know about a run."""
     model: dict                  # Hugging Face config.json
     dtype: str = "bf16"
-    micro_batch: int = 1
+    micro_batch_size: int = 1
     seq_len: int = 2048
     gpus_per_node: int = 1
     nodes: int = 1
@@ -142,6 +147,7 @@ class Workload:
     train_tokens: Optional[float] = None   # tokens the run processes (None: unknown)
     data_note: str = ""
     trainer: str = "zerotune"    # whose training path: "zerotune" or "hf-trainer" (the peer; module docstring)
+    fused_loss: bool = False     # the chunked loss: the full logits are never held
 
     @property
     def world(self) -> int:
@@ -191,11 +197,18 @@ def layer_working_bytes(w: Workload, method: str, act: int) -> float:
     return base
 
 
+def loss_bytes(w: Workload, tokens: int, vocab: int, d: int, act: int) -> float:
+    """Peak bytes of the loss and its backward (module docstring, "logits")."""
+    if not w.fused_loss:
+        return LOGIT_BYTES * tokens * vocab
+    return 8 * min(tokens, FUSED_CHUNK) * vocab + vocab * d * (4 + act) + tokens * d * act
+
+
 def estimate_memory(w: Workload, st: Strategy) -> dict:
     s = shape(w.model)
     n, W, d, V = num_params(w.model), w.world, s["d"], s["vocab"]
     wb = dtype_bytes(w.dtype)
-    tokens = w.micro_batch * w.seq_len
+    tokens = w.micro_batch_size * w.seq_len
     eight_bit = w.optimizer in ("adamw_8bit", "paged_adamw_8bit")
     zero3 = st.zero == 3
     shard_p = W if zero3 else 1
@@ -236,7 +249,7 @@ def estimate_memory(w: Workload, st: Strategy) -> dict:
     working = layer_working_bytes(w, st.method, act) * tokens * (1 if st.grad_ckpt else s["layers"])
     if st.method == "qlora":  # the largest 4-bit weight, dequantised to bf16 for its matmul
         working += 2 * max(i * o for i, o in linear_shapes(w.model))
-    logits = LOGIT_BYTES * tokens * V
+    logits = loss_bytes(w, tokens, V, d, act)
     if st.grad_ckpt:
         total = params + grads + optim + temp + kept + max(logits, working)
     else:
@@ -263,8 +276,9 @@ def workload_of(recipe, gpus_per_node: int, nodes: int = 1, train_tokens: Option
     """The Workload of a recipe: model shape, precision, batch geometry and method settings."""
     m = recipe.method
     return Workload(model=read_model_config(recipe.model.path), dtype=recipe.model.dtype,
-                    micro_batch=recipe.train.micro_batch_size, seq_len=recipe.data.max_len,
+                    micro_batch_size=recipe.train.micro_batch_size, seq_len=recipe.data.max_len,
                     gpus_per_node=gpus_per_node, nodes=nodes, optimizer=recipe.train.optimizer,
                     lora_r=m.lora.r, lora_targets=m.lora.target_modules, lora_dropout=m.lora.dropout,
                     quant_bits=m.quant.bits, double_quant=m.quant.double_quant,
-                    train_tokens=train_tokens, data_note=data_note)
+                    train_tokens=train_tokens, data_note=data_note,
+                    fused_loss=recipe.train.fused_loss and m.kind in ("full", "lora", "qlora"))

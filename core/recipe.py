@@ -9,6 +9,7 @@ Nothing here imports torch: the launcher imports this module on login nodes.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 import json
 import re
 from pathlib import Path
@@ -37,7 +38,8 @@ class ModelConfig(_Section):
     trust_remote_code: bool = Field(False, description="Allow model code from the hub (off by default).")
     chat_template: Optional[str] = Field(
         None, description="None: the tokenizer's own template; a built-in name (chatml, llama3, alpaca, "
-                          "plain) or a Jinja template string.")
+                          "plain), a path to a .jinja file (relative: to the working directory) or a Jinja "
+                          "template string.")
 
 
 # ----------------------------------------------------------------------------- method
@@ -114,6 +116,12 @@ class DataConfig(_Section):
     max_len: int = Field(2048, gt=8, description="Maximum tokens per sample (and per packed sequence).")
     packing: bool = Field(False, description="Pack several samples per sequence (no cross-attention).")
     train_on_prompt: bool = Field(False, description="Also train on prompt tokens.")
+    train_on: Literal["all_assistant", "last_assistant"] = Field(
+        "all_assistant", description="Assistant turns that train: all, or only the last (history masked); "
+                                     "a turn's loss_weight / train flag overrides.")
+    train_on_reasoning: bool = Field(True, description="Train on assistant reasoning (reasoning_content / "
+                                                       "thinking, rendered <think>...</think>); false masks it "
+                                                       "and trains the answer only.")
     truncation: Literal["truncate", "drop"] = Field("truncate", description="Over-long samples: truncate or drop.")
     on_bad_rows: Literal["error", "skip"] = Field("error", description="Malformed rows: stop with an error, or skip and count.")
     system_prompt: Optional[str] = Field(None, description="Default system prompt for sources without one.")
@@ -124,6 +132,18 @@ class DataConfig(_Section):
 class EarlyStopping(_Section):
     patience: int = Field(3, gt=0, description="Evaluations without improvement before stopping.")
     min_delta: float = Field(0.0, ge=0, description="Improvement smaller than this does not count.")
+
+
+@dataclass(frozen=True)
+class BatchGeometry:
+    """Samples per optimizer step = micro_batch_size x grad_accum x world_size."""
+    micro_batch_size: int   # samples per GPU per forward
+    grad_accum: int         # micro-batches per optimizer step on each rank
+    world_size: int         # data-parallel ranks
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.grad_accum * self.world_size
 
 
 class TrainConfig(_Section):
@@ -145,8 +165,14 @@ class TrainConfig(_Section):
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping (0 disables).")
     seed: int = Field(42, description="Seed for init, data order and dropout.")
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward.")
+    fused_loss: bool = Field(True, description="Cross entropy through the LM head in chunks, never holding the "
+                             "full logits (training/loss.py); models whose head it does not cover use the plain loss.")
     eval_every: Optional[int] = Field(None, gt=0, description="Evaluate every N steps (and at the end).")
     eval_batches: Optional[int] = Field(None, gt=0, description="Cap on eval micro-batches per evaluation.")
+    eval_prompts: list[str] = Field(
+        default_factory=list, description="Prompts the model answers (greedy, with the chat template when the data "
+                                          "is chat-formatted) at each evaluation; logged as text to every tracker.")
+    eval_max_new_tokens: int = Field(32, gt=0, description="Tokens generated per eval prompt.")
     early_stopping: Optional[EarlyStopping] = Field(None, description="Stop when eval loss stops improving.")
     max_bad_steps: int = Field(5, gt=0, description="Consecutive non-finite losses before the run stops.")
 
@@ -156,7 +182,13 @@ class TrainConfig(_Section):
             raise ValueError("set train.epochs or train.max_steps")
         if self.grad_accum is not None and self.global_batch_size is not None:
             raise ValueError("set train.grad_accum or train.global_batch_size, not both")
+        if any(not p.strip() for p in self.eval_prompts):
+            raise ValueError("eval_prompts: a prompt is empty")
         return self
+
+    def geometry(self, world_size: int) -> "BatchGeometry":
+        """The batch geometry of a step on `world_size` ranks: the one place it is computed."""
+        return BatchGeometry(self.micro_batch_size, self.accumulation(world_size), world_size)
 
     def accumulation(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each rank."""
@@ -187,6 +219,14 @@ class DistributedConfig(_Section):
         return self
 
 
+# Keys a resumed run may change without checkpoint.allow_recipe_change: they decide how long the
+# run goes (the LR schedule then ends at the new last step), when it evaluates, saves and logs,
+# and where it runs; not the model, the method, the data, the batch or the optimizer.
+RESUME_SAFE_KEYS = ("output_dir", "train.max_steps", "train.epochs", "train.eval_every", "train.eval_batches",
+                    "train.early_stopping", "train.max_bad_steps", "checkpoint", "logging", "cluster",
+                    "distributed.timeout_minutes", "data.cache_dir")
+
+
 class CheckpointConfig(_Section):
     every: Optional[int] = Field(None, gt=0, description="Save every N optimizer steps (and always at the end).")
     keep: int = Field(2, gt=0, description="Complete checkpoints kept (plus the best by eval loss).")
@@ -194,12 +234,44 @@ class CheckpointConfig(_Section):
     overwrite: bool = Field(False, description="With resume: never, allow a run dir that holds checkpoints "
                                                "(they are replaced as new ones are saved).")
     save_final: bool = Field(True, description="Write RUN_DIR/final in Hugging Face format at the end.")
+    allow_recipe_change: bool = Field(
+        False, description="Resume a run whose checkpoints were trained with a recipe that differs in keys that "
+                           "change the training (model, method, data, batch, optimizer, ...); the earlier recipe is "
+                           "kept as RUN_DIR/recipe.<step>.yaml. Not needed for the run's length (train.max_steps, "
+                           "train.epochs), eval, checkpoint.*, logging.*, cluster.* and the other RESUME_SAFE_KEYS.")
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
 class LoggingConfig(_Section):
-    tensorboard: bool = Field(True, description="Write RUN_DIR/tensorboard.")
+    report_to: list[Literal[TRACKERS]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Trackers rank 0 reports to: tensorboard (RUN_DIR/tensorboard), wandb (RUN_DIR/wandb; "
+                    "pip install 'zerotune[wandb]'; WANDB_MODE=offline works without a login), mlflow "
+                    "(MLFLOW_TRACKING_URI, else a file store in RUN_DIR/mlruns; pip install 'zerotune[mlflow]').")
+    tensorboard: bool = Field(True, description="Older switch, kept in step with report_to: false drops tensorboard.")
+    project: Optional[str] = Field(None, description="wandb project and MLflow experiment; default WANDB_PROJECT / "
+                                                     "MLFLOW_EXPERIMENT_NAME, else zerotune.")
     every: int = Field(1, gt=0, description="Log train scalars every N steps.")
     progress: bool = Field(True, description="Progress bar on rank 0.")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker(cls, v):
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _trackers(self):
+        explicit = self.model_fields_set
+        both = "tensorboard" in explicit and "report_to" in explicit
+        if both and self.tensorboard != ("tensorboard" in self.report_to):
+            raise ValueError(f"tensorboard: {str(self.tensorboard).lower()} contradicts report_to: {self.report_to}; "
+                             "drop logging.tensorboard (report_to lists the trackers)")
+        report = [t for t in dict.fromkeys(self.report_to) if t != "tensorboard" or self.tensorboard
+                  or "report_to" in explicit]
+        self.__dict__.update(report_to=report, tensorboard="tensorboard" in report)  # no re-validation
+        return self
 
 
 _SAFE = re.compile(r"^[A-Za-z0-9._:@/+-]+$")

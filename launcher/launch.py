@@ -54,7 +54,9 @@ def run(args) -> int:
 
     from . import scripts, submit
     from .prepare import prepare_run, resolve
+    from .train import check_counts
 
+    check_counts(args)
     if args.submit and not args.slurm:
         raise RecipeError("--submit needs --slurm")
     if args.slurm and (args.nnodes or args.master_addr):

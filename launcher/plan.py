@@ -216,9 +216,13 @@ def format_table(rows: list[Estimate], w: Workload, best: Optional[Estimate], gp
     s = shape(w.model)
     out.insert(0, f"model: {num_params(w.model) / 1e9:.2f}B parameters (d={s['d']}, layers={s['layers']}, "
                   f"vocab={s['vocab']}), {w.dtype}; {w.world} GPU(s) = {w.nodes} node(s) x {w.gpus_per_node}, "
-                  f"{gpu_memory / GIB:.0f} GiB each; micro-batch {w.micro_batch} x {w.seq_len} tokens")
+                  f"{gpu_memory / GIB:.0f} GiB each; micro-batch {w.micro_batch_size} x {w.seq_len} tokens")
     out.insert(1, f"data: {w.data_note}" + (f" = {w.train_tokens / 1e6:,.1f}M tokens" if w.train_tokens else ""))
     out.insert(2, "")
+    misfits = [r for r in rows if not r.fits]
+    if misfits:
+        width = max(len(r.strategy.label) for r in misfits)
+        out += ["", "why NO:"] + [f"  {r.strategy.label.ljust(width)}  {r.why_not}" for r in misfits]
     out.append("")
     out.append("GPU GiB = params + grads + optim + temp + kept activations + max(logits, one layer's recompute);"
                f" fits leaves {RESERVED / GIB:.1f} GiB for CUDA/NCCL.")

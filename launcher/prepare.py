@@ -1,45 +1,26 @@
-"""Recipe -> RUN_DIR: validate everything that can be checked before any GPU time is spent,
-then write RUN_DIR/recipe.yaml (resolved) and RUN_DIR/ds_config.json."""
+"""Recipe -> RUN_DIR: validate everything that can be checked before any GPU time is spent
+(launcher/preflight.py), then write RUN_DIR/recipe.yaml (resolved) and RUN_DIR/ds_config.json.
+
+A run folder that already holds checkpoints keeps the recipe they were trained with: a new
+recipe that differs in keys that change the training is refused (the changed keys are named)
+unless checkpoint.allow_recipe_change is set; the keys of core.recipe.RESUME_SAFE_KEYS (the
+run's length, eval, checkpoint.*, logging.*, cluster.*, ...) may change freely. Either way the
+earlier recipe is kept as RUN_DIR/recipe.<step>.yaml (step: the newest complete checkpoint).
+"""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
-
-from zerotune.core.recipe import Recipe, RecipeError, load_recipe, validate_recipe
+from typing import Any, Optional
 
 from zerotune.core.io import atomic_write
-from zerotune.core.layout import DS_CONFIG_FILE, RECIPE_FILE, check_fresh_start
+from zerotune.core.layout import DS_CONFIG_FILE, RECIPE_FILE, check_fresh_start, latest_complete, read_state, step_of
+from zerotune.core.recipe import RESUME_SAFE_KEYS, Recipe, RecipeError, load_recipe, load_run_recipe, validate_recipe
 
-from . import ds_config
+from . import ds_config, preflight
 
-
-def check_model_path(recipe: Recipe) -> None:
-    """A local folder must hold config.json; anything else must look like a hub id and be reachable."""
-    for key, value in (("model.path", recipe.model.path), ("model.tokenizer", recipe.model.tokenizer)):
-        if value is None:
-            continue
-        p = Path(value).expanduser()
-        if p.exists():
-            if key == "model.path" and not (p / "config.json").is_file():
-                raise RecipeError(f"{key}: {value!r} is a folder without config.json (not a Hugging Face model)")
-            continue
-        looks_local = value.startswith((".", "/", "~")) or value.count("/") > 1
-        if looks_local:
-            raise RecipeError(f"{key}: {value!r} does not exist")
-        try:
-            from huggingface_hub import hf_hub_download
-            hf_hub_download(value, "config.json" if key == "model.path" else "tokenizer_config.json")
-        except Exception as e:  # offline, private, misspelt: one line, no traceback
-            reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-            raise RecipeError(f"{key}: {value!r} is not a local folder and could not be fetched from the hub ({reason})") from None
-
-
-def check_data_paths(recipe: Recipe) -> None:
-    for section in ("train", "eval"):
-        for i, src in enumerate(getattr(recipe.data, section)):
-            p = Path(src.path).expanduser()
-            if not p.exists() and (src.path.startswith((".", "/", "~")) or Path(src.path).suffix):
-                raise RecipeError(f"data.{section}[{i}].path: {src.path!r} does not exist")
+_NONE = object()
 
 
 def resolve(recipe: Recipe, world_size: int, nodes: int = 1) -> Recipe:
@@ -55,15 +36,94 @@ def resolve(recipe: Recipe, world_size: int, nodes: int = 1) -> Recipe:
     return validate_recipe(data, source="resolved recipe")
 
 
+# ----------------------------------------------------------------------------- a changed recipe
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}, 'l': [{'x': 2}]} -> {'a.b': 1, 'l.0.x': 2}; lists of plain values stay whole."""
+    if isinstance(value, dict) and value:
+        return {k: v for key, sub in value.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()}
+    if isinstance(value, list) and value and all(isinstance(v, (dict, list)) for v in value):
+        return {k: v for i, sub in enumerate(value) for k, v in _flatten(sub, f"{prefix}{i}.").items()}
+    return {prefix[:-1]: value}
+
+
+def recipe_changes(old: Recipe, new: Recipe) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) of every key that differs."""
+    a, b = _flatten(old.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
+    keys = dict.fromkeys([*a, *b])
+    return [(k, a.get(k, _NONE), b.get(k, _NONE)) for k in keys if a.get(k, _NONE) != b.get(k, _NONE)]
+
+
+def is_resume_safe(key: str) -> bool:
+    return any(key == s or key.startswith(s + ".") for s in RESUME_SAFE_KEYS)
+
+
+def _show(value: Any) -> str:
+    text = "(unset)" if value is _NONE else json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def describe(changes: list[tuple[str, Any, Any]]) -> str:
+    return ", ".join(f"{k} {_show(a)} -> {_show(b)}" for k, a, b in changes)
+
+
+def _archive_path(run_dir: Path, step: int) -> Path:
+    path, k = run_dir / f"recipe.{step:06d}.yaml", 2
+    while path.exists():
+        path, k = run_dir / f"recipe.{step:06d}-{k}.yaml", k + 1
+    return path
+
+
+def check_recipe_change(recipe: Recipe) -> Optional[tuple[Path, str]]:
+    """When RUN_DIR holds checkpoints and RUN_DIR/recipe.yaml differs from `recipe`: refuse
+    (one line, the changed keys) unless the change is allowed; else return (where to keep the
+    earlier recipe, what changed). None when there is nothing to keep."""
+    run_dir, newest = recipe.run_dir, latest_complete(recipe.run_dir)
+    old_file = run_dir / RECIPE_FILE
+    if newest is None:
+        return None
+    allowed = recipe.checkpoint.allow_recipe_change or recipe.checkpoint.resume == "never"
+    hint = (f"set checkpoint.allow_recipe_change: true to resume with the new one (the earlier one is kept as "
+            f"{_archive_path(run_dir, step_of(newest)).name}), or give the run another name")
+    if not old_file.is_file():   # a recipe.yaml lost since: the checkpoint's digest tells whether it matches
+        saved = read_state(newest).get("recipe_digest")
+        if saved and saved != recipe.digest() and not allowed:
+            raise RecipeError(f"checkpoint.allow_recipe_change: {newest} was trained with another recipe (digest "
+                              f"{saved}, {old_file} is missing); {hint}")
+        return None
+    try:
+        old = load_run_recipe(run_dir)
+    except RecipeError as e:
+        if not allowed:
+            raise RecipeError(f"checkpoint.allow_recipe_change: {old_file} (the recipe of {newest.name}) cannot be "
+                              f"read to compare ({str(e).splitlines()[0]}); {hint}") from None
+        return _archive_path(run_dir, step_of(newest)), "unreadable before"
+    changes = recipe_changes(old, recipe)
+    if not changes:
+        return None
+    training = [c for c in changes if not is_resume_safe(c[0])]
+    if training and not allowed:
+        raise RecipeError(f"checkpoint.allow_recipe_change: {run_dir} holds checkpoints (newest {newest.name}) "
+                          f"trained with another recipe: {describe(training)}; {hint}")
+    return _archive_path(run_dir, step_of(newest)), describe(changes)
+
+
+# ----------------------------------------------------------------------------- the whole preparation
 def prepare_run(recipe_path: str, overrides: list[str], world_size: int, nodes: int = 1) -> Recipe:
-    recipe = load_recipe(recipe_path, overrides)
-    check_model_path(recipe)
-    check_data_paths(recipe)
+    recipe = load_recipe(recipe_path, overrides)                       # the recipe; local paths made absolute
+    config = preflight.check_inputs(recipe, Path(recipe_path).parent)  # model, tokenizer, vocabulary, data, max_len
     recipe = resolve(recipe, world_size, nodes)
     run_dir = recipe.run_dir
-    check_fresh_start(run_dir, recipe.checkpoint.resume, recipe.checkpoint.overwrite)  # before anything is written
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_fresh_start(run_dir, recipe.checkpoint.resume, recipe.checkpoint.overwrite)
+    preflight.check_resume(recipe)
+    keep = check_recipe_change(recipe)
+    preflight.check_disk(recipe, config)
     cfg = ds_config.render(recipe, world_size)
+    run_dir.mkdir(parents=True, exist_ok=True)   # nothing is written before every check passed
+    if keep is not None:
+        archive, what = keep
+        atomic_write(archive, (run_dir / RECIPE_FILE).read_text())
+        print(f"zerotune: the recipe changed since {latest_complete(run_dir).name} ({what}); the earlier one is "
+              f"kept as {archive}", file=sys.stderr, flush=True)
     atomic_write(run_dir / RECIPE_FILE, recipe.to_yaml())
     atomic_write(run_dir / DS_CONFIG_FILE, json.dumps(cfg, indent=2) + "\n")
     return recipe

@@ -1,6 +1,8 @@
 """`zerotune train RECIPE`: validate, write RUN_DIR, run torchrun on this machine."""
 from __future__ import annotations
 
+from zerotune.core.errors import UserError
+
 HELP = "validate a recipe, write RUN_DIR and train on this machine with torchrun"
 DESCRIPTION = ("Validate RECIPE, write RUN_DIR (recipe.yaml, ds_config.json) and run\n"
                "`torchrun -m zerotune.training RUN_DIR` on this machine.\n\n"
@@ -15,9 +17,20 @@ def add_arguments(p) -> None:
     p.add_argument("--nproc", type=int, default=None, help="processes on this machine (default: visible GPUs, 1 on CPU)")
 
 
+def check_counts(args) -> None:
+    """--nproc (and --nnodes where the command has it) count processes and nodes: 1 or more."""
+    for flag, value in (("--nproc", args.nproc), ("--nnodes", getattr(args, "nnodes", None))):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value}: must be 1 or more")
+    rank, nodes = getattr(args, "node_rank", 0), getattr(args, "nnodes", None) or 1
+    if not 0 <= rank < nodes:
+        raise UserError(f"--node-rank {rank}: must be 0 to {nodes - 1} (--nnodes {nodes})")
+
+
 def run(args) -> int:
     from .prepare import prepare_run
     from .submit import run_local, visible_gpus
+    check_counts(args)
     nproc = args.nproc or visible_gpus() or 1
     recipe = prepare_run(args.recipe, args.set, world_size=nproc)
     print(f"zerotune: run dir {recipe.run_dir} ({nproc} process(es))", flush=True)

@@ -46,7 +46,7 @@ CASES = [  # file, format, columns, the error must match (after the file name)
     ("sharegpt_ends_with_user.jsonl", "sharegpt", {}, r" line 1: the last turn is 'user'; expected it to be the assistant's"),
     ("sharegpt_not_list.jsonl", "sharegpt", {}, r" line 1: field 'conversations' must be a list of turns, got string"),
     ("sharegpt_missing_value.jsonl", "sharegpt", {}, r" line 1: turn 1 has no 'value' key \(expected 'from' and 'value'\)"),
-    ("messages_content_list.jsonl", "messages", {}, r" line 1: turn 2 'content' must be a string, got list"),
+    ("messages_content_list.jsonl", "messages", {}, r" line 1: turn 2 'content' part 1 must be an object with 'type' and 'text', got string"),
     ("messages_late_system.jsonl", "messages", {}, r" line 1: turn 3 is a system turn; only the first turn may be one"),
     ("messages_empty.jsonl", "messages", {}, r" line 1: empty conversation \(expected user and assistant turns\)"),
     ("text_null.jsonl", "text", {}, r" line 1: missing field 'text' \(text rows need text"),
@@ -77,8 +77,12 @@ def test_unknown_column_key_missing_source_and_bad_templates(tok, tmp_path):
         _tokenize(tok, empty_dir)
     # a tokenizer without a template and no model.chat_template: the error names the fix
     recipe = validate_recipe(base_recipe(tmp_path, model={"path": str(STORIES), "chat_template": None}))
-    with pytest.raises(DataError, match=r"model.chat_template: the tokenizer has no chat_template; set model.chat_template to a built-in \(chatml, llama3, alpaca, plain"):
+    with pytest.raises(DataError) as e:
         build_data(recipe, load_tokenizer(recipe), use_cache=False)
+    assert str(e.value) == (f"model.chat_template: the tokenizer ({STORIES}) has no chat_template and data source "
+                            f"{recipe.data.train[0].path} (format alpaca) needs one; set model.chat_template to a "
+                            "built-in (chatml, llama3, alpaca, plain; 'alpaca' suits base models), a .jinja file or "
+                            "a Jinja template string")
     # phi-3's template silently drops tool turns: caught, not trained on a conversation with a hole
     phi = AutoTokenizer.from_pretrained(str(PHI3_TOKENIZER))
     f = tmp_path / "tools.jsonl"
@@ -91,7 +95,7 @@ def test_unknown_column_key_missing_source_and_bad_templates(tok, tmp_path):
     samples, _ = _tokenize(phi, f, "sharegpt", template=BUILTIN["chatml"])
     ids, labels = samples[0]
     trained = phi.decode([t for t, l in zip(ids, labels) if l != -100])
-    assert '{"name": "weather"}' in trained and "It is sunny." in trained and "sunny, 21C" not in trained
+    assert trained == '<tool_call>\n{"name": "weather", "arguments": {}}\n</tool_call><|im_end|>\nIt is sunny.<|im_end|>\n'
 
 
 def test_skip_bad_rows_reports_exact_counts(tok, tmp_path):
@@ -112,25 +116,37 @@ def test_skip_bad_rows_reports_exact_counts(tok, tmp_path):
     assert stats["skipped_bad_rows"] == 4 and stats["train_samples"] == 3
 
 
-def test_too_long_and_no_target_are_counted(tok, tmp_path):
+def test_too_long_empty_and_no_target_are_counted(tok, tmp_path):
     rows = [{"instruction": "word " * 200, "output": "short answer"},          # over-long prompt
             {"instruction": "q", "output": "long answer " * 100},             # over-long response
-            {"instruction": "q", "output": ""},                               # only the eos trains
+            {"instruction": "q", "output": " "},                              # would train only the eos
             {"instruction": "q", "output": "fine"}]
     f = tmp_path / "lengths.json"
     f.write_text(json.dumps(rows))
-    samples, st = _tokenize(tok, f)
-    assert st["truncated"] == 2 and all(len(s[0]) <= 128 for s in samples)
+    with pytest.raises(DataError) as e:
+        _tokenize(tok, f)
+    assert str(e.value) == (f"{f} row 3: field 'output' is an empty assistant response (it would train only the "
+                            "end-of-turn token); fill it or drop the row")
+    samples, st = _tokenize(tok, f, on_bad_rows="skip")
+    longest = len(tok(tok.bos_token + "### Instruction:\nq\n\n### Response:\n" + rows[1]["output"] + tok.eos_token,
+                      add_special_tokens=False)["input_ids"])
+    assert (st["bad_rows"], st["truncated"], st["samples"], st["longest"]) == (1, 2, 3, longest)
+    assert all(len(s[0]) <= 128 for s in samples)
     ids, labels = samples[0]   # the prompt's start is kept, and the response still trains
     assert ids[:20] == tok(tok.bos_token + "### Instruction:\nword word", add_special_tokens=False)["input_ids"][:20]
     assert tok.decode([t for t, l in zip(ids, labels) if l != -100]) == "short answer</s>"   # the whole response
     ids, labels = samples[1]   # a long response is cut at its end
     assert len(ids) == 128 and tok.decode([t for t, l in zip(ids, labels) if l != -100]).startswith("long answer long")
-    _, st = _tokenize(tok, f, truncation="drop")
-    assert st["dropped_too_long"] == 2 and st["samples"] == 2
-    # an empty answer under a template without an end-of-turn token leaves nothing to train
-    samples, st = _tokenize(tok, f, template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    assert st["dropped_no_target"] == 1 and st["samples"] == 3
+    _, st = _tokenize(tok, f, truncation="drop", on_bad_rows="skip")
+    assert st["dropped_too_long"] == 2 and st["samples"] == 1
+    # a chat whose every assistant turn opts out of the loss has nothing to train: dropped and counted
+    m = tmp_path / "optout.jsonl"
+    m.write_text(json.dumps({"messages": [{"role": "user", "content": "q"},
+                                          {"role": "assistant", "content": "a", "loss_weight": 0}]}) + "\n" +
+                 json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}))
+    samples, st = _tokenize(tok, m, "messages")
+    assert st["dropped_no_target"] == 1 and st["samples"] == 1 and tok.decode(
+        [t for t, l in zip(*samples[0]) if l != -100]) == "a</s>"
 
 
 def test_preview_cli_error_is_one_line(tmp_path, capsys):

@@ -85,3 +85,22 @@ def test_adapters_of_different_peft_types_are_refused(runs, capsys):
     assert main(["generate", str(STORIES), "--chat-template", "alpaca", "--adapter", str(runs["lora"] / "final"),
                  "--adapter", f"b={runs['ia3'] / 'final'}", "--prompt", "hi"]) == 2
     assert "different peft types" in capsys.readouterr().err
+
+
+def test_a_missing_model_or_run_is_one_line(tmp_path, capsys, monkeypatch):
+    """Before any model code runs (it used to be a 36-line traceback); offline, a hub id that is not
+    in the local cache fails at once."""
+    from zerotune.launcher.cli import main
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    cases = {
+        str(tmp_path / "nope"): "does not exist (not a run folder, a model folder or a hub id)",
+        "runs/nope": "no such folder, and no model of that name could be fetched from the hub (HF_HUB_OFFLINE=1 "
+                     "and it is not in the local Hugging Face cache)",
+        str(tmp_path / "empty"): "neither a run folder (no recipe.yaml) nor a model folder (no config.json)",
+        str(tmp_path / "file.txt"): "is a file, not a run folder, a model folder or a hub id",
+    }
+    for target, message in cases.items():
+        assert main(["generate", target, "--prompt", "hi"]) == 2
+        assert capsys.readouterr().err == f"zerotune: error: {target}: {message}\n"

@@ -50,7 +50,7 @@ def test_flops_per_token_by_hand():
 
 
 def mem(cfg, st, **kw):
-    w = P.Workload(model=cfg, **{"micro_batch": 1, "seq_len": 1024, **kw})
+    w = P.Workload(model=cfg, **{"micro_batch_size": 1, "seq_len": 1024, **kw})
     return w, P.estimate_memory(w, st)
 
 
@@ -83,7 +83,7 @@ def test_activation_and_logits_formula_by_hand():
     B, S = 2, 1024
     d, L, V, ff, kv = 2048, 16, 128256, 8192, 512
     n = num_params(LLAMA_1B)
-    _, on = mem(LLAMA_1B, P.Strategy("full", 1), micro_batch=B, seq_len=S)
+    _, on = mem(LLAMA_1B, P.Strategy("full", 1), micro_batch_size=B, seq_len=S)
     working = (11 * d + 4 * ff + 2 * kv) * 2 * B * S
     kept = L * d * 2 * B * S
     logits = 12 * B * S * V
@@ -91,7 +91,7 @@ def test_activation_and_logits_formula_by_hand():
     assert on["logits"] == logits
     buckets = 2 * d * d * 2
     assert on["total"] == pytest.approx(16 * n + buckets + kept + max(logits, working))
-    _, off = mem(LLAMA_1B, P.Strategy("full", 1, grad_ckpt=False), micro_batch=B, seq_len=S)
+    _, off = mem(LLAMA_1B, P.Strategy("full", 1, grad_ckpt=False), micro_batch_size=B, seq_len=S)
     assert off["activations"] == L * working
     assert off["total"] == pytest.approx(16 * n + buckets + L * working + logits)
 
@@ -110,7 +110,7 @@ def test_qlora_breakdown_by_hand():
     adapted_inputs = 6 * d + ff                                # q k v o gate up take d, down takes ff
     dequant = 2 * d * ff                                       # the largest linear in bf16
     logits, buckets = 12 * B * S * V, 2 * d * d * 2
-    w, z = mem(LLAMA_8B, P.Strategy("qlora", 0), micro_batch=B, seq_len=S, optimizer="paged_adamw_8bit")
+    w, z = mem(LLAMA_8B, P.Strategy("qlora", 0), micro_batch_size=B, seq_len=S, optimizer="paged_adamw_8bit")
     assert z["trainable"] == lora
     assert z["params"] == pytest.approx(nf4 + 2 * (n - linear) + 2 * lora)     # bf16 rest and adapters
     assert z["grads"] == 2 * lora and z["optimizer"] == (4 + 2) * lora         # fp32 master + 8-bit m, v
@@ -119,7 +119,7 @@ def test_qlora_breakdown_by_hand():
     assert z["activations"] == pytest.approx(kept + working)
     assert z["total"] == pytest.approx(z["params"] + 8 * lora + buckets + kept + max(logits, working))
     assert z["total"] / GIB == pytest.approx(19.51, abs=0.01)   # measured: 19.52 GiB
-    _, peer = mem(LLAMA_8B, P.Strategy("qlora", 0), micro_batch=B, seq_len=S, optimizer="paged_adamw_8bit",
+    _, peer = mem(LLAMA_8B, P.Strategy("qlora", 0), micro_batch_size=B, seq_len=S, optimizer="paged_adamw_8bit",
                   trainer="hf-trainer")
     assert peer["params"] == pytest.approx(nf4 + 4 * (n - linear) + 4 * lora)  # fp32 rest and adapters
     assert peer["grads"] == 4 * lora and peer["optimizer"] == 2 * lora
@@ -127,8 +127,8 @@ def test_qlora_breakdown_by_hand():
     working32 = ((11 * d + 4 * ff + 2 * kv) * 4 + adapted_inputs * (4 + 1)) * B * S + dequant
     assert peer["total"] == pytest.approx(peer["params"] + 6 * lora + buckets + kept32 + max(logits, working32))
     # LoRA: the adapters' 16 bytes split differently on the two paths, the total is the same
-    _, lz = mem(LLAMA_8B, P.Strategy("lora", 0), micro_batch=B, seq_len=S)
-    _, lp = mem(LLAMA_8B, P.Strategy("lora", 0), micro_batch=B, seq_len=S, trainer="hf-trainer")
+    _, lz = mem(LLAMA_8B, P.Strategy("lora", 0), micro_batch_size=B, seq_len=S)
+    _, lp = mem(LLAMA_8B, P.Strategy("lora", 0), micro_batch_size=B, seq_len=S, trainer="hf-trainer")
     assert (lz["grads"], lz["optimizer"]) == (2 * lora, 12 * lora)
     assert (lp["grads"], lp["optimizer"]) == (4 * lora, 8 * lora)
     assert lz["total"] == pytest.approx(lp["total"]) == pytest.approx(2 * n + 16 * lora + buckets + kept + logits)
@@ -153,19 +153,19 @@ MEASURED = [
     "1b-z3", "1b-offload", "8b-lora", "8b-qlora", "peer-1b-z3", "peer-1b-offload", "peer-3b-z3", "peer-8b-lora",
     "peer-8b-qlora"])
 def test_estimate_within_15_percent_of_measured_peak(cfg, mbs, st, opt, trainer, measured):
-    _, m = mem(cfg, st, micro_batch=mbs, seq_len=2048, optimizer=opt, trainer=trainer)
+    _, m = mem(cfg, st, micro_batch_size=mbs, seq_len=2048, optimizer=opt, trainer=trainer)
     assert abs(m["total"] / GIB - measured) / measured < 0.15, (m["total"] / GIB, measured)
 
 
 def test_choice_fastest_that_fits():
     # 8B full fine-tune on one 80 GB GPU: 16 bytes x 8B = 128 GB, only optimizer offload fits
-    w = P.Workload(model=LLAMA_8B, micro_batch=1, seq_len=2048)
+    w = P.Workload(model=LLAMA_8B, micro_batch_size=1, seq_len=2048)
     rows = P.plan(w, "full")
     best = P.recommend(rows, "full", grad_ckpt=True)
     assert best.strategy.offload_optimizer and best.total < 78 * GIB
     assert not any(r.fits for r in rows if r.strategy.method == "full" and not r.strategy.offload_optimizer)
     # 1B on 8 GPUs: everything fits; ZeRO-3 pays for its extra communication
-    w8 = P.Workload(model=LLAMA_1B, micro_batch=4, seq_len=2048, gpus_per_node=8)
+    w8 = P.Workload(model=LLAMA_1B, micro_batch_size=4, seq_len=2048, gpus_per_node=8)
     best8 = P.recommend(P.plan(w8, "full"), "full", grad_ckpt=True)
     assert best8.strategy.zero in (1, 2) and not best8.strategy.offload_optimizer
     # a CPU too small for the offloaded states
@@ -174,7 +174,7 @@ def test_choice_fastest_that_fits():
 
 
 def test_time_and_cost_from_tokens():
-    w = P.Workload(model=LLAMA_1B, micro_batch=8, seq_len=2048, gpus_per_node=1, train_tokens=1e9)
+    w = P.Workload(model=LLAMA_1B, micro_batch_size=8, seq_len=2048, gpus_per_node=1, train_tokens=1e9)
     r = next(r for r in P.plan(w, "full", price=2.5) if r.strategy == P.Strategy("full", 3))
     tps = 0.221 * 989e12 / flops_per_token(LLAMA_1B, 2048)
     assert r.tokens_per_s == pytest.approx(tps)
@@ -224,3 +224,15 @@ def test_launch_writes_the_auto_choice(tmp_path):
     assert saved["distributed"]["zero"] in (1, 2)
     assert json.loads((tmp_path / "runs" / "t" / "ds_config.json").read_text())["zero_optimization"]["stage"] == \
         saved["distributed"]["zero"]
+
+
+def test_plan_says_why_a_strategy_does_not_fit(tmp_path):
+    recipe = write_recipe(tmp_path, base_recipe(tmp_path))
+    out = zerotune("plan", str(recipe), "--gpu-memory", "2.6GB", "--set", "train.micro_batch_size=512",
+                   check=False).stdout
+    why = out.split("\nwhy NO:\n")[1].split("\n\n")[0].splitlines()
+    rows = [ln for ln in out.splitlines() if ln.startswith(("full ", "LoRA ", "QLoRA ")) and " NO " in ln]
+    assert len(why) == len(rows) == 14
+    assert why[0] == "  full ZeRO-1, ckpt on                       needs 0.4 GiB per GPU, 0.1 usable"
+    assert why[-1] == "  QLoRA ZeRO-0, ckpt on                      needs 0.6 GiB per GPU, 0.1 usable"
+    assert "why NO:" not in zerotune("plan", str(recipe)).stdout   # everything fits: no section

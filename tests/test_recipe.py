@@ -105,3 +105,99 @@ def test_cli_does_not_import_torch():
     code = "import sys, zerotune.launcher.cli; zerotune.launcher.cli.build_parser(); bad = [m for m in ('torch', 'deepspeed', 'transformers') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+# ----------------------------------------------------------------------------- precise messages (issue 11)
+def test_null_says_null_not_missing(tmp_path):
+    for key, message in (("output_dir", "output_dir: must not be null (leave the key out for the default, 'runs')"),
+                         ("name", "name: must not be null (a required key)"),
+                         ("train", "train: must not be null (leave the key out for the default)")):
+        p = write_recipe(tmp_path, {**base_recipe(tmp_path), key: None}, "null.yaml")
+        with pytest.raises(RecipeError) as e:
+            load_recipe(p)
+        assert str(e.value) == f"{p}: {message}"
+
+
+def test_set_errors_name_the_set_not_the_file(tmp_path):
+    from zerotune.core.recipe import Recipe, TrainConfig
+    p = write_recipe(tmp_path, base_recipe(tmp_path))
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p, ["train.lrr=1"])
+    assert str(e.value) == f"--set train.lrr: unknown key (allowed: {', '.join(TrainConfig.model_fields)})"
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p, ["trian.lr=1"])
+    assert str(e.value) == f"--set trian.lr: trian: unknown key (allowed: {', '.join(Recipe.model_fields)})"
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p, ["train.lr=fast"])
+    assert str(e.value) == "--set train.lr: Input should be a valid number, unable to parse string as a number"
+    with pytest.raises(RecipeError) as e:   # a file error stays the file's
+        load_recipe(write_recipe(tmp_path, {**base_recipe(tmp_path), "optimiser": "adam"}, "bad.yaml"), ["train.lr=1"])
+    assert str(e.value).startswith(f"{tmp_path / 'bad.yaml'}: optimiser: unknown key")
+
+
+def test_yaml_booleans_where_text_is_expected(tmp_path):
+    p = write_recipe(tmp_path, base_recipe(tmp_path))
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p, ["name=off"])
+    assert str(e.value) == "--set name: expects text, but YAML reads off as the boolean false; quote it: --set \"name='off'\""
+    assert load_recipe(p, ["name='off'"]).name == "off"
+    (tmp_path / "off.yaml").write_text(p.read_text().replace("name: t", "name: off"))
+    with pytest.raises(RecipeError) as e:
+        load_recipe(tmp_path / "off.yaml")
+    assert str(e.value) == (f"{tmp_path / 'off.yaml'}: name: expects text, but YAML read the value as the boolean "
+                            "false (unquoted yes/no/on/off are booleans in YAML); quote it")
+
+
+def test_set_indexes_lists(tmp_path):
+    p = write_recipe(tmp_path, base_recipe(tmp_path))
+    r = load_recipe(p, [f"data.train.0.path={ROOT / 'examples/data/sharegpt/dummy_conversation.json'}",
+                        "data.train.0.format=sharegpt"])
+    assert r.data.train[0].format == "sharegpt" and r.data.train[0].path.endswith("dummy_conversation.json")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p, ["data.train.3.path=x.json"])
+    assert str(e.value) == "--set data.train.3.path: data.train has 1 item(s); '3' is not one of their indexes (0-0)"
+
+
+# ----------------------------------------------------------------------------- relative paths (issue 10 item 6)
+def test_relative_paths_resolve_against_the_recipe_folder_then_the_working_directory(tmp_path, monkeypatch):
+    import shutil
+    home, cwd = tmp_path / "recipes", tmp_path / "work"
+    for folder in (home, cwd):
+        (folder / "data").mkdir(parents=True)
+    shutil.copytree(ROOT / "examples" / "stories260K", home / "model")
+    shutil.copy(ROOT / "examples/data/alpaca/alpaca_en_demo.json", cwd / "data" / "a.json")
+    shutil.copy(ROOT / "examples/data/alpaca/alpaca_en_demo.json", home / "data" / "b.json")
+    (home / "data" / "a.json").write_text("[]")             # also beside the recipe: the recipe's folder wins
+    (home / "t.jinja").write_text("{{ messages }}")
+    recipe = base_recipe(tmp_path, model={"path": "model", "chat_template": "./t.jinja"},
+                         data={"train": [{"path": "data/a.json", "format": "alpaca"},
+                                         {"path": "data/b.json", "format": "alpaca"}]})
+    p = write_recipe(home, recipe)
+    monkeypatch.chdir(cwd)
+    r = load_recipe(p)
+    assert r.model.path == str(home / "model") and r.model.chat_template == "{{ messages }}"
+    assert [s.path for s in r.data.train] == [str(home / "data" / "a.json"), str(home / "data" / "b.json")]
+    # a --set value is typed relative to the working directory: it looks there first
+    assert load_recipe(p, ["data.train.0.path=data/a.json"]).data.train[0].path == str(cwd / "data" / "a.json")
+    # what exists in neither place, and cannot be a hub id, is one line naming both places
+    for override, key, value in (("model.path=./models/x", "model.path", "./models/x"),
+                                 ("data.train.1.path=data/c.jsonl", "data.train.1.path", "data/c.jsonl")):
+        with pytest.raises(RecipeError) as e:
+            load_recipe(p, [override])
+        assert str(e.value) == f"--set {key}: '{value}' does not exist (tried {cwd / value}, {home / value})".replace(
+            "/./", "/")
+    (home / "t.jinja").unlink()
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    assert str(e.value) == f"{p}: model.chat_template: './t.jinja' does not exist (tried {home / 't.jinja'}, {cwd / 't.jinja'})"
+
+
+def test_hub_ids_stay_and_finished_runs_load_without_their_data(tmp_path):
+    r = load_recipe(write_recipe(tmp_path, base_recipe(tmp_path, model={"path": "meta-llama/Llama-3.1-8B"})))
+    assert r.model.path == "meta-llama/Llama-3.1-8B"
+    run_dir = tmp_path / "runs" / "t"
+    run_dir.mkdir(parents=True)
+    gone = base_recipe(tmp_path, data={"train": [{"path": str(tmp_path / "deleted.jsonl"), "format": "alpaca"}]})
+    write_recipe(run_dir, gone)
+    from zerotune.core.recipe import load_run_recipe
+    assert load_run_recipe(run_dir).data.train[0].path == str(tmp_path / "deleted.jsonl")

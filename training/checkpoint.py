@@ -16,10 +16,8 @@ Loading never unpickles arbitrary objects: DeepSpeed's files are read with
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -39,19 +37,6 @@ __all__ = ["save", "load", "resolve_resume", "needs_universal", "latest_complete
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used (missing, incomplete, from another run)."""
-
-
-# ----------------------------------------------------------------------------- test hook
-def _crash_point(name: str, step: int, rank: int) -> None:
-    """ZEROTUNE_TEST_CRASH="<point>:<step>[:<rank>]" kills this process with SIGKILL at that point
-    of the save of that step (tests use it to prove a crash mid-save loses nothing)."""
-    spec = os.environ.get("ZEROTUNE_TEST_CRASH")
-    if not spec:
-        return
-    parts = spec.split(":")
-    if parts[0] == name and int(parts[1]) == step and (len(parts) < 3 or int(parts[2]) == rank):
-        sys.stdout.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------- RNG
@@ -113,21 +98,28 @@ def save(engine, run_dir: Path, step: int, state: dict, sampler_state: dict, *, 
     samplers = [None] * world
     dist.all_gather_object(samplers, sampler_state)
     dist.barrier()
-    _crash_point("start", step, rank)
-    engine.save_checkpoint(str(root), tag=tag(step), save_latest=False, exclude_frozen_parameters=frozen_params)
-    tensors, meta = _rng_state()
-    save_file(tensors, str(path / f"rng-rank{rank}.safetensors"), metadata=meta)
-    _crash_point("shards", step, rank)
+    write_shards(engine, path, step=step, rank=rank, frozen_params=frozen_params)
     dist.barrier()  # every rank has written its shards
     if rank == 0:
         atomic_write(path / STATE_FILE, json.dumps({
             "step": step, "loop": state, "sampler": samplers, "world_size": world,
             "eval_loss": eval_loss, "recipe_digest": recipe_digest}, indent=1))
-        _crash_point("marker", step, rank)
-        atomic_write(path / MARKER, json.dumps({"step": step}) + "\n")
+        write_marker(path, step=step)
         prune(run_dir, keep)
     dist.barrier()
     return path
+
+
+def write_shards(engine, path: Path, *, step: int, rank: int, frozen_params: bool) -> None:
+    """This rank's DeepSpeed shards and RNG state into `path` (= checkpoints/step-N)."""
+    engine.save_checkpoint(str(path.parent), tag=path.name, save_latest=False, exclude_frozen_parameters=frozen_params)
+    tensors, meta = _rng_state()
+    save_file(tensors, str(path / f"rng-rank{rank}.safetensors"), metadata=meta)
+
+
+def write_marker(path: Path, *, step: int) -> None:
+    """COMPLETE, written last and atomically: from now on the checkpoint counts."""
+    atomic_write(path / MARKER, json.dumps({"step": step}) + "\n")
 
 
 def prune(run_dir: Path, keep: int) -> list[Path]:

@@ -15,20 +15,16 @@ step through the same engine path, by making the optimizer report an overflow fo
 Out of memory. `oom_guard(...)` wraps the training loop: a CUDA out-of-memory error (or one a
 test injects) ends the run with one message naming the step, the peak memory, the recipe's
 micro-batch and sequence length, and what to change, cheapest first, with the planner's memory
-estimate for each change when launcher/plan.py can compute it. Nothing is saved after an OOM,
+estimate for each change when the memory model (core/memory.py) can compute it. Nothing is saved after an OOM,
 so the newest complete checkpoint stays the one a resume uses. The message also goes to
 RUN_DIR/FAILED, which `zerotune status` shows.
 
-No torch import at module level: `zerotune status` reads FAILED_FILE from here on login nodes.
-
-Test hooks (environment variables, read on every rank):
-  ZEROTUNE_TEST_NAN_STEPS="3" or "3,5-7"   those optimizer steps get a NaN loss (and NaN gradients)
-  ZEROTUNE_TEST_OOM_STEP="3"               step 3 raises torch.OutOfMemoryError before its forward
+No torch import at module level. Tests inject NaN losses and OOM errors through
+training/faults.py, never through this module.
 """
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import sys
 from contextlib import contextmanager
@@ -37,36 +33,6 @@ from pathlib import Path
 from zerotune.core import memory
 from zerotune.core.io import GIB, atomic_write
 from zerotune.core.layout import FAILED_FILE, OOM_EXIT_CODE, RECIPE_FILE, latest_complete
-
-
-# ----------------------------------------------------------------------------- test hooks
-def _parse_steps(spec: str) -> set[int]:
-    steps = set()
-    for part in spec.replace(" ", "").split(","):
-        if "-" in part:
-            a, b = part.split("-")
-            steps.update(range(int(a), int(b) + 1))
-        elif part:
-            steps.add(int(part))
-    return steps
-
-
-def inject_nan(loss, step: int):
-    """ZEROTUNE_TEST_NAN_STEPS: multiply the loss of those steps by NaN (gradients become NaN too,
-    as they do when a real run diverges)."""
-    spec = os.environ.get("ZEROTUNE_TEST_NAN_STEPS")
-    if spec and step in _parse_steps(spec):
-        return loss * float("nan")
-    return loss
-
-
-def inject_oom(step: int) -> None:
-    """ZEROTUNE_TEST_OOM_STEP: raise the error torch raises when CUDA runs out of memory."""
-    spec = os.environ.get("ZEROTUNE_TEST_OOM_STEP")
-    if spec and int(spec) == step:
-        import torch
-        raise torch.OutOfMemoryError(
-            f"CUDA out of memory. Tried to allocate 2.00 GiB (injected by ZEROTUNE_TEST_OOM_STEP={spec})")
 
 
 # ----------------------------------------------------------------------------- non-finite loss
@@ -146,7 +112,7 @@ def _suggestions(recipe, world: int) -> list[tuple[str, dict, dict]]:
         batch = (f"train.global_batch_size stays {t.global_batch_size}" if t.global_batch_size
                  else f"train.grad_accum: {acc}")
         out.append((f"train.micro_batch_size: {mbs} with {batch} (same global batch, a little slower)",
-                    {"micro_batch": mbs}, {}))
+                    {"micro_batch_size": mbs}, {}))
     if not t.gradient_checkpointing:
         out.append(("train.gradient_checkpointing: true (recomputes activations, ~25% slower)", {}, {"grad_ckpt": True}))
     if m.kind != "qlora" and zero < 3:

@@ -12,19 +12,21 @@ holds only the trainable parameters; they are written as a standard PEFT adapter
 or, for bottleneck adapters, a zerotune adapter folder (training/adapters.py).
 
 The training loop calls `save_final(engine, model, recipe, out, rank)` at the end of a run to write RUN_DIR/final the same way.
-Checkpoint files are read with torch.load(weights_only=True) only.
+Checkpoint files are read with torch.load(weights_only=True) only. Where the folder is written,
+and what an existing --out may hold for it to be replaced: training/export_folder.py.
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 from pathlib import Path
 
-from zerotune.core.errors import UserError
 from zerotune.core.io import parse_size
-from zerotune.core.layout import RECIPE_FILE, checkpoints_dir
+from zerotune.core.layout import CHECKPOINTS_DIR, RECIPE_FILE, checkpoints_dir
+
+from .export_folder import (ExportError, base_model_id, check_out, finish, fresh_tmp, replace_dir,  # noqa: F401
+                            save_side_files)
 
 HELP = "write a Hugging Face model or PEFT adapter folder from a run's checkpoint (CPU only)"
 DESCRIPTION = """Write a Hugging Face folder (safetensors shards, config, tokenizer, generation config)
@@ -34,21 +36,24 @@ PeftModel.from_pretrained loads. --merge writes the base model with the adapter 
 
   zerotune export runs/demo --out exported/demo
   zerotune export runs/lora --checkpoint step-200 --out adapters/lora
-  zerotune export runs/qlora --merge --out merged/qlora"""
+  zerotune export runs/qlora --merge --out merged/qlora
+
+An existing --out is replaced only when it is an earlier export of the same run (every export
+holds a .zerotune-export.json marker) or with --force; never the run folder, a folder above it
+or inside it (other than RUN_DIR/final), or the working directory."""
 
 MERGEABLE = ("lora", "qlora", "ia3")
 MODEL_STATES = "mp_rank_00_model_states.pt"
-
-
-class ExportError(UserError, RuntimeError):
-    """An export that cannot be written (missing checkpoint, refused output folder)."""
 
 
 def add_arguments(p) -> None:
     p.add_argument("run_dir", help="the run folder (holds recipe.yaml and checkpoints/)")
     p.add_argument("--checkpoint", default="latest",
                    help="step-N, a checkpoint folder, or latest (default: newest complete checkpoint)")
-    p.add_argument("--out", required=True, help="output folder (replaced if it exists)")
+    p.add_argument("--out", required=True,
+                   help="output folder; an existing one is replaced only if it is an export of this run")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out that is not an export of this run (never the run folder)")
     p.add_argument("--merge", action="store_true", help="adapter runs: write the base with the adapter merged in")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
 
@@ -58,10 +63,12 @@ def run(args) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / RECIPE_FILE).is_file():
         raise ExportError(f"{run_dir}: not a run folder (no recipe.yaml)")
+    out = Path(args.out)
+    check_out(out, run_dir, args.force)   # before anything is read or written
     recipe = load_run_recipe(run_dir)
     ckpt = find_checkpoint(run_dir, args.checkpoint)
-    out = Path(args.out)
-    what = export_checkpoint(recipe, ckpt, out, merge=args.merge, max_shard_size=int(parse_size(args.max_shard_size)))
+    what = export_checkpoint(recipe, ckpt, out, merge=args.merge, max_shard_size=int(parse_size(args.max_shard_size)),
+                             force=args.force, run_dir=run_dir)
     print(f"zerotune: exported {ckpt} -> {out} ({what})")
     return 0
 
@@ -151,51 +158,6 @@ def materialise(t):
 
 
 # ----------------------------------------------------------------------------- HF folders
-def base_model_id(recipe) -> str:
-    """recipe.model.path as an adapter's base: absolute when it is a local folder."""
-    p = Path(recipe.model.path).expanduser()
-    return str(p.resolve()) if p.is_dir() else recipe.model.path
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
-                   "vocab.txt", "spiece.model")
-
-
-def copy_tokenizer(recipe, out: Path) -> None:
-    """The run's tokenizer files, copied as they are (transformers 5 does not round-trip every
-    tokenizer through save_pretrained: stories260K's loses its leading-space rule), plus the
-    chat template the run trained with (model.chat_template) in tokenizer_config.json."""
-    src = Path(recipe.model.tokenizer or recipe.model.path).expanduser()
-    if not src.is_dir():  # a hub id: its files from the local cache (or the hub)
-        from huggingface_hub import snapshot_download
-        src = Path(snapshot_download(recipe.model.tokenizer or recipe.model.path, allow_patterns=list(TOKENIZER_FILES)))
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, out / name)
-    if recipe.model.chat_template is not None:
-        from .data.tokenize import resolve_template
-        from .model import load_tokenizer
-        template = resolve_template(load_tokenizer(recipe), recipe.model.chat_template)
-        config = json.loads((out / "tokenizer_config.json").read_text())
-        config["chat_template"] = template
-        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-        (out / "chat_template.jinja").write_text(template)
-
-
-def save_side_files(recipe, out: Path) -> None:
-    """Tokenizer (with the run's chat template) and generation config next to the weights."""
-    from transformers import GenerationConfig
-    copy_tokenizer(recipe, out)
-    if not (out / "generation_config.json").is_file():
-        try:
-            gen = GenerationConfig.from_pretrained(recipe.model.path)
-        except OSError:
-            from transformers import AutoConfig
-            gen = GenerationConfig.from_model_config(AutoConfig.from_pretrained(recipe.model.path))
-        gen.save_pretrained(out)
-
-
 def meta_model(recipe):
     """The recipe's model (base + method) with every tensor on the meta device: names and shapes only."""
     from accelerate import init_empty_weights
@@ -243,19 +205,6 @@ def write_hf_weights(tensors: dict, model, out: Path, dtype, max_shard_size: int
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(size.values())}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-def replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-
-
-def fresh_tmp(out: Path) -> Path:
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
 
 
 # ----------------------------------------------------------------------------- adapters
@@ -311,34 +260,50 @@ def merge_adapter(recipe, adapter_dir: Path, out: Path, max_shard_size: int) -> 
 
 
 # ----------------------------------------------------------------------------- the command
-def export_checkpoint(recipe, ckpt: Path, out: Path, merge: bool = False, max_shard_size: int = 5 * 10**9) -> str:
-    """Write `out` from checkpoint `ckpt` of a run with `recipe`; returns what was written."""
+def _write_export(recipe, ckpt: Path, tmp: Path, merge: bool, max_shard_size: int) -> str:
+    """The model or adapter of checkpoint `ckpt` into the empty folder `tmp`; returns what it is."""
     from .model import DTYPES
+    kind = recipe.method.kind
+    if kind == "full":
+        model = meta_model(recipe)
+        write_hf_weights(checkpoint_tensors(ckpt, trainable_only=False), model, tmp, DTYPES[recipe.model.dtype],
+                         max_shard_size)
+        model.config.save_pretrained(tmp)
+        return "Hugging Face model"
+    if not merge:
+        save_adapter_folder(adapter_model_from_checkpoint(recipe, ckpt), recipe, tmp)
+        return "bottleneck adapter" if kind == "adapter" else f"{kind} adapter"
+    adapter_tmp = fresh_tmp(tmp.parent / f"{tmp.name}.adapter")
+    try:
+        save_adapter_folder(adapter_model_from_checkpoint(recipe, ckpt), recipe, adapter_tmp)
+        merge_adapter(recipe, adapter_tmp, tmp, max_shard_size)
+    finally:
+        shutil.rmtree(adapter_tmp, ignore_errors=True)
+    return f"base with the {kind} adapter merged"
+
+
+def export_checkpoint(recipe, ckpt: Path, out: Path, merge: bool = False, max_shard_size: int = 5 * 10**9,
+                      force: bool = False, run_dir: Path | None = None) -> str:
+    """Write `out` from checkpoint `ckpt` of a run with `recipe`; returns what was written. An
+    existing `out` must be an earlier export of the same run, or `force` (export_folder.check_out)."""
+    ckpt, out = Path(ckpt), Path(out)
+    if run_dir is None:
+        run_dir = ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS_DIR else recipe.run_dir
+    check_out(out, run_dir, force)
     kind = recipe.method.kind
     if merge and kind not in MERGEABLE:
         raise ExportError(f"--merge: method.kind {kind} cannot be merged into the base weights (only "
                           f"{', '.join(MERGEABLE)} can); export the adapter without --merge and load it with "
                           f"PeftModel.from_pretrained or `zerotune generate BASE --adapter DIR`")
     tmp = fresh_tmp(out)
-    if kind == "full":
-        model = meta_model(recipe)
-        write_hf_weights(checkpoint_tensors(ckpt, trainable_only=False), model, tmp, DTYPES[recipe.model.dtype],
-                         max_shard_size)
-        model.config.save_pretrained(tmp)
-        what = "Hugging Face model"
-    elif not merge:
-        save_adapter_folder(adapter_model_from_checkpoint(recipe, ckpt), recipe, tmp)
-        what = "bottleneck adapter" if kind == "adapter" else f"{kind} adapter"
-    else:
-        adapter_tmp = fresh_tmp(out.with_name(out.name + ".adapter"))
-        try:
-            save_adapter_folder(adapter_model_from_checkpoint(recipe, ckpt), recipe, adapter_tmp)
-            merge_adapter(recipe, adapter_tmp, tmp, max_shard_size)
-        finally:
-            shutil.rmtree(adapter_tmp, ignore_errors=True)
-        what = f"base with the {kind} adapter merged"
-    save_side_files(recipe, tmp)
-    replace_dir(tmp, out)
+    try:
+        what = _write_export(recipe, ckpt, tmp, merge, max_shard_size)
+        save_side_files(recipe, tmp)
+        finish(tmp, run_dir, ckpt.name, what)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)   # ours: a failed export leaves nothing behind
+        raise
     return what
 
 
@@ -369,5 +334,7 @@ def save_final(engine, model, recipe, out: Path, rank: int) -> None:
         else:
             save_adapter_folder(model, recipe, tmp, state_dict=sd)
         save_side_files(recipe, tmp)
+        finish(tmp, out.parent, "end of training",
+               "Hugging Face model" if recipe.method.kind == "full" else f"{recipe.method.kind} adapter")
         replace_dir(tmp, out)
     dist.barrier()

@@ -63,11 +63,34 @@ def parse_adapters(specs: list[str]) -> list[tuple[str, Path]]:
     return out
 
 
+def check_model_target(target: str) -> None:
+    """MODEL_OR_RUN that is not a run folder: a model folder, or a hub id in the cache or on the hub
+    (with HF_HUB_OFFLINE=1 only the cache); one line otherwise, before any model code runs."""
+    from zerotune.core.errors import RecipeError
+    from zerotune.core.io import hub_file, looks_like_hub_id
+    path = Path(target).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise GenerateError(f"{target}: neither a run folder (no {RECIPE_FILE}) nor a model folder "
+                                "(no config.json)")
+        return
+    if path.exists():
+        raise GenerateError(f"{target}: is a file, not a run folder, a model folder or a hub id")
+    if not looks_like_hub_id(target):
+        raise GenerateError(f"{target}: does not exist (not a run folder, a model folder or a hub id)")
+    try:
+        hub_file(target, "config.json")
+    except RecipeError as e:
+        raise GenerateError(f"{target}: no such folder, and no model of that name could be fetched from the hub "
+                            f"({e})") from None
+
+
 def resolve(target: str, adapter_specs: list[str]):
     """(base model path, [(name, adapter dir)], chat template or None, recipe or None)."""
     adapters = parse_adapters(adapter_specs)
-    run = Path(target)
+    run = Path(target).expanduser()
     if not (run / RECIPE_FILE).is_file():
+        check_model_target(target)
         return target, adapters, None, None
     from zerotune.core.recipe import load_run_recipe
     recipe = load_run_recipe(run)
@@ -157,6 +180,7 @@ def generate(model, tokenizer, ids, max_new_tokens: int, temperature: float, top
 
 
 def run(args) -> int:
+    resolve(args.model, args.adapter)   # what to load exists: one line if not, before torch is imported
     import torch
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()

@@ -91,6 +91,15 @@ def apply_method(model, recipe):
     return peft.get_peft_model(model, peft_config(recipe))
 
 
+def keep_4bit_cpu_layout(model) -> None:
+    """bitsandbytes repacks 4-bit weights for its AVX512-BF16 CPU kernel the first time a layer
+    runs in eval mode on such a CPU, and asserts that the output size is a multiple of 32; small
+    models (stories260K's 172-wide MLP) fail there. Keep the portable layout for those layers."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False) and module.out_features % 32:
+            module.support_avx512bf16_for_cpu = False
+
+
 def build_model(recipe, ds_config: dict):
     global _hf_ds_config
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
@@ -125,6 +134,7 @@ def build_model(recipe, ds_config: dict):
     )
     gc_kwargs = {"use_reentrant": False}
     if quant is not None:
+        keep_4bit_cpu_layout(model)
         # QLoRA paper recipe: freeze, norms in fp32, checkpointing with inputs that carry grads
         from peft import prepare_model_for_kbit_training
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing,
@@ -133,6 +143,9 @@ def build_model(recipe, ds_config: dict):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     if recipe.train.gradient_checkpointing:
         model.config.use_cache = False
+    if recipe.train.fused_loss and kind in ("full", "lora", "qlora"):
+        from .loss import enable
+        enable(model)   # the logits are never materialised whole (training/loss.py)
     return apply_method(model, recipe)
 
 

@@ -1,8 +1,11 @@
 """Rows of each source format -> one conversation form.
 
-A conversation is a list of turns {"role": system|user|assistant|tool, "content": str}:
-an optional system turn first, then user (or tool) and assistant turns alternating, ending
-with an assistant turn. `text` rows are the exception: {"text": str}, every token trains.
+A conversation (turns.Conversation) is a list of turns {"role": system|user|assistant|tool,
+"content": str} (assistant turns may carry tool_calls and reasoning_content, see turns.py):
+an optional system turn first, then user and assistant turns alternating (an assistant turn
+that calls tools is followed by the tools' results), ending with an assistant turn. Its
+`tools` are the function schemas offered to the model. `text` rows are the exception:
+{"text": str}, every token trains.
 
 Column names are remapped per source (`columns: {instruction: question, output: answer}`),
 as LLaMA-Factory's dataset_info does. Every check raises DataError naming the file, the row
@@ -10,16 +13,11 @@ and what was expected.
 """
 from __future__ import annotations
 
-import json
 from typing import Any
-from zerotune.core.errors import UserError
 
-Conversation = list[dict[str, str]]
+from .turns import Conversation, DataError, check_order, parse_tools, parse_turn, type_name
 
-
-class DataError(UserError, ValueError):
-    """Bad input data. The message names the file and row; print it as is."""
-
+__all__ = ["Conversation", "DataError", "FIELDS", "FORMATS", "check_columns", "to_conversation"]
 
 # sharegpt "from" values (FastChat, LLaMA-Factory) -> roles. function_call turns are the
 # assistant calling a tool (trained); observation turns are the tool's answer (not trained).
@@ -55,10 +53,6 @@ def check_columns(fmt: str, columns: dict[str, str], where: str) -> None:
                         f"(fields: {', '.join(FIELDS[fmt])})")
 
 
-def _type(v: Any) -> str:
-    return "null" if v is None else {"str": "string", "dict": "object", "list": "list"}.get(type(v).__name__, type(v).__name__)
-
-
 def _string(row: dict, col: str, where: str, fmt: str, required: bool) -> str:
     if col not in row or row[col] is None:
         if required:
@@ -68,51 +62,16 @@ def _string(row: dict, col: str, where: str, fmt: str, required: bool) -> str:
         return ""
     v = row[col]
     if not isinstance(v, str):
-        raise DataError(f"{where}: field {col!r} must be a string, got {_type(v)}")
+        raise DataError(f"{where}: field {col!r} must be a string, got {type_name(v)}")
     return v
 
 
-def _check_order(conv: Conversation, where: str) -> Conversation:
-    """System first (optional), then user/tool and assistant alternating, assistant last."""
-    turns = conv[1:] if conv and conv[0]["role"] == "system" else conv
-    if not turns:
-        raise DataError(f"{where}: empty conversation (expected user and assistant turns)")
-    for i, t in enumerate(turns):
-        want = ("user", "tool") if i % 2 == 0 else ("assistant",)
-        if t["role"] not in want:
-            n = i + (len(conv) - len(turns)) + 1
-            raise DataError(f"{where}: turn {n} is {t['role']!r} but the conversation must alternate "
-                            f"user/tool and assistant turns (expected {' or '.join(map(repr, want))})")
-    if turns[-1]["role"] != "assistant":
-        raise DataError(f"{where}: the last turn is {turns[-1]['role']!r}; expected it to be the assistant's "
-                        "(nothing to train on after it)")
-    return conv
-
-
-def _system(row, col, where, fmt, default):
+def _system(row, col, where, fmt, default) -> tuple[list[dict], list[str]]:
+    """The system turn from the row's column, else data.system_prompt; and its origin."""
     s = _string(row, col, where, fmt, required=False)
-    return [{"role": "system", "content": s or default}] if (s or default) else []
-
-
-def _tools_text(row: dict, col: str, where: str) -> str:
-    tools = row.get(col)
-    if tools in (None, "", []):
-        return ""
-    if isinstance(tools, str):
-        return tools
-    if isinstance(tools, (list, dict)):
-        return json.dumps(tools, ensure_ascii=False)
-    raise DataError(f"{where}: field {col!r} must be a JSON string or a list of tool definitions, got {_type(tools)}")
-
-
-def _with_tools(conv: Conversation, tools: str) -> Conversation:
-    """Tool definitions go into the system turn (templates differ too much in how they take `tools`)."""
-    if not tools:
-        return conv
-    note = "You can call these tools:\n" + tools
-    if conv and conv[0]["role"] == "system":
-        return [{"role": "system", "content": conv[0]["content"] + "\n\n" + note}, *conv[1:]]
-    return [{"role": "system", "content": note}, *conv]
+    if not (s or default):
+        return [], []
+    return [{"role": "system", "content": s or default}], [f"field {col!r}" if s else "data.system_prompt"]
 
 
 def alpaca(row: dict, where: str, columns: dict[str, str], system_prompt: str | None = None) -> Conversation:
@@ -120,51 +79,40 @@ def alpaca(row: dict, where: str, columns: dict[str, str], system_prompt: str | 
     instruction = _string(row, c["instruction"], where, "alpaca", True)
     output = _string(row, c["output"], where, "alpaca", True)
     inp = _string(row, c["input"], where, "alpaca", False)
-    conv = _system(row, c["system"], where, "alpaca", system_prompt)
+    conv, origin = _system(row, c["system"], where, "alpaca", system_prompt)
     history = row.get(c["history"]) or []
     if not isinstance(history, list):
-        raise DataError(f"{where}: field {c['history']!r} must be a list of [instruction, response] pairs, got {_type(history)}")
+        raise DataError(f"{where}: field {c['history']!r} must be a list of [instruction, response] pairs, got {type_name(history)}")
     for k, pair in enumerate(history, 1):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
             raise DataError(f"{where}: {c['history']!r} item {k} must be a pair of strings [instruction, response]")
         conv += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+        origin += [f"{c['history']!r} item {k} instruction", f"{c['history']!r} item {k} response"]
     prompt = instruction + ("\n\n" + inp if inp else "")
     conv += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
-    return conv
+    return Conversation(conv, origin=origin + [f"field {c['instruction']!r}", f"field {c['output']!r}"])
 
 
 def _turns(row: dict, where: str, columns: dict[str, str], fmt: str, roles: dict[str, str],
            system_prompt: str | None) -> Conversation:
     key = "messages" if fmt == "messages" else "conversations"
     list_col = columns.get(key, key)
-    role_tag = columns.get("role_tag", TAG_DEFAULTS[fmt][0])
-    content_tag = columns.get("content_tag", TAG_DEFAULTS[fmt][1])
+    tags = (columns.get("role_tag", TAG_DEFAULTS[fmt][0]), columns.get("content_tag", TAG_DEFAULTS[fmt][1]))
     if list_col not in row or row[list_col] is None:
         have = ", ".join(map(repr, row)) or "none"
         raise DataError(f"{where}: missing field {list_col!r} ({fmt} rows need a list of turns; this row has {have}; "
                         "remap names with the source's columns)")
     turns = row[list_col]
     if not isinstance(turns, list):
-        raise DataError(f"{where}: field {list_col!r} must be a list of turns, got {_type(turns)}")
-    conv: Conversation = []
-    for k, t in enumerate(turns, 1):
-        if not isinstance(t, dict):
-            raise DataError(f"{where}: turn {k} must be an object with {role_tag!r} and {content_tag!r}, got {_type(t)}")
-        for tag in (role_tag, content_tag):
-            if tag not in t:
-                raise DataError(f"{where}: turn {k} has no {tag!r} key (expected {role_tag!r} and {content_tag!r})")
-        role, content = t[role_tag], t[content_tag]
-        if role not in roles:
-            raise DataError(f"{where}: turn {k} has unknown role {role!r} (expected one of {', '.join(map(repr, roles))})")
-        if not isinstance(content, str):
-            raise DataError(f"{where}: turn {k} {content_tag!r} must be a string, got {_type(content)}")
-        if roles[role] == "system" and k > 1:
-            raise DataError(f"{where}: turn {k} is a system turn; only the first turn may be one")
-        conv.append({"role": roles[role], "content": content})
-    _check_order(conv, where)   # turn numbers in errors are those of the row's own list
-    if not (conv and conv[0]["role"] == "system"):
-        conv = _system(row, columns.get("system", "system"), where, fmt, system_prompt) + conv
-    return _with_tools(conv, _tools_text(row, columns.get("tools", "tools"), where))
+        raise DataError(f"{where}: field {list_col!r} must be a list of turns, got {type_name(turns)}")
+    conv = [parse_turn(t, where, k, tags, roles) for k, t in enumerate(turns, 1)]
+    origin = [f"turn {k}" for k in range(1, len(conv) + 1)]   # errors number turns as the row's own list
+    check_order(conv, where, origin)
+    if conv[0]["role"] != "system":
+        system, sys_origin = _system(row, columns.get("system", "system"), where, fmt, system_prompt)
+        conv, origin = system + conv, sys_origin + origin
+    tools_col = columns.get("tools", "tools")
+    return Conversation(conv, tools=parse_tools(row.get(tools_col), where, tools_col), origin=origin)
 
 
 def sharegpt(row, where, columns, system_prompt=None) -> Conversation:
@@ -179,8 +127,9 @@ def prompt_completion(row, where, columns, system_prompt=None) -> Conversation:
     c = {k: columns.get(k, k) for k in FIELDS["prompt_completion"]}
     prompt = _string(row, c["prompt"], where, "prompt_completion", True)
     completion = _string(row, c["completion"], where, "prompt_completion", True)
-    return _system(row, c["system"], where, "prompt_completion", system_prompt) + [
-        {"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    conv, origin = _system(row, c["system"], where, "prompt_completion", system_prompt)
+    return Conversation(conv + [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}],
+                        origin=origin + [f"field {c['prompt']!r}", f"field {c['completion']!r}"])
 
 
 def text(row, where, columns, system_prompt=None) -> dict:
@@ -193,5 +142,5 @@ FORMATS = {"alpaca": alpaca, "sharegpt": sharegpt, "messages": messages,
 
 def to_conversation(fmt: str, row: Any, where: str, columns: dict[str, str], system_prompt: str | None = None):
     if not isinstance(row, dict):
-        raise DataError(f"{where}: expected an object with {fmt} fields, got {_type(row)}")
+        raise DataError(f"{where}: expected an object with {fmt} fields, got {type_name(row)}")
     return FORMATS[fmt](row, where, columns, system_prompt)

@@ -57,6 +57,15 @@ def _pct(x) -> str:
     return f"{100 * x:.1f}%"
 
 
+def _trains(s: dict) -> str:
+    """Which tokens carry loss, in words (data.train_on, train_on_reasoning, train_on_prompt)."""
+    if s.get("train_on_prompt"):
+        return "every token but the first (data.train_on_prompt: true)"
+    turns = "the last assistant turn of each chat" if s.get("train_on") == "last_assistant" else "every assistant turn"
+    reasoning = "reasoning masked" if s.get("train_on_reasoning") is False else "reasoning included"
+    return f"{turns} (tool calls included, tool results not; {reasoning}; a turn's loss_weight: 0 opts out)"
+
+
 def format_stats(stats: dict, would_pack: float | None) -> list[str]:
     s = stats
     lines = [
@@ -65,6 +74,7 @@ def format_stats(stats: dict, would_pack: float | None) -> list[str]:
         f"tokens       {s['train_tokens']:,} train, {s['train_target_tokens']:,} trained "
         f"({_pct(s['trained_fraction'])} of tokens carry loss)",
     ]
+    lines.append("trains       " + _trains(s))
     for src in s["sources"]:
         lines.append(f"  source     {src['path']} ({src['format']}{', eval' if src.get('eval') else ''}): "
                      f"{src['rows']:,} rows -> {src['samples']:,} samples")
@@ -77,6 +87,8 @@ def format_stats(stats: dict, would_pack: float | None) -> list[str]:
     for src in s["sources"]:
         for ex in src.get("bad_examples", []):
             lines.append(f"  skipped    {ex}")
+    for w in s.get("warnings", []):
+        lines.append(f"warning      {w}")
     if s["packing"]:
         lines.append(f"packing      on: efficiency {_pct(s['packing_efficiency'])} "
                      f"({s['train_tokens']:,} tokens in {s['train_rows']:,} rows of {s['max_len']})")

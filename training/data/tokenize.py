@@ -1,7 +1,7 @@
-"""Conversation -> input_ids + labels (-100 everywhere but assistant turns).
+"""Conversation -> input_ids + labels (-100 everywhere but the assistant turns that train).
 
 The chat template renders the whole conversation to text, exactly as at inference. Each
-assistant turn's span is found by rendering prefixes:
+trained assistant turn's span is found by rendering prefixes:
 
     start = len(render(turns before it, add_generation_prompt=True))   # where the model starts writing
     end   = common prefix of render(turns through it) and the full text  # its content + end-of-turn token
@@ -10,46 +10,22 @@ The text is tokenized once, and a token is labelled when its character offsets l
 inside a span. So labels are right whatever the tokenizer merges at turn boundaries (a token
 that straddles the boundary belongs to the prompt, as at inference), and the tokens are the
 ones the model sees at inference.
+
+Which assistant turns train: all of them (`data.train_on: all_assistant`) or the last one
+(`last_assistant`); a turn's own loss_weight / weight / train flag overrides both. A tool
+call is part of its assistant turn and trains with it; tool results never train. With
+`data.train_on_reasoning: false` a turn's reasoning (and the tags around it) is masked and
+only what follows it trains.
 """
 from __future__ import annotations
 
+import re
+
+from .chat_template import add_template_tokens, for_template, render, resolve_template  # noqa: F401 (re-exported)
 from .formats import Conversation, DataError
-from .templates import BUILTIN, SPECIAL_TOKENS
 
 IGNORE = -100
-
-
-def resolve_template(tokenizer, chat_template: str | None) -> str:
-    """The Jinja template to render with: the tokenizer's own, a built-in by name, or the string."""
-    if chat_template is None:
-        if getattr(tokenizer, "chat_template", None):
-            return tokenizer.chat_template
-        raise DataError(
-            "model.chat_template: the tokenizer has no chat_template; set model.chat_template to a built-in "
-            f"({', '.join(BUILTIN)}; 'alpaca' suits base models) or a Jinja template string")
-    if chat_template in BUILTIN:
-        return BUILTIN[chat_template]
-    if "{{" not in chat_template and "{%" not in chat_template:
-        raise DataError(f"model.chat_template: {chat_template!r} is neither a built-in ({', '.join(BUILTIN)}) "
-                        "nor a Jinja template")
-    return chat_template
-
-
-def add_template_tokens(tokenizer, chat_template: str | None) -> list[str]:
-    """Add the special tokens a built-in template needs and the tokenizer lacks; returns them.
-
-    The model's embeddings must then grow to len(tokenizer) (model.resize_token_embeddings).
-    """
-    vocab = tokenizer.get_vocab()
-    missing = [t for t in SPECIAL_TOKENS.get(chat_template or "", []) if t not in vocab]
-    if missing:
-        tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
-    return missing
-
-
-def render(tokenizer, template: str, messages: Conversation, add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+_AFTER_REASONING = re.compile(r"\s*(</[^<>\s]+>|<\|[^<>\s]+\|>)?\s*")   # the closing tag and blank lines
 
 
 def _common_prefix(a: str, b: str) -> int:
@@ -66,31 +42,88 @@ def _common_prefix(a: str, b: str) -> int:
     return lo
 
 
-def assistant_spans(tokenizer, template: str, conv: Conversation, where: str = "") -> tuple[str, list[tuple[int, int]]]:
-    """The rendered text and the (start, end) character span of each assistant turn."""
-    at = f"{where}: " if where else ""
-    try:
-        text = render(tokenizer, template, conv)
-    except Exception as e:  # jinja raises for roles/orders a template rejects
-        raise DataError(f"{at}the chat template cannot render this conversation: {type(e).__name__}: {e}") from None
+def trained_turns(conv: Conversation, where: str, train_on: str = "all_assistant",
+                  train_on_reasoning: bool = True) -> list[int]:
+    """Indices of the assistant turns that train. A trained turn with nothing in it (no text, no
+    tool call, no trained reasoning) would train only its end-of-turn token: refused."""
+    assistants = [i for i, t in enumerate(conv) if t["role"] == "assistant"]
+    out = []
+    for i in assistants:
+        flag = conv[i].get("train")
+        if flag is False or (flag is None and train_on == "last_assistant" and i != assistants[-1]):
+            continue
+        t = conv[i]
+        if not (t["content"].strip() or t.get("tool_calls")
+                or (train_on_reasoning and t.get("reasoning_content", "").strip())):
+            hint = ", or give the turn loss_weight: 0" if conv.origin[i].startswith("turn") else ""
+            raise DataError(f"{where}: {conv.origin[i]} is an empty assistant response (it would train only the "
+                            f"end-of-turn token); fill it or drop the row{hint}")
+        out.append(i)
+    return out
+
+
+def _check_rendered(text: str, conv: Conversation, at: str) -> None:
+    """Every turn's text appears in order: a template that drops a role would silently lose text."""
     pos = 0
-    for k, turn in enumerate(conv, 1):   # a template that drops a role would silently lose text
+    for k, turn in enumerate(conv):
         c = turn["content"].strip()
         i = text.find(c, pos) if c else pos
         if i < 0:
-            raise DataError(f"{at}the chat template does not render turn {k} ({turn['role']!r}); "
+            raise DataError(f"{at}the chat template does not render {conv.origin[k]} ({turn['role']!r}); "
                             "pick a template that supports this role (e.g. model.chat_template: chatml)")
         pos = i + len(c)
+
+
+def _check_turn_span(turn: dict, part: str, origin: str, at: str) -> None:
+    """The span of a trained turn holds its text, its tool calls and its reasoning."""
+    names = [call["function"]["name"] for call in turn.get("tool_calls") or []]
+    for name in names:
+        if part.count(name) < names.count(name):
+            raise DataError(f"{at}the chat template does not render tool call {name!r} of "
+                            f"{origin}; pick a template that renders tool_calls (e.g. model.chat_template: chatml)")
+    reasoning = (turn.get("reasoning_content") or turn.get("thinking") or "").strip()
+    if turn["content"].strip() not in part or reasoning not in part:
+        raise DataError(f"{at}the chat template renders {origin} differently once later turns follow (it drops "
+                        "text or reasoning of earlier turns, as Qwen3's drops their reasoning); set data.train_on: "
+                        "last_assistant, or give that turn loss_weight: 0")
+
+
+def _answer_start(text: str, start: int, end: int, turn: dict) -> int:
+    """Where a turn's answer begins after its reasoning and the closing tag (train_on_reasoning: false)."""
+    reasoning = (turn.get("reasoning_content") or turn.get("thinking") or "").strip()
+    if not reasoning and turn["content"].lstrip().startswith("<think>"):   # folded in by for_template
+        reasoning = turn["content"].lstrip()[len("<think>"):].split("</think>")[0].strip()
+    i = text.find(reasoning, start, end) if reasoning else -1
+    if i < 0:
+        return start
+    return _AFTER_REASONING.match(text, i + len(reasoning)).end()
+
+
+def assistant_spans(tokenizer, template: str, conv: Conversation, where: str = "", train_on: str = "all_assistant",
+                    train_on_reasoning: bool = True) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered text and the (start, end) character span of each assistant turn that trains."""
+    at = f"{where}: " if where else ""
+    if not isinstance(conv, Conversation):
+        conv = Conversation(conv)
+    trained = trained_turns(conv, where or "conversation", train_on, train_on_reasoning)
+    msgs = for_template(conv, tokenizer, template)
+    shift = len(msgs) - len(conv)    # a tools note may have become a system turn at the front
+    try:
+        text = render(tokenizer, template, msgs, tools=msgs.tools)
+    except Exception as e:  # jinja raises for roles/orders a template rejects
+        raise DataError(f"{at}the chat template cannot render this conversation: {type(e).__name__}: {e}") from None
+    _check_rendered(text, msgs, at)
     spans = []
-    for i, turn in enumerate(conv):
-        if turn["role"] != "assistant":
-            continue
-        before = render(tokenizer, template, conv[:i], add_generation_prompt=True) if i else ""
+    for i in (k + shift for k in trained):
+        before = render(tokenizer, template, msgs[:i], add_generation_prompt=True, tools=msgs.tools) if i else ""
         if not text.startswith(before):
             raise DataError(f"{at}the chat template does not render conversations prefix by prefix "
                             "(turn text changes when later turns follow); set model.chat_template to a built-in")
-        end = _common_prefix(render(tokenizer, template, conv[: i + 1]), text)
-        spans.append((len(before), end))
+        start, end = len(before), _common_prefix(render(tokenizer, template, msgs[: i + 1], tools=msgs.tools), text)
+        _check_turn_span(msgs[i], text[start:end], msgs.origin[i], at)
+        if not train_on_reasoning:
+            start = _answer_start(text, start, end, msgs[i])
+        spans.append((start, end))
     return text, spans
 
 
@@ -108,8 +141,9 @@ def label_tokens(ids: list[int], offsets: list[tuple[int, int]], spans: list[tup
 
 
 def tokenize_conversation(tokenizer, template: str, conv: Conversation, train_on_prompt: bool = False,
-                          where: str = "") -> tuple[list[int], list[int]]:
-    text, spans = assistant_spans(tokenizer, template, conv, where)
+                          where: str = "", **which) -> tuple[list[int], list[int]]:
+    """One conversation -> (ids, labels); `which`: train_on, train_on_reasoning (see assistant_spans)."""
+    text, spans = assistant_spans(tokenizer, template, conv, where, **which)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     return enc["input_ids"], label_tokens(enc["input_ids"], enc["offset_mapping"], spans, train_on_prompt)
 

@@ -1,0 +1,101 @@
+"""The chunked linear cross entropy (training/loss.py) gives the plain loss and gradients: on its
+own, inside a real model (packed and padded batches), and end to end under ZeRO-3 on 2 ranks,
+where the LM head's weight is partitioned and must be gathered for the chunked loss."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from conftest import STORIES, base_recipe, train_losses, write_recipe, zerotune
+from zerotune.training import loss as L
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_chunked_loss_and_gradients_equal_the_plain_ones(dtype, tol, chunk):
+    g = torch.Generator().manual_seed(0)
+    n, d, v = 37, 16, 50
+    h = torch.randn(n, d, generator=g).to(dtype).requires_grad_()
+    w = torch.randn(v, d, generator=g).to(dtype).requires_grad_()
+    y = torch.randint(0, v, (n,), generator=g)
+    y[::4] = L.IGNORE
+    n_target = float((y != L.IGNORE).sum())
+    plain = F.cross_entropy((h @ w.t()).double(), y, ignore_index=L.IGNORE, reduction="sum") / n_target
+    (2.5 * plain).backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    fused = L.linear_cross_entropy(h, w, y, n_target, chunk=chunk)
+    (2.5 * fused).backward()
+    assert fused.item() == pytest.approx(plain.item(), rel=tol, abs=tol)
+    assert torch.allclose(h.grad.double(), gh.double(), rtol=tol, atol=tol * gh.abs().max().item())
+    assert torch.allclose(w.grad.double(), gw.double(), rtol=tol, atol=tol * gw.abs().max().item())
+    assert h.grad.dtype == dtype and w.grad.dtype == dtype
+
+
+def _model():
+    return AutoModelForCausalLM.from_pretrained(str(STORIES), dtype=torch.float64).train()
+
+
+def _batches():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 512, (2, 24), generator=g)
+    labels = ids.clone()
+    labels[:, :5] = -100                                      # a prompt that does not train
+    padded = {"input_ids": ids, "labels": labels.masked_fill(torch.arange(24) >= 20, -100),
+              "attention_mask": (torch.arange(24) < 20).long().expand(2, 24)}
+    pos = torch.cat([torch.arange(10), torch.arange(14)]).expand(2, 24)   # two packed samples a row
+    packed = {"input_ids": ids, "labels": labels, "position_ids": pos}
+    return {"padded": padded, "packed": packed}
+
+
+@pytest.mark.parametrize("kind", ["padded", "packed"])
+def test_model_loss_and_gradients_match_transformers(kind):
+    batch = _batches()[kind]
+    n_target = int((batch["labels"][:, 1:] != -100).sum())
+    ref, fused = _model(), _model()
+    ref.config.use_cache = fused.config.use_cache = False
+    assert L.enable(fused) and not L.enable(fused)            # once only
+    # the reference: transformers' logits, then the causal-LM loss in float64 (transformers'
+    # own ForCausalLMLoss computes in float32)
+    logits = ref(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    loss_ref = F.cross_entropy(logits.flatten(0, 1), L.shift_labels(batch["labels"]).flatten(),
+                               ignore_index=-100, reduction="sum") / n_target
+    out = fused(**batch, num_items_in_batch=n_target)
+    assert out.logits is None                                 # never materialised
+    assert float(out.loss) == pytest.approx(float(loss_ref), rel=1e-10)
+    loss_ref.backward()
+    out.loss.backward()
+    for (name, p), q in zip(ref.named_parameters(), fused.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-8, atol=1e-12), name
+    # without labels (generation, eval of logits) the model is the plain one
+    assert torch.equal(fused(input_ids=batch["input_ids"]).logits, ref(input_ids=batch["input_ids"]).logits)
+
+
+def test_a_head_it_does_not_cover_stays_plain():
+    m = _model()
+    m.config.final_logit_softcapping = 30.0
+    assert not L.enable(m) and not hasattr(m, "_zerotune_fused_loss")
+
+
+@pytest.mark.slow
+def test_zero3_two_ranks_fused_equals_plain(tmp_path):
+    """ZeRO-3, 2 processes: the LM head weight is partitioned; the chunked loss reaches it
+    through the head module's own forward, so the loss curve and the final weights match."""
+    runs = {}
+    for fused in (True, False):
+        name = f"fused-{fused}".lower()
+        r = base_recipe(tmp_path, name=name, train={"max_steps": 3, "micro_batch_size": 2, "grad_accum": 2,
+                                                    "lr": 1e-3, "warmup_steps": 0, "fused_loss": fused,
+                                                    "gradient_checkpointing": True})
+        zerotune("train", str(write_recipe(tmp_path, r, f"{name}.yaml")), "--nproc", "2")
+        runs[fused] = tmp_path / "runs" / name
+    a, b = train_losses(runs[True]), train_losses(runs[False])
+    assert sorted(a) == [1, 2, 3]
+    for s in a:
+        assert a[s] == pytest.approx(b[s], rel=1e-5), (s, a[s], b[s])
+    from safetensors.torch import load_file
+    wa, wb = (load_file(str(runs[f] / "final" / "model.safetensors")) for f in (True, False))
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6), k

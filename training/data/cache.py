@@ -1,0 +1,67 @@
+"""The tokenized-data cache: one folder per key, written atomically, memory-mapped on load.
+
+    folder = cache_root(recipe) / cache_key(recipe, tokenizer, template)
+    save(folder, train, evals, stats)      # tmp folder + rename: a reader sees all or nothing
+    train, evals, stats = load(folder)
+
+The key covers everything that changes the tokens: the sources' content, formats, columns and
+weights, every data.* setting, the tokenizer, the resolved chat template and the seed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from .loader import TokenDataset
+from .sources import content_hash
+
+CACHE_VERSION = 2   # 2: tool calls, reasoning and train_on reach the tokens
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))).encode())
+    h.update(json.dumps([type(tokenizer).__name__, tokenizer.bos_token, tokenizer.eos_token,
+                         tokenizer.pad_token, len(tokenizer)]).encode())
+    return h.hexdigest()[:20]
+
+
+def cache_key(recipe, tokenizer, template) -> str:
+    d = recipe.data
+    desc = {
+        "version": CACHE_VERSION,
+        "train": [{**s.model_dump(mode="json"), "hash": content_hash(s)} for s in d.train],
+        "eval": [{**s.model_dump(mode="json"), "hash": content_hash(s)} for s in d.eval],
+        "data": d.model_dump(mode="json", exclude={"train", "eval", "cache_dir"}),
+        "tokenizer": tokenizer_fingerprint(tokenizer), "template": template, "seed": recipe.train.seed,
+    }
+    return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def cache_root(recipe) -> Path:
+    return Path(recipe.data.cache_dir) if recipe.data.cache_dir else recipe.run_dir.parent / ".zerotune-cache"
+
+
+def save(folder: Path, train: TokenDataset, evals: TokenDataset, stats: dict) -> None:
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    train.save(tmp / "train")
+    evals.save(tmp / "eval")
+    (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
+    try:
+        tmp.rename(folder)            # atomic: a reader sees a complete cache or none
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)   # another process won the race: theirs is identical
+
+
+def load(folder: Path) -> tuple[TokenDataset, TokenDataset, dict]:
+    t0 = time.perf_counter()
+    stats = json.loads((folder / "stats.json").read_text())
+    train, evals = TokenDataset.load(folder / "train"), TokenDataset.load(folder / "eval")
+    stats.update(cache="hit", cache_path=str(folder), load_seconds=round(time.perf_counter() - t0, 3))
+    return train, evals, stats

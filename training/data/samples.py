@@ -1,0 +1,81 @@
+"""One source -> tokenized samples [(input_ids, labels)] and its counts.
+
+    samples, stats = tokenize_source(src, tokenizer, template, recipe.data)
+
+Rows are read (sources.py), turned into one conversation form (formats.py), rendered with
+the chat template and labelled (tokenize.py), then tokenized in chunks of CHUNK rows per
+tokenizer call. A bad row raises a one-line DataError, or with `data.on_bad_rows: skip` is
+skipped and counted (the first three messages are kept for `zerotune data preview`).
+"""
+from __future__ import annotations
+
+from .formats import DataError, check_columns, to_conversation
+from .sources import read_rows
+from .tokenize import IGNORE, assistant_spans, label_tokens, tokenize_text, truncate
+
+CHUNK = 256  # rows tokenized per tokenizer call
+
+
+def new_source_stats(src) -> dict:
+    return {"path": src.path, "format": src.format, "rows": 0, "samples": 0, "bad_rows": 0, "bad_examples": [],
+            "truncated": 0, "dropped_too_long": 0, "dropped_no_target": 0, "longest": 0}
+
+
+def tokenize_source(src, tokenizer, template, data_cfg, limit: int | None = None) -> tuple[list, dict]:
+    """[(ids, labels)] of one source, and its counts. Bad rows raise, or are skipped and counted."""
+    st = new_source_stats(src)
+    check_columns(src.format, src.columns, f"data source {src.path}")
+    skip = data_cfg.on_bad_rows == "skip"
+    out: list[tuple[list[int], list[int]]] = []
+    pending: list[tuple[str, list]] = []   # (text, spans) awaiting one batched tokenizer call
+
+    def bad(err: DataError) -> None:
+        if not skip:
+            raise err
+        st["bad_rows"] += 1
+        if len(st["bad_examples"]) < 3:
+            st["bad_examples"].append(str(err))
+
+    def add(ids, labels) -> None:
+        st["longest"] = max(st["longest"], len(ids))
+        if len(ids) > data_cfg.max_len:
+            if data_cfg.truncation == "drop":
+                st["dropped_too_long"] += 1
+                return
+            ids, labels = truncate(ids, labels, data_cfg.max_len)
+            st["truncated"] += 1
+        if all(l == IGNORE for l in labels):
+            st["dropped_no_target"] += 1
+            return
+        out.append((list(ids), list(labels)))
+
+    def flush() -> None:
+        if not pending:
+            return
+        enc = tokenizer([p[0] for p in pending], add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        for (_, spans), ids, offs in zip(pending, enc["input_ids"], enc["offset_mapping"]):
+            add(ids, label_tokens(ids, offs, spans, data_cfg.train_on_prompt))
+        pending.clear()
+
+    for where, row in read_rows(src):
+        st["rows"] += 1
+        try:
+            if isinstance(row, DataError):
+                raise row
+            conv = to_conversation(src.format, row, where, src.columns, data_cfg.system_prompt)
+            if src.format == "text":
+                add(*tokenize_text(tokenizer, conv["text"]))
+            else:
+                pending.append(assistant_spans(tokenizer, template, conv, where, data_cfg.train_on,
+                                               data_cfg.train_on_reasoning))
+        except DataError as e:
+            bad(e)
+        if len(pending) >= CHUNK:
+            flush()
+        if limit and st["rows"] >= limit:
+            break
+    flush()
+    if st["rows"] == 0:
+        raise DataError(f"{src.path}: no rows")
+    st["samples"] = len(out)
+    return out, st

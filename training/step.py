@@ -1,0 +1,81 @@
+"""One optimizer step's work on one rank, and evaluation: what the loop runs and what the
+benchmarks measure (benchmarks/ call these same functions, so what is measured is what trains).
+
+Loss is the mean over the target tokens of the whole global batch: each micro-batch's summed
+token loss is divided by `n_target`, the global target-token count (all micro-batches, all
+ranks), so gradient accumulation and world size do not change it. DeepSpeed averages gradients
+over ranks, so the backward is scaled by the world size to undo that average.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from .data import collate, real_tokens, target_tokens
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def micro_loss(engine, batch: dict, n_target: float) -> torch.Tensor:
+    """Summed token loss of one micro-batch / n_target. Only the loss is kept: the logits are
+    freed before the backward."""
+    return engine(**batch, num_items_in_batch=n_target).loss
+
+
+def forward_backward(engine, micro: list[dict], n_target: float, world: int) -> torch.Tensor:
+    """Forward and backward of every micro-batch of a step (gradients accumulate in the engine;
+    the update is the caller's, at the boundary). Returns this rank's share of the step's loss
+    as a float64 tensor on the device: no host sync here."""
+    step_loss = torch.zeros((), dtype=torch.float64, device=engine.device)
+    for i, batch in enumerate(micro):
+        loss = micro_loss(engine, batch, n_target)
+        engine.backward(loss * world, scale_wrt_gas=False)  # DeepSpeed averages over ranks
+        step_loss += loss.detach().double()
+        if i < len(micro) - 1:
+            engine.step()  # not a boundary: DeepSpeed only accumulates
+    return step_loss
+
+
+def step_counts(micro: list[dict], stop_requested: bool, device) -> list[float]:
+    """One all-reduce per step: global target, real and padded tokens, and whether any rank was
+    asked to stop (a signal). Counted on the host batches (before they move to the GPU), so
+    this costs no device sync beyond the all-reduce. Returns [n_target, real, padded, stop]."""
+    counts = torch.tensor([sum(target_tokens(b) for b in micro), sum(real_tokens(b) for b in micro),
+                           sum(b["input_ids"].numel() for b in micro), float(stop_requested)],
+                          dtype=torch.float64, device=device)
+    dist.all_reduce(counts)
+    return counts.tolist()
+
+
+@torch.no_grad()
+def evaluate(engine, dataset, rank: int, world: int, micro_batch_size: int, pad_id: int,
+             limit: int | None) -> float:
+    """Token-weighted eval loss. Every rank runs the same number of forwards (ZeRO-3 needs it):
+    ranks short of samples repeat sample 0 with its labels masked out."""
+    engine.eval()
+    per_rank = math.ceil(len(dataset) / world)
+    n_batches = math.ceil(per_rank / micro_batch_size)
+    if limit:
+        n_batches = min(n_batches, limit)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
+    tokens = torch.zeros((), dtype=torch.float64, device=engine.device)
+    for b in range(n_batches):
+        samples = []
+        for j in range(b * micro_batch_size, (b + 1) * micro_batch_size):
+            i = j * world + rank
+            if i < len(dataset):
+                samples.append(dataset[i])
+            else:
+                samples.append({"input_ids": dataset[0]["input_ids"], "labels": [-100] * len(dataset[0]["labels"])})
+        batch = to_device(collate(samples, pad_id), engine.device)
+        n = target_tokens(batch)
+        loss_sum += engine(**batch, num_items_in_batch=max(n, 1)).loss.double() * n
+        tokens += n
+    dist.all_reduce(loss_sum)
+    dist.all_reduce(tokens)
+    engine.train()
+    return (loss_sum / tokens.clamp(min=1)).item()

@@ -1,0 +1,96 @@
+"""Throughput, MFU and GPU memory of a step.
+
+    MFU = tokens/s x F(seq_len) / (world_size x peak FLOP/s of one GPU)
+
+tokens/s counts the real (non-padding) tokens of the global batch over the step's wall time.
+F is core/flops.py's flops_per_token(config.json, seq_len): the model FLOPs of one training
+token, 6 x N_matmul + 6 x layers x seq_len x heads x head_dim, where N_matmul counts the
+parameters used in matmuls (attention and MLP of every layer, the routed experts only for MoE,
+norms, and the LM head; the input embedding is a lookup and counts nothing) and the second term
+is causal attention (scores and values, forward + backward). The recomputation of gradient
+checkpointing is NOT counted (model FLOPs, not hardware FLOPs), so MFU does not rise when
+checkpointing is switched on. The peak is the dense bf16 figure of core/memory.py's table
+(H100/H200 989 TFLOP/s, H100 PCIe 756, A100 312, ...), or ZEROTUNE_PEAK_TFLOPS; with no peak
+known (a CPU, an unlisted GPU) no MFU is logged rather than a made-up one.
+"""
+from __future__ import annotations
+
+import os
+
+from zerotune.core.flops import flops_per_token
+from zerotune.core.io import read_model_config
+from zerotune.core.memory import PEAK_TFLOPS
+
+GB = 1e9
+
+
+def peak_flops(device_name: str) -> float | None:
+    """Dense bf16 peak FLOP/s of one GPU, from the planner's table (None when unknown).
+    ZEROTUNE_PEAK_TFLOPS overrides it (for GPUs the table lacks)."""
+    if os.environ.get("ZEROTUNE_PEAK_TFLOPS"):
+        return float(os.environ["ZEROTUNE_PEAK_TFLOPS"]) * 1e12
+    name = device_name.lower()
+    if "h100" in name and "pcie" in name:
+        return 756e12
+    for key, tflops in PEAK_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def model_flops_per_token(recipe, seq_len: int) -> float | None:
+    """Training FLOPs (forward + backward) of one token, or None when we cannot know them."""
+    try:
+        return float(flops_per_token(read_model_config(recipe.model.path), seq_len))
+    except Exception:  # an unreadable config, an architecture flops.py does not cover
+        return None
+
+
+class Throughput:
+    """tokens/s and MFU of a step; GPU memory of this rank."""
+
+    def __init__(self, recipe, world_size: int, cuda: bool):
+        self.recipe, self.world, self.cuda = recipe, world_size, cuda
+        if cuda:
+            import torch
+            self.device = torch.cuda.get_device_name()
+        else:
+            self.device = "cpu"
+        self.peak = peak_flops(self.device)
+        self._flops: dict[int, float | None] = {}
+
+    def flops_per_token(self, seq_len: int) -> float | None:
+        if seq_len not in self._flops:
+            self._flops[seq_len] = model_flops_per_token(self.recipe, seq_len)
+        return self._flops[seq_len]
+
+    def mfu(self, tokens_per_sec: float, seq_len: int) -> float | None:
+        if self.peak is None:
+            return None
+        fpt = self.flops_per_token(seq_len)
+        return tokens_per_sec * fpt / (self.world * self.peak) if fpt else None
+
+    def gpu_memory(self) -> dict[str, float]:
+        if not self.cuda:
+            return {}
+        import torch
+        return {"train/gpu_mem_allocated_gb": torch.cuda.memory_allocated() / GB,
+                "train/gpu_mem_reserved_gb": torch.cuda.memory_reserved() / GB,
+                "train/gpu_mem_peak_gb": torch.cuda.max_memory_allocated() / GB}
+
+    def mfu_text(self) -> str:
+        """The formula with this run's numbers (TensorBoard text config/mfu)."""
+        seq = self.recipe.data.max_len
+        fpt = self.flops_per_token(seq)
+        peak = f"{self.peak / 1e12:g} TFLOP/s ({self.device})" if self.peak else \
+            f"unknown for {self.device!r}: train/mfu is not logged (set ZEROTUNE_PEAK_TFLOPS)"
+        per_token = f"{fpt:.4g} at seq_len {seq} (data.max_len; each step uses its batch's length)" if fpt else \
+            "unknown (core/flops.py cannot read this model's config.json): train/mfu is not logged"
+        ckpt = "on: its recomputation is not counted" if self.recipe.train.gradient_checkpointing else "off"
+        return ("**train/mfu = train/tokens_per_sec x F(seq_len) / (world_size x peak FLOP/s per GPU)**\n\n"
+                "F = 6 x N_matmul + 6 x layers x seq_len x heads x head_dim: model FLOPs (forward + backward) "
+                "of one training token (core/flops.py); N_matmul = parameters used in matmuls (attention, MLP "
+                "with the routed experts only, norms, LM head; not the input embedding); the second term is "
+                "causal attention. tokens/s counts real tokens, not padding, over all ranks.\n\n"
+                f"- F: {per_token}\n- peak: {peak}, dense bf16\n- world_size: {self.world}\n"
+                f"- gradient checkpointing {ckpt} (model FLOPs, not hardware FLOPs)")
