@@ -179,7 +179,7 @@ def flops_per_token(cfg, n_params, seq):
     return 6 * n + 6 * cfg.num_hidden_layers * cfg.hidden_size * seq
 
 
-def main():
+def parse_args():
     p = argparse.ArgumentParser()
     p.add_argument("mode", choices=["full", "qlora", "lora"])
     p.add_argument("--size", default="1b")
@@ -199,10 +199,92 @@ def main():
     a = p.parse_args()
     if a.data and not a.tokenizer:
         p.error("--data needs --tokenizer")
+    return a
+
+
+def full_model(a, cfg, common):
+    """ZeRO-3 (optionally offloaded) full fine-tune, as the HF Trainer + DeepSpeed docs set it up."""
+    ds = {"bf16": {"enabled": True},
+          "zero_optimization": {"stage": a.zero, "overlap_comm": True, "contiguous_gradients": True,
+                                "stage3_gather_16bit_weights_on_model_save": True},
+          "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                    "weight_decay": "auto"}},
+          "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+          "train_batch_size": "auto", "gradient_clipping": 1.0}
+    if a.offload:
+        ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        ds["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": True}
+    args = TrainingArguments(deepspeed=ds, **common)  # must exist before from_config for zero.Init
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16), args
+
+
+def saved_random_model(a, cfg) -> str:
+    path = a.model_dir or f"/tmp/rand_{a.size}"
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and not os.path.exists(path + "/.done"):
+        with torch.device("cuda"):
+            m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+        m.save_pretrained(path)
+        open(path + "/.done", "w").close()  # the other local ranks wait for this, not for a half-written folder
+        del m
+        torch.cuda.empty_cache()
+    while not os.path.exists(path + "/.done"):
+        time.sleep(2)
+    return path
+
+
+def adapter_model(a, path, common):
+    """LoRA r16 all-linear on a bf16 base, or QLoRA on an NF4 double-quantised base."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+    q = None
+    if a.mode == "qlora":
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=q,
+                                                 device_map={"": int(os.environ.get("LOCAL_RANK", 0))},
+                                                 attn_implementation="sdpa")
+    if q is not None:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=not a.no_gc)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+    args = TrainingArguments(optim="paged_adamw_8bit" if q is not None else "adamw_torch_fused", **common)
+    return model, args
+
+
+def make_trainer(a, model, args, cfg, world):
+    if not a.data:
+        clock = Clock(a.warmup)
+        data = RandomTokens(a.mbs * world * (a.steps + 2), a.seq, cfg.vocab_size)
+        return Trainer(model=model, args=args, train_dataset=data, callbacks=[clock]), clock, data
+    tok = load_tokenizer(a.tokenizer)
+    data = ChatRows(a.data, a.format, tok, a.max_len)
+    counter = Counter()
+    clock = Clock(a.warmup, counter)
+    tr = CountingTrainer(model=model, args=args, train_dataset=data, callbacks=[clock], data_collator=collator(tok))
+    tr.counter = counter
+    return tr, clock, data
+
+
+def data_mode_figures(a, clock, cfg, n_params, data) -> tuple[float, float, dict]:
+    """Real-data mode: tokens/s counts only real (non-padding) tokens."""
+    real = sum(t[0] for t in clock.tokens)
+    padded = sum(t[1] for t in clock.tokens)
+    seq_eff = sum(t[2] for t in clock.tokens) / max(real, 1)  # token-weighted mean sample length
+    tok_s_gpu = real / sum(clock.times)
+    mfu = tok_s_gpu * flops_per_token(cfg, n_params, seq_eff) / PEAK
+    per_step = sorted(t[0] / s for t, s in zip(clock.tokens, clock.times))
+    extra = dict(data=a.data, format=a.format, max_len=a.max_len, samples=len(data),
+                 real_tok_s_gpu=round(tok_s_gpu), real_tok_s_gpu_median=round(per_step[len(per_step) // 2]),
+                 padded_tok_s_gpu=round(padded / sum(clock.times)), pad_fraction=round(1 - real / max(padded, 1), 4),
+                 mean_sample_len=round(seq_eff, 1), timed_steps=len(clock.times))
+    return tok_s_gpu, mfu, extra
+
+
+def main():
+    a = parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = LlamaConfig(**SIZES[a.size], max_position_embeddings=max(4096, a.seq), rope_theta=500000.0)
     cfg._attn_implementation = "sdpa"
-
     common = dict(output_dir="/tmp/peer_out", per_device_train_batch_size=a.mbs, max_steps=a.steps,
                   learning_rate=1e-5, bf16=True, gradient_checkpointing=not a.no_gc,
                   gradient_checkpointing_kwargs={"use_reentrant": False}, logging_steps=1000,
@@ -210,75 +292,22 @@ def main():
                   use_liger_kernel=a.liger)
     t_load = time.perf_counter()
     if a.mode == "full":
-        ds = {"bf16": {"enabled": True},
-              "zero_optimization": {"stage": a.zero, "overlap_comm": True, "contiguous_gradients": True,
-                                    "stage3_gather_16bit_weights_on_model_save": True},
-              "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
-                                                        "weight_decay": "auto"}},
-              "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-              "train_batch_size": "auto", "gradient_clipping": 1.0}
-        if a.offload:
-            ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-            ds["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": True}
-        args = TrainingArguments(deepspeed=ds, **common)  # must exist before from_config for zero.Init
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+        model, args = full_model(a, cfg, common)
     else:
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-        from transformers import BitsAndBytesConfig
-        path = a.model_dir or f"/tmp/rand_{a.size}"
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0 and not os.path.exists(path + "/.done"):
-            with torch.device("cuda"):
-                m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-            m.save_pretrained(path)
-            open(path + "/.done", "w").close()  # the other local ranks wait for this, not for a half-written folder
-            del m
-            torch.cuda.empty_cache()
-        while not os.path.exists(path + "/.done"):
-            time.sleep(2)
+        path = saved_random_model(a, cfg)
         t_load = time.perf_counter()
-        q = None
-        if a.mode == "qlora":
-            q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=q,
-                                                     device_map={"": int(os.environ.get("LOCAL_RANK", 0))},
-                                                     attn_implementation="sdpa")
-        if q is not None:
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=not a.no_gc)
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
-                                                 task_type="CAUSAL_LM"))
-        args = TrainingArguments(optim="paged_adamw_8bit" if q is not None else "adamw_torch_fused", **common)
+        model, args = adapter_model(a, path, common)
     load_s = time.perf_counter() - t_load
     n_params = count_params(cfg)
-    extra = {}
-    if a.data:
-        tok = load_tokenizer(a.tokenizer)
-        data = ChatRows(a.data, a.format, tok, a.max_len)
-        counter = Counter()
-        clock = Clock(a.warmup, counter)
-        tr = CountingTrainer(model=model, args=args, train_dataset=data, callbacks=[clock],
-                             data_collator=collator(tok))
-        tr.counter = counter
-    else:
-        clock = Clock(a.warmup)
-        data = RandomTokens(a.mbs * world * (a.steps + 2), a.seq, cfg.vocab_size)
-        tr = Trainer(model=model, args=args, train_dataset=data, callbacks=[clock])
+    tr, clock, data = make_trainer(a, model, args, cfg, world)
     torch.cuda.reset_peak_memory_stats()
     tr.train()
     step = sorted(clock.times)[len(clock.times) // 2]
     tok_s_gpu = a.mbs * a.seq / step
     mfu = tok_s_gpu * flops_per_token(cfg, n_params, a.seq) / PEAK
+    extra = {}
     if a.data:
-        real = sum(t[0] for t in clock.tokens)
-        padded = sum(t[1] for t in clock.tokens)
-        seq_eff = sum(t[2] for t in clock.tokens) / max(real, 1)  # token-weighted mean sample length
-        tok_s_gpu = real / sum(clock.times)
-        mfu = tok_s_gpu * flops_per_token(cfg, n_params, seq_eff) / PEAK
-        per_step = sorted(t[0] / s for t, s in zip(clock.tokens, clock.times))
-        extra = dict(data=a.data, format=a.format, max_len=a.max_len, samples=len(data),
-                     real_tok_s_gpu=round(tok_s_gpu), real_tok_s_gpu_median=round(per_step[len(per_step) // 2]),
-                     padded_tok_s_gpu=round(padded / sum(clock.times)), pad_fraction=round(1 - real / max(padded, 1), 4),
-                     mean_sample_len=round(seq_eff, 1), timed_steps=len(clock.times))
+        tok_s_gpu, mfu, extra = data_mode_figures(a, clock, cfg, n_params, data)
     if int(os.environ.get("RANK", "0")) == 0:
         print("RESULT " + json.dumps(dict(peer="hf-trainer", mode=a.mode, size=a.size, params=n_params,
                                           seq=a.max_len if a.data else a.seq,

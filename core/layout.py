@@ -11,8 +11,15 @@ on login nodes.
     RUN_DIR/checkpoints/step-000500/    DeepSpeed shards, zerotune_state.json, rng-rank*.safetensors
     RUN_DIR/checkpoints/step-000500/COMPLETE   written last, atomically: the checkpoint counts
     RUN_DIR/final/                      the Hugging Face model (or adapter) at the end (FINAL_DIR)
+    RUN_DIR/checkpoints/step-000500/MANIFEST.json   every file's size (and crc32 of the small
+                                        ones), written before COMPLETE; resume verifies it
+    RUN_DIR/checkpoints/step-000500/DAMAGED   why resume skipped it (COMPLETE is then removed)
     RUN_DIR/PREEMPTED                   written after a save forced by SIGUSR1/SIGTERM
-    RUN_DIR/FAILED                      why the run stopped (OOM, bad loss), for `zerotune status`
+    RUN_DIR/FAILED                      why the run stopped (an error, OOM, bad loss), one line first
+    RUN_DIR/HEARTBEAT                   rank 0's pid, host, step and state, every ~30 s (HEARTBEAT_FILE)
+    RUN_DIR/logs/rank-<N>.log           the full traceback of an error raised on rank N (LOGS_DIR)
+    RUN_DIR/attempts.tsv                one line per requeueable Slurm attempt: job id, exit code,
+                                        newest checkpoint, FAILED reason (ATTEMPTS_FILE)
 """
 from __future__ import annotations
 
@@ -35,6 +42,14 @@ FAILED_FILE = "FAILED"
 PREEMPT_MARKER = "PREEMPTED"
 MARKER = "COMPLETE"
 STATE_FILE = "zerotune_state.json"
+MANIFEST_FILE = "MANIFEST.json"
+DAMAGED_MARKER = "DAMAGED"
+HEARTBEAT_FILE = "HEARTBEAT"
+LOGS_DIR = "logs"
+ATTEMPTS_FILE = "attempts.tsv"
+TRACKERS_FILE = "trackers.json"      # wandb / MLflow run ids, so a resume continues the same tracker run
+MLRUNS_DIR = "mlruns"                # the default MLflow file store
+EXPORT_MARKER = ".zerotune-export.json"  # in every export folder: whose export it is
 CACHE_DIR_NAME = ".zerotune-cache"   # beside the run folders (RUN_DIR/..), unless data.cache_dir
 
 # Exit codes of `python -m zerotune.training` (and so of torchrun, launch.sh and job.sbatch).
@@ -42,7 +57,12 @@ USER_ERROR_EXIT_CODE = 2     # a recipe, data or file problem, printed as one li
 BAD_LOSS_EXIT_CODE = 3       # too many non-finite losses in a row (train.max_bad_steps)
 OOM_EXIT_CODE = 4            # CUDA out of memory; FAILED holds the advice
 REQUEUE_EXIT_CODE = 85       # saved because of SIGUSR1/SIGTERM: the Slurm script requeues the job
+INTERRUPT_EXIT_CODE = 130    # saved because of SIGINT (Ctrl-C): not requeued
 _TAG = re.compile(r"^step-(\d{6,})$")
+
+
+def rank_log(run_dir: Path, rank: int) -> Path:
+    return Path(run_dir) / LOGS_DIR / f"rank-{rank}.log"
 
 
 def checkpoints_dir(run_dir: Path) -> Path:

@@ -51,7 +51,7 @@ cast: its adapters stay fp32 (4 + 4 bytes parameters and gradients, no master co
 the non-quantised parameters stay fp32 (4 bytes) and their fp32 norm weights make the residual
 stream, and so the kept and recomputed activations, fp32.
 
-Speed: tokens/s per GPU = MFU x peak FLOP/s / training FLOPs per token (training/flops.py).
+Speed: tokens/s per GPU = MFU x peak FLOP/s / training FLOPs per token (core/flops.py).
 The MFUs are the initial calibration: the HF Trainer peer measured on one H100 80GB
 (../shared/bench/README.md, 2026-11-24); values marked "assumed" in EFFICIENCY were not
 measured. docs/plan_vs_measured.md compares estimates with measurements.
@@ -69,9 +69,29 @@ DEFAULT_CPU_MEMORY = 512 * GIB     # per node
 RESERVED = 2.5 * GIB               # CUDA context, NCCL buffers, allocator fragmentation
 LOGIT_BYTES = 12                   # per logit element, see the module docstring
 FUSED_CHUNK = 4096                 # tokens per chunk of the chunked loss (training/loss.py CHUNK_TOKENS)
+FUSED_LOSS_SPEED = 0.96            # its tokens/s relative to the plain loss (measured 0.94-0.97, H200)
 PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "l40s": 362.0, "a10g": 125.0}
 
-# MFU per strategy, with gradient checkpointing, on one H100 (peer measurements unless "assumed").
+# MFU per strategy on one GPU, zerotune's own path through `zerotune train` (benchmarks/bench.py,
+# one H200, 2026-11-27, 1B mbs 8 / 8B mbs 4, seq 2048, chunked loss), gradient checkpointing on
+# and off. Keys: (method, zero, offload optimizer, offload params, gradient checkpointing).
+MEASURED = {
+    ("full", 3, False, False, True): (0.265, "measured: zerotune, 1B ZeRO-3 mbs 8"),
+    ("full", 3, False, False, False): (0.309, "measured: zerotune, 1B ZeRO-3 mbs 8, no checkpointing"),
+    ("full", 2, False, False, False): (0.340, "measured: zerotune, 1B ZeRO-2 mbs 8, no checkpointing"),
+    ("full", 1, False, False, False): (0.344, "measured: zerotune, 1B ZeRO-1 mbs 8, no checkpointing"),
+    ("full", 0, False, False, False): (0.352, "measured: zerotune, 1B ZeRO-0 mbs 8, no checkpointing"),
+    # checkpointing on at ZeRO 0-2: the no-checkpointing figure / 1.166, the ratio measured at ZeRO-3
+    ("full", 2, False, False, True): (0.292, "derived: ZeRO-2 without checkpointing / 1.166"),
+    ("full", 1, False, False, True): (0.295, "derived: ZeRO-1 without checkpointing / 1.166"),
+    ("full", 0, False, False, True): (0.302, "derived: ZeRO-0 without checkpointing / 1.166"),
+    ("lora", 0, False, False, True): (0.361, "measured: zerotune, LoRA r16 8B mbs 4"),
+    ("lora", 0, False, False, False): (0.490, "measured: zerotune, LoRA r16 8B mbs 4, no checkpointing"),
+    ("qlora", 0, False, False, True): (0.341, "measured: zerotune, QLoRA r16 8B mbs 4"),
+    ("qlora", 0, False, False, False): (0.456, "measured: zerotune, QLoRA r16 8B mbs 4, no checkpointing"),
+}
+# Older calibration (the HF Trainer peer on one H100, 2026-11-24), with checkpointing; used where
+# MEASURED has no entry (no checkpointing: x NO_CHECKPOINTING).
 EFFICIENCY = {
     ("full", 3, False, False): (0.221, "measured: peer, 1B ZeRO-3 mbs 8 seq 2048"),
     ("full", 3, True, True): (0.118, "measured: peer, 1B ZeRO-3 + offload optimizer and params"),
@@ -80,6 +100,7 @@ EFFICIENCY = {
     ("full", 1, True, False): (0.16, "assumed: as ZeRO-3 + offload optimizer"),
     ("full", 2, False, False): (0.221, "assumed: as ZeRO-3 on one GPU"),
     ("full", 1, False, False): (0.221, "assumed: as ZeRO-3 on one GPU"),
+    ("full", 0, False, False): (0.221, "assumed: as ZeRO-3 on one GPU"),
     ("lora", 0, False, False): (0.297, "measured: peer, LoRA r16 8B mbs 4"),
     ("lora", 3, False, False): (0.22, "assumed: LoRA with the frozen base gathered per layer"),
     ("qlora", 0, False, False): (0.237, "measured: peer, QLoRA r16 8B NF4 mbs 4"),
@@ -123,6 +144,7 @@ class Estimate:
     tokens_per_s: float         # per GPU
     mfu: float
     mfu_source: str
+    fused_loss: bool = False    # the chunked loss (set by the launcher's auto choice)
     hours: Optional[float] = None
     gpu_hours: Optional[float] = None
     cost: Optional[float] = None
@@ -263,11 +285,14 @@ def estimate_memory(w: Workload, st: Strategy) -> dict:
 def efficiency(st: Strategy, world: int) -> tuple[float, str]:
     method = st.method if st.method in ("full", "lora", "qlora") else "lora"
     key = (method, st.zero, st.offload_optimizer, st.offload_params)
-    mfu, source = EFFICIENCY.get(key, (0.15, "assumed: no measurement for this strategy"))
+    if (*key, st.grad_ckpt) in MEASURED:
+        mfu, source = MEASURED[(*key, st.grad_ckpt)]
+    else:
+        mfu, source = EFFICIENCY.get(key, (0.15, "assumed: no measurement for this strategy"))
+        if not st.grad_ckpt:
+            mfu *= NO_CHECKPOINTING
     if st.zero == 3 and world > 1:
         mfu *= ZERO3_MULTI_GPU
-    if not st.grad_ckpt:
-        mfu *= NO_CHECKPOINTING
     return mfu, source
 
 
@@ -282,3 +307,15 @@ def workload_of(recipe, gpus_per_node: int, nodes: int = 1, train_tokens: Option
                     quant_bits=m.quant.bits, double_quant=m.quant.double_quant,
                     train_tokens=train_tokens, data_note=data_note,
                     fused_loss=recipe.train.fused_loss and m.kind in ("full", "lora", "qlora"))
+
+
+def save_seconds(w: Workload, st: Strategy, bytes_per_s: float = 2 ** 30) -> float:
+    """Seconds to write one checkpoint (the grace a stop signal needs: launcher/submit.py
+    grace_seconds, job.sbatch's --signal lead time): the trainable parameters in working
+    precision plus the optimizer's fp32 master copy and AdamW moments (8 bytes, 2 for 8-bit
+    optimizers), split over the nodes, at an assumed 1 GiB/s per node, plus 10 s for the
+    barriers, small files and fsyncs. An 8B full fine-tune (~112 GB) comes to ~114 s; one H200
+    node measured 50-87 s (1.3-2.2 GB/s), so the estimate errs long, as a grace should."""
+    trainable = estimate_memory(w, st)["trainable"]
+    optimizer = (0 if w.dtype == "fp32" else 4) + (2 if w.optimizer in ("adamw_8bit", "paged_adamw_8bit") else 8)
+    return 10.0 + trainable * (dtype_bytes(w.dtype) + optimizer) / max(1, w.nodes) / bytes_per_s

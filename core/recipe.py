@@ -16,15 +16,15 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from .errors import RecipeError
 
 
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from .recipe_parts import (METHODS, AdapterConfig, ClusterConfig, IA3Config, LoraConfig,  # noqa: F401,E402
+                           MethodConfig, PromptConfig, QuantConfig, _Section)
 
 
 # ----------------------------------------------------------------------------- model
@@ -40,60 +40,6 @@ class ModelConfig(_Section):
         None, description="None: the tokenizer's own template; a built-in name (chatml, llama3, alpaca, "
                           "plain), a path to a .jinja file (relative: to the working directory) or a Jinja "
                           "template string.")
-
-
-# ----------------------------------------------------------------------------- method
-class LoraConfig(_Section):
-    r: int = Field(16, gt=0, description="LoRA rank.")
-    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r, or / sqrt(r) with rslora).")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
-    target_modules: Union[Literal["all-linear"], list[str]] = Field(
-        "all-linear", description="'all-linear' or a list of module names (q_proj, v_proj, ...).")
-    modules_to_save: list[str] = Field(default_factory=list, description="Extra modules trained in full (e.g. lm_head).")
-    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r).")
-    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
-
-
-class QuantConfig(_Section):
-    bits: Literal[4, 8] = Field(4, description="Base-model weight bits (QLoRA uses 4).")
-    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
-    double_quant: bool = Field(True, description="Quantise the quantisation constants too.")
-    compute_dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Dtype of the dequantised matmuls.")
-
-
-class PromptConfig(_Section):
-    num_virtual_tokens: int = Field(20, gt=0, description="Virtual tokens for prompt/prefix/p-tuning.")
-    init: Literal["random", "text"] = Field("random", description="Prompt-tuning initialisation.")
-    init_text: Optional[str] = Field(None, description="Text whose embeddings initialise the prompt (init: text).")
-    encoder_hidden_size: int = Field(128, gt=0, description="p_tuning prompt-encoder width.")
-
-
-class IA3Config(_Section):
-    target_modules: Optional[list[str]] = Field(None, description="Modules rescaled by IA3; None: peft's default for the model.")
-    feedforward_modules: Optional[list[str]] = Field(None, description="Subset of target_modules that are feed-forward.")
-
-
-class AdapterConfig(_Section):
-    bottleneck: int = Field(64, gt=0, description="Bottleneck width of each adapter.")
-    placement: Literal["houlsby", "pfeiffer"] = Field(
-        "houlsby", description="houlsby: after attention and MLP; pfeiffer: after MLP only.")
-    dropout: float = Field(0.0, ge=0, lt=1)
-
-
-METHODS = ("full", "lora", "qlora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning", "adapter")
-
-
-class MethodConfig(_Section):
-    kind: Literal[METHODS] = Field("full", description="full | lora | qlora | ia3 | prompt_tuning | p_tuning | prefix_tuning | adapter")
-    lora: LoraConfig = Field(default_factory=LoraConfig, description="lora / qlora settings.")
-    quant: QuantConfig = Field(default_factory=QuantConfig, description="qlora base quantisation.")
-    prompt: PromptConfig = Field(default_factory=PromptConfig, description="prompt/prefix/p-tuning settings.")
-    ia3: IA3Config = Field(default_factory=IA3Config)
-    adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="bottleneck adapter settings.")
-
-    @property
-    def is_peft(self) -> bool:
-        return self.kind != "full"
 
 
 # ----------------------------------------------------------------------------- data
@@ -164,9 +110,18 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping (0 disables).")
     seed: int = Field(42, description="Seed for init, data order and dropout.")
-    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward.")
-    fused_loss: bool = Field(True, description="Cross entropy through the LM head in chunks, never holding the "
-                             "full logits (training/loss.py); models whose head it does not cover use the plain loss.")
+    gradient_checkpointing: Union[bool, Literal["auto"]] = Field(
+        True, description="Recompute activations in backward. auto: off when the planner finds it fits the GPU "
+                          "(faster), on otherwise; RUN_DIR/recipe.yaml records the choice.")
+    fused_loss: Union[bool, Literal["auto"]] = Field(
+        "auto", description="Cross entropy through the LM head in chunks, never holding the full logits "
+                            "(training/loss.py; ~4% slower than the plain loss). auto: the planner keeps the plain "
+                            "loss when its logits fit the GPU, else the chunked one. Heads it does not cover use the "
+                            "plain loss.")
+    compile: Union[bool, Literal["auto"]] = Field(
+        "auto", description="torch.compile each decoder layer (fuses norms, activations and rotary embeddings: "
+                            "~1.25x measured; the first step compiles for ~1 min). full/lora at ZeRO 0-2 only. "
+                            "auto: on for those on a CUDA GPU, decided on each rank.")
     eval_every: Optional[int] = Field(None, gt=0, description="Evaluate every N steps (and at the end).")
     eval_batches: Optional[int] = Field(None, gt=0, description="Cap on eval micro-batches per evaluation.")
     eval_prompts: list[str] = Field(
@@ -209,6 +164,9 @@ class DistributedConfig(_Section):
     offload_optimizer: bool = Field(False, description="Optimizer states and step on CPU (ZeRO 1-3).")
     offload_params: bool = Field(False, description="Parameters on CPU between uses (ZeRO-3 only).")
     timeout_minutes: int = Field(30, gt=0, description="Collective timeout.")
+    sequence_parallel: int = Field(
+        1, ge=1, le=64, description="GPUs that share one sequence (DeepSpeed Ulysses, for long context): must divide "
+                                    "the GPUs of a node; data parallelism runs over GPUs / N (docs/long_context.md).")
 
     @model_validator(mode="after")
     def _offload(self):
@@ -223,6 +181,7 @@ class DistributedConfig(_Section):
 # run goes (the LR schedule then ends at the new last step), when it evaluates, saves and logs,
 # and where it runs; not the model, the method, the data, the batch or the optimizer.
 RESUME_SAFE_KEYS = ("output_dir", "train.max_steps", "train.epochs", "train.eval_every", "train.eval_batches",
+                    "train.eval_prompts", "train.eval_max_new_tokens",
                     "train.early_stopping", "train.max_bad_steps", "checkpoint", "logging", "cluster",
                     "distributed.timeout_minutes", "data.cache_dir")
 
@@ -272,74 +231,6 @@ class LoggingConfig(_Section):
                   or "report_to" in explicit]
         self.__dict__.update(report_to=report, tensorboard="tensorboard" in report)  # no re-validation
         return self
-
-
-_SAFE = re.compile(r"^[A-Za-z0-9._:@/+-]+$")
-
-
-class ClusterConfig(_Section):
-    nodes: int = Field(1, gt=0)
-    gpus_per_node: Optional[int] = Field(None, ge=0, description="Processes per node; default: visible GPUs (1 on CPU).")
-    partition: Optional[str] = None
-    account: Optional[str] = None
-    qos: Optional[str] = None
-    constraint: Optional[str] = None
-    time: Optional[str] = Field(None, description="Slurm time limit, e.g. 1-00:00:00 or 04:00:00.")
-    cpus_per_task: Optional[int] = Field(None, gt=0)
-    mem: Optional[str] = Field(None, description="Slurm --mem per node, e.g. 200G or 0 (all).")
-    exclusive: bool = False
-    gres: Optional[str] = Field(None, description="Slurm gres per node; default gpu:<gpus_per_node> on GPUs.")
-    signal_grace_s: int = Field(300, gt=0, description="Seconds before the time limit at which USR1 asks for a save.")
-    extra_sbatch: list[str] = Field(default_factory=list, description="Extra '#SBATCH' option lines, e.g. '--mail-type=END'.")
-    env: dict[str, str] = Field(default_factory=dict, description="Extra environment exported in job scripts.")
-    container_image: Optional[str] = Field(None, description="pyxis/enroot image for srun --container-image.")
-    container_mounts: list[str] = Field(default_factory=list, description="srun --container-mounts entries, SRC:DST.")
-    gpu_memory: Optional[str] = Field(None, description="GPU memory per GPU for the planner, e.g. 80GB (default 80GB).")
-
-    @field_validator("container_image")
-    @classmethod
-    def _image(cls, v):
-        if v is not None and (not v or any(c in v for c in "\n\r\"'`$;& ")):
-            raise ValueError(f"{v!r} must be one image reference without spaces, quotes or shell characters")
-        return v
-
-    @field_validator("container_mounts")
-    @classmethod
-    def _mounts(cls, v):
-        for m in v:
-            if any(c in m for c in ",\n\r") or not m:
-                raise ValueError(f"{m!r}: a mount is SRC[:DST[:FLAGS]] without commas or newlines")
-        return v
-
-    @field_validator("gpu_memory")
-    @classmethod
-    def _gpu_mem(cls, v):
-        if v is not None and not re.match(r"^\d+(\.\d+)?\s*(GB|GiB|G)?$", v, re.I):
-            raise ValueError(f"{v!r} is not a size like 80GB")
-        return v
-
-    @field_validator("partition", "account", "qos", "constraint", "time", "mem", "gres")
-    @classmethod
-    def _token(cls, v):
-        if v is not None and not _SAFE.match(v):
-            raise ValueError(f"{v!r} may only contain letters, digits and . _ : @ / + -")
-        return v
-
-    @field_validator("extra_sbatch")
-    @classmethod
-    def _lines(cls, v):
-        for line in v:
-            if not line.startswith("--") or "\n" in line or "\r" in line:
-                raise ValueError(f"{line!r} must be one '--option[=value]' with no newline")
-        return v
-
-    @field_validator("env")
-    @classmethod
-    def _env(cls, v):
-        for k in v:
-            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k):
-                raise ValueError(f"{k!r} is not a valid environment variable name")
-        return v
 
 
 # ----------------------------------------------------------------------------- recipe

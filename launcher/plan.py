@@ -6,13 +6,13 @@ lists the strategies, picks the fastest that fits and prints the table.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Optional
 
 from zerotune.core.flops import flops_per_token, num_params, shape
 from zerotune.core.io import GIB, parse_size  # noqa: F401  (parse_size: tests)
-from zerotune.core.memory import (DEFAULT_CPU_MEMORY, DEFAULT_GPU_MEMORY, PEAK_TFLOPS, RESERVED, Estimate,  # noqa: F401
+from zerotune.core.memory import (DEFAULT_CPU_MEMORY, DEFAULT_GPU_MEMORY, FUSED_LOSS_SPEED, PEAK_TFLOPS, RESERVED, Estimate,  # noqa: F401
                                   Strategy, Workload, efficiency, estimate_memory, workload_of)
 from zerotune.core.recipe import Recipe, RecipeError, load_recipe
 
@@ -32,7 +32,7 @@ def strategies(method: str) -> list[Strategy]:
     out = []
     for ckpt in (True, False):
         if method == "full":
-            out += [Strategy("full", z, grad_ckpt=ckpt) for z in (1, 2, 3)]
+            out += [Strategy("full", z, grad_ckpt=ckpt) for z in (0, 1, 2, 3)]
             out += [Strategy("full", 2, True, False, ckpt), Strategy("full", 3, True, False, ckpt),
                     Strategy("full", 3, True, True, ckpt)]
         elif method == "qlora":
@@ -134,24 +134,45 @@ def workload(recipe: Recipe, gpus_per_node: int, nodes: int) -> Workload:
     return workload_of(recipe, gpus_per_node, nodes, tokens, note)
 
 
+def candidates(recipe: Recipe, w: Workload, gpu_memory: float, cpu_memory: float) -> list[Estimate]:
+    """Every estimate `auto` may pick: the recipe's method; its offload flags stay on; a fixed
+    ZeRO stage, checkpointing or loss stays as given. Rows with the chunked loss carry
+    FUSED_LOSS_SPEED in their tokens/s (it is that much slower than the plain loss)."""
+    d, t, method = recipe.distributed, recipe.train, recipe.method.kind
+    fused_choices = [False, True] if t.fused_loss == "auto" else [bool(t.fused_loss)]
+    if method not in ("full", "lora", "qlora"):
+        fused_choices = [False]
+    rows = []
+    for fused in fused_choices:
+        for r in plan(replace(w, fused_loss=fused), method, gpu_memory, cpu_memory):
+            r.fused_loss = fused
+            r.tokens_per_s *= FUSED_LOSS_SPEED if fused else 1.0
+            rows.append(r)
+    rows = [r for r in rows if r.strategy.method == method and (r.strategy.offload_optimizer or not d.offload_optimizer)
+            and (r.strategy.offload_params or not d.offload_params)]
+    if d.zero != "auto":
+        rows = [r for r in rows if (r.strategy.zero, r.strategy.offload_optimizer, r.strategy.offload_params)
+                == (d.zero, d.offload_optimizer, d.offload_params)]
+    return rows
+
+
 def choose(recipe: Recipe, gpus_per_node: int, nodes: int = 1, gpu_memory: float = DEFAULT_GPU_MEMORY,
-           cpu_memory: float = DEFAULT_CPU_MEMORY) -> Strategy:
-    """What `distributed.zero: auto` runs: the fastest fitting strategy of the recipe's method,
-    with the recipe's gradient checkpointing (and offload, where the recipe turns it on).
+           cpu_memory: float = DEFAULT_CPU_MEMORY) -> Estimate:
+    """What `auto` runs (distributed.zero, train.gradient_checkpointing, train.fused_loss): the
+    fastest fitting estimate among candidates(); .strategy and .fused_loss say what it is.
     One-line error when none fits."""
     w = workload(recipe, gpus_per_node, nodes)
     method = recipe.method.kind
-    d = recipe.distributed   # offload the recipe asks for stays on
-    rows = [r for r in plan(w, method, gpu_memory, cpu_memory)
-            if (r.strategy.offload_optimizer or not d.offload_optimizer) and (r.strategy.offload_params or not d.offload_params)]
-    best = recommend(rows, method, recipe.train.gradient_checkpointing)
+    rows = candidates(recipe, w, gpu_memory, cpu_memory)
+    gc = recipe.train.gradient_checkpointing
+    best = recommend(rows, method, None if gc == "auto" else gc)
     if best is None:
         smallest = min((r for r in rows if r.strategy.method == method), key=lambda r: r.total)
         raise RecipeError(
             f"distributed.zero: auto: no strategy fits {recipe.model.path} on {w.world} GPU(s) of "
             f"{gpu_memory / GIB:.0f} GiB: the smallest, {smallest.strategy.label}, {smallest.why_not}; "
             "add GPUs, lower train.micro_batch_size or data.max_len, or use method.kind: lora / qlora")
-    return best.strategy
+    return best
 
 
 def check_fits(recipe: Recipe, gpus_per_node: int, nodes: int = 1, gpu_memory: float = DEFAULT_GPU_MEMORY,

@@ -8,8 +8,8 @@ folder, and nothing in RUN_DIR is touched. In order:
   tokenizer   its vocabulary fits the model's embedding (config.json vocab_size); growing it by
               up to max(8, 1%) rows, e.g. a chat template's special tokens, is allowed for full
               fine-tunes (the loop resizes the embedding), by none for adapter methods
-  data        every row of every source read and tokenized as the ranks will (this fills the
-              tokenized cache, so the ranks find it there)
+  data        every row of every source read, rendered and tokenized as the ranks will
+              (training/data/validate.py)
   max_len     longer than the model's context (max_position_embeddings): a warning
   resume      checkpoint.resume names a complete checkpoint (see also prepare.py: a changed recipe)
   disk        output_dir has room for one checkpoint (see checkpoint_bytes)
@@ -100,13 +100,24 @@ def check_vocab(recipe: Recipe, tokenizer, added: list[str], config: dict) -> No
 
 
 # ----------------------------------------------------------------------------- data
-def check_data(recipe: Recipe, tokenizer) -> None:
-    """Every row read and tokenized exactly as the ranks will: a truncated file or a row missing
-    its response is a one-line DataError here, not inside torchrun. The tokenized cache this
-    fills is the one the ranks load. (Once training/data has a validation pass that needs no
-    tokenizing, call it here instead.)"""
-    from zerotune.training.data import build_data
-    build_data(recipe, tokenizer)
+def check_data(recipe: Recipe) -> None:
+    """Every row of every source read and checked as the ranks will read it, without tokenizing
+    (training/data/validate.py: well under a second for thousands of rows): a truncated file or
+    a row missing its response is its one-line DataError here, not inside torchrun."""
+    from zerotune.training.data.validate import validate_sources
+    validate_sources(recipe)
+
+
+def prepare_data(recipe: Recipe, tokenizer) -> None:
+    """Tokenize every row on every core into the cache the job reads (training/data/prepare.py),
+    so the ranks only load it; the errors only tokenizing finds (a turn that renders empty) and
+    the warnings (a data.max_len that cuts every sample) come here, one line each. Run last, after
+    every check that writes nothing."""
+    from zerotune.training.data.prepare import prepare_data as fill_cache
+    bundle = fill_cache(recipe, tokenizer)
+    if bundle.stats.get("cache") == "hit":   # a fresh build printed them itself
+        for warning in bundle.stats.get("warnings", []):
+            print(f"zerotune: warning: {warning}", file=sys.stderr, flush=True)
 
 
 def warn_context(recipe: Recipe, config: dict) -> None:
@@ -117,17 +128,18 @@ def warn_context(recipe: Recipe, config: dict) -> None:
               f"(config.json {key}: {c[key]}); positions past it were never trained", file=sys.stderr, flush=True)
 
 
-def check_inputs(recipe: Recipe, folder: Path) -> dict:
-    """Model, tokenizer, vocabulary, data, context length, in that order. Returns config.json."""
+def check_inputs(recipe: Recipe, folder: Path) -> tuple[dict, object]:
+    """Model, tokenizer, vocabulary, data, context length, in that order. Returns config.json
+    and the tokenizer (prepare_data tokenizes with it once everything else passed)."""
     config = check_model(recipe, folder)
     from zerotune.training.data import prepare_tokenizer
     from zerotune.training.model import load_tokenizer
     tokenizer = load_tokenizer(recipe)
     _, added = prepare_tokenizer(recipe, tokenizer)
     check_vocab(recipe, tokenizer, added, config)
-    check_data(recipe, tokenizer)
+    check_data(recipe)
     warn_context(recipe, config)
-    return config
+    return config, tokenizer
 
 
 # ----------------------------------------------------------------------------- resume, disk

@@ -19,20 +19,25 @@ from zerotune.core.layout import DS_CONFIG_FILE, RECIPE_FILE, check_fresh_start,
 from zerotune.core.recipe import RESUME_SAFE_KEYS, Recipe, RecipeError, load_recipe, load_run_recipe, validate_recipe
 
 from . import ds_config, preflight
+from zerotune.training.tracking import check_trackers
 
 _NONE = object()
 
 
 def resolve(recipe: Recipe, world_size: int, nodes: int = 1) -> Recipe:
-    """Fill choices left to zerotune so RUN_DIR/recipe.yaml says what ran: `zero: auto` becomes
-    the planner's fastest strategy that fits (launcher/plan.py), offload flags included."""
+    """Fill choices left to zerotune so RUN_DIR/recipe.yaml says what ran: `auto` in
+    distributed.zero, train.gradient_checkpointing and train.fused_loss becomes the planner's
+    fastest choice that fits (launcher/plan.py), offload flags included. (train.compile: auto is
+    decided on each rank: it needs to know the rank has a GPU.)"""
     data = recipe.model_dump(mode="json")
-    if recipe.distributed.zero == "auto":
+    t = recipe.train
+    if "auto" in (recipe.distributed.zero, t.gradient_checkpointing, t.fused_loss):
         from .plan import choose
         per_node = max(1, world_size // max(1, nodes))
         best = choose(recipe, gpus_per_node=per_node, nodes=nodes)
-        data["distributed"].update(zero=best.zero, offload_optimizer=best.offload_optimizer,
-                                   offload_params=best.offload_params)
+        st = best.strategy
+        data["distributed"].update(zero=st.zero, offload_optimizer=st.offload_optimizer, offload_params=st.offload_params)
+        data["train"].update(gradient_checkpointing=st.grad_ckpt, fused_loss=best.fused_loss)
     return validate_recipe(data, source="resolved recipe")
 
 
@@ -110,7 +115,8 @@ def check_recipe_change(recipe: Recipe) -> Optional[tuple[Path, str]]:
 # ----------------------------------------------------------------------------- the whole preparation
 def prepare_run(recipe_path: str, overrides: list[str], world_size: int, nodes: int = 1) -> Recipe:
     recipe = load_recipe(recipe_path, overrides)                       # the recipe; local paths made absolute
-    config = preflight.check_inputs(recipe, Path(recipe_path).parent)  # model, tokenizer, vocabulary, data, max_len
+    check_trackers(recipe)                                             # wandb / mlflow installed if asked for
+    config, tokenizer = preflight.check_inputs(recipe, Path(recipe_path).parent)  # model, tokenizer, vocabulary, data
     recipe = resolve(recipe, world_size, nodes)
     run_dir = recipe.run_dir
     check_fresh_start(run_dir, recipe.checkpoint.resume, recipe.checkpoint.overwrite)
@@ -118,6 +124,7 @@ def prepare_run(recipe_path: str, overrides: list[str], world_size: int, nodes: 
     keep = check_recipe_change(recipe)
     preflight.check_disk(recipe, config)
     cfg = ds_config.render(recipe, world_size)
+    preflight.prepare_data(recipe, tokenizer)    # the tokenized cache the ranks load
     run_dir.mkdir(parents=True, exist_ok=True)   # nothing is written before every check passed
     if keep is not None:
         archive, what = keep

@@ -27,7 +27,7 @@ def read_scalars(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     tb = Path(run_dir) / TENSORBOARD_DIR
     if not tb.is_dir() or not any(tb.glob("events.out.tfevents.*")):
-        raise FileNotFoundError(f"{tb}: no TensorBoard event files (was logging.tensorboard off?)")
+        raise FileNotFoundError(f"{tb}: no TensorBoard event files (logging.report_to without tensorboard?)")
     acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})  # 0: keep every point
     acc.Reload()
     out = {}
@@ -48,6 +48,54 @@ def smooth(values: list[float]) -> list[float]:
     return out
 
 
+MEMORY = (("train/gpu_mem_allocated_gb", "-", "allocated"), ("train/gpu_mem_reserved_gb", "--", "reserved"),
+          ("train/gpu_mem_peak_gb", ":", "peak"))
+TIME_SPLIT = (("time/fwd_bwd_s", "-", "forward+backward"), ("time/optimizer_s", "--", "optimizer"),
+              ("time/data_wait_s", ":", "data wait"), ("time/other_s", "-.", "other"))
+
+
+def _plot_run(ax: dict, s: dict, color: str, label: str, many: bool, has_mem: bool) -> None:
+    """One run's curves on the four panels (ax: loss, lr, tps, mfu or None, mem)."""
+    name = f"{label}: " if many else ""
+    if "train/loss" in s:
+        x, y = s["train/loss"]
+        ax["loss"].plot(x, y, color=color, alpha=0.25, linewidth=0.8)
+        ax["loss"].plot(x, smooth(y), color=color, label=f"{name}train (smoothed)")
+    if "eval/loss" in s:
+        ax["loss"].plot(*s["eval/loss"], "o--", color=color, markersize=4, label=f"{name}eval")
+    if "train/lr" in s:
+        ax["lr"].plot(*s["train/lr"], color=color, label=label if many else None)
+    if "train/tokens_per_sec" in s:
+        ax["tps"].plot(*s["train/tokens_per_sec"], color=color, label=f"{name}tokens/s")
+    if ax["mfu"] is not None and "train/mfu" in s:
+        x, y = s["train/mfu"]
+        ax["mfu"].plot(x, [100 * v for v in y], ":", color=color, label=f"{name}MFU")
+    for tag, style, what in (MEMORY if has_mem else TIME_SPLIT):  # a CPU run: where the step time goes
+        if tag in s:
+            ax["mem"].plot(*s[tag], style, color=color, label=f"{name}{what}")
+
+
+def _label(ax: dict, has_mem: bool) -> None:
+    ax["loss"].set(title="loss", xlabel="step", ylabel="loss")
+    ax["lr"].set(title="learning rate", xlabel="step", ylabel="lr")
+    ax["tps"].set(title="throughput (real tokens, all GPUs)" + (" and MFU" if ax["mfu"] else ""), xlabel="step",
+                  ylabel="tokens/s")
+    if ax["mfu"] is not None:
+        ax["mfu"].set_ylabel("MFU %")
+    if has_mem:
+        ax["mem"].set(title="GPU memory (rank 0)", xlabel="step", ylabel="GB")
+    else:
+        ax["mem"].set(title="step time split (no GPU memory recorded)", xlabel="step", ylabel="seconds")
+    for key in ("loss", "lr", "tps", "mem"):
+        ax[key].grid(alpha=0.3)
+        handles, labels = ax[key].get_legend_handles_labels()
+        if key == "tps" and ax["mfu"] is not None:
+            h2, l2 = ax["mfu"].get_legend_handles_labels()
+            handles, labels = handles + h2, labels + l2
+        if handles:
+            ax[key].legend(handles, labels, fontsize=8)
+
+
 def draw(runs: dict[str, dict], out: Path) -> Path:
     """runs: label -> scalars (from read_scalars). Writes a 2x2 figure to `out`."""
     import matplotlib
@@ -56,60 +104,14 @@ def draw(runs: dict[str, dict], out: Path) -> Path:
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 8), constrained_layout=True)
     (ax_loss, ax_lr), (ax_tps, ax_mem) = axes
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    many = len(runs) > 1
     has_mfu = any("train/mfu" in s for s in runs.values())
     has_mem = any("train/gpu_mem_allocated_gb" in s for s in runs.values())
-    ax_mfu = ax_tps.twinx() if has_mfu else None
-
+    ax = {"loss": ax_loss, "lr": ax_lr, "tps": ax_tps, "mem": ax_mem, "mfu": ax_tps.twinx() if has_mfu else None}
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, s) in enumerate(runs.items()):
-        c = colors[i % len(colors)]
-        name = f"{label}: " if many else ""
-        if "train/loss" in s:
-            x, y = s["train/loss"]
-            ax_loss.plot(x, y, color=c, alpha=0.25, linewidth=0.8)
-            ax_loss.plot(x, smooth(y), color=c, label=f"{name}train (smoothed)")
-        if "eval/loss" in s:
-            x, y = s["eval/loss"]
-            ax_loss.plot(x, y, "o--", color=c, markersize=4, label=f"{name}eval")
-        if "train/lr" in s:
-            ax_lr.plot(*s["train/lr"], color=c, label=label if many else None)
-        if "train/tokens_per_sec" in s:
-            ax_tps.plot(*s["train/tokens_per_sec"], color=c, label=f"{name}tokens/s")
-        if ax_mfu is not None and "train/mfu" in s:
-            x, y = s["train/mfu"]
-            ax_mfu.plot(x, [100 * v for v in y], ":", color=c, label=f"{name}MFU")
-        if has_mem:
-            for tag, style, what in (("train/gpu_mem_allocated_gb", "-", "allocated"),
-                                     ("train/gpu_mem_reserved_gb", "--", "reserved"),
-                                     ("train/gpu_mem_peak_gb", ":", "peak")):
-                if tag in s:
-                    ax_mem.plot(*s[tag], style, color=c, label=f"{name}{what}")
-        else:  # a CPU run: where the step time goes
-            for tag, style, what in (("time/fwd_bwd_s", "-", "forward+backward"), ("time/optimizer_s", "--", "optimizer"),
-                                     ("time/data_wait_s", ":", "data wait")):
-                if tag in s:
-                    ax_mem.plot(*s[tag], style, color=c, label=f"{name}{what}")
-
-    ax_loss.set(title="loss", xlabel="step", ylabel="loss")
-    ax_lr.set(title="learning rate", xlabel="step", ylabel="lr")
-    ax_tps.set(title="throughput (real tokens, all GPUs)" + (" and MFU" if has_mfu else ""), xlabel="step",
-               ylabel="tokens/s")
-    if ax_mfu is not None:
-        ax_mfu.set_ylabel("MFU %")
-    if has_mem:
-        ax_mem.set(title="GPU memory (rank 0)", xlabel="step", ylabel="GB")
-    else:
-        ax_mem.set(title="step time split (no GPU memory recorded)", xlabel="step", ylabel="seconds")
-    for ax in (ax_loss, ax_lr, ax_tps, ax_mem):
-        ax.grid(alpha=0.3)
-        handles, labels = ax.get_legend_handles_labels()
-        if ax is ax_tps and ax_mfu is not None:
-            h2, l2 = ax_mfu.get_legend_handles_labels()
-            handles, labels = handles + h2, labels + l2
-        if handles:
-            ax.legend(handles, labels, fontsize=8)
-    fig.suptitle(" vs ".join(runs) if many else f"zerotune run: {next(iter(runs))}")
+        _plot_run(ax, s, colors[i % len(colors)], label, len(runs) > 1, has_mem)
+    _label(ax, has_mem)
+    fig.suptitle(" vs ".join(runs) if len(runs) > 1 else f"zerotune run: {next(iter(runs))}")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)

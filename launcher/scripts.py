@@ -2,7 +2,7 @@
 
 Nothing from the recipe reaches a script unquoted: paths, the interpreter and environment
 values are single-quoted with shlex.quote (safe for spaces, quotes, $(), backticks, newlines);
-`#SBATCH` lines only hold values the schema validated as plain tokens (training/config.py,
+`#SBATCH` lines only hold values the schema validated as plain tokens (core/recipe.py,
 ClusterConfig), and paths only when they are plain too (else they go on sbatch's command line).
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from zerotune.core.layout import LAUNCH_SCRIPT, REQUEUE_EXIT_CODE, SBATCH_SCRIPT
+from zerotune.core.layout import ATTEMPTS_FILE, LAUNCH_SCRIPT, REQUEUE_EXIT_CODE, SBATCH_SCRIPT
 from zerotune.core.recipe import Recipe, RecipeError
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "slurm"
@@ -38,6 +38,15 @@ def env_lines(recipe: Recipe) -> str:
 
 def omp_threads(cpus_per_node: Optional[int], nproc: int) -> int:
     return max(1, (cpus_per_node or nproc) // max(1, nproc))
+
+
+def stop_times(recipe: Recipe, nproc: int) -> tuple[int, int]:
+    """(grace, lead): the seconds a stop may take before SIGKILL (the planner's save-time
+    estimate, launcher/submit.py), and Slurm's USR1 lead before the time limit: at least the
+    grace, and cluster.signal_grace_s when that is longer."""
+    from .submit import grace_seconds
+    grace = grace_seconds(recipe, nproc, recipe.cluster.nodes)
+    return grace, max(grace, recipe.cluster.signal_grace_s)
 
 
 def _common(recipe: Recipe, run_dir: Path, workdir: Path, python: str) -> dict[str, str]:
@@ -70,7 +79,7 @@ def launch_script(recipe: Recipe, run_dir: Path, nproc: int, nnodes: int = 1, no
         args = f"--standalone --nproc-per-node={nproc} --max-restarts=0"
         mode = f"Single node, {nproc} process(es)."
     values = _common(recipe, run_dir, workdir or Path.cwd(), python or sys.executable)
-    values.update(torchrun_args=args, mode_comment=mode,
+    values.update(torchrun_args=args, mode_comment=mode, grace=str(stop_times(recipe, nproc)[0]),
                   omp_threads=str(omp_threads(recipe.cluster.cpus_per_task, nproc)))
     return render_template(LAUNCH_SCRIPT, values)
 
@@ -90,7 +99,7 @@ def sbatch_options(recipe: Recipe, run_dir: Path, nproc: int, workdir: Path) -> 
             opts.append(f"--{key}={value}")
     if c.exclusive:
         opts.append("--exclusive")
-    opts += ["--requeue", "--open-mode=append", f"--signal=B:USR1@{c.signal_grace_s}"]
+    opts += ["--requeue", "--open-mode=append", f"--signal=B:USR1@{stop_times(recipe, nproc)[1]}"]
     opts += path_options(run_dir, workdir)
     opts += c.extra_sbatch
     return opts
@@ -125,7 +134,9 @@ def sbatch_script(recipe: Recipe, run_dir: Path, nproc: int, workdir: Optional[P
             container += f"--container-mounts={shlex.quote(','.join(mounts))} "
         python = python or "python"   # the image's interpreter, not the launcher's
     values = _common(recipe, run_dir, workdir, python or sys.executable)
-    values.update(srun_container=container, sbatch_lines="\n".join(lines), grace=str(recipe.cluster.signal_grace_s), nproc=str(nproc),
+    grace, lead = stop_times(recipe, nproc)
+    values.update(srun_container=container, sbatch_lines="\n".join(lines), grace=str(grace), lead=str(lead),
+                  nproc=str(nproc), max_requeues=str(recipe.cluster.max_requeues), attempts_file=ATTEMPTS_FILE,
                   omp_threads=str(omp_threads(recipe.cluster.cpus_per_task, nproc)),
                   submit_hint=hint.replace("\n", "\\n"))
     return render_template(SBATCH_SCRIPT, values)

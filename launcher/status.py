@@ -3,7 +3,9 @@ while the job runs elsewhere): the Slurm job state if it was submitted, the last
 eval loss, tokens/s, ETA, and the newest complete checkpoint and its age.
 
 It reads RUN_DIR/metrics.jsonl (written by training/metrics.py on rank 0), the checkpoint
-markers, RUN_DIR/FAILED and RUN_DIR/PREEMPTED; it never imports torch.
+markers, RUN_DIR/FAILED, RUN_DIR/PREEMPTED and RUN_DIR/HEARTBEAT (training/heartbeat.py: a
+run whose process is gone is "stopped" at once on its host, after STALE_AFTER_S elsewhere);
+it never imports torch.
 """
 from __future__ import annotations
 
@@ -54,8 +56,7 @@ def ago(seconds: float) -> str:
 
 def collect(run_dir: Path) -> dict:
     """Everything status shows, as plain data."""
-    from zerotune.core.layout import (FAILED_FILE, PREEMPT_MARKER, complete_checkpoints, partial_checkpoints,
-                                      step_of)
+    from zerotune.core.layout import complete_checkpoints, partial_checkpoints, step_of
     now = time.time()
     records = read_records(run_dir / METRICS_FILE)
     train = [r for r in records if "train/loss" in r]
@@ -66,7 +67,7 @@ def collect(run_dir: Path) -> dict:
                "total_steps": None, "loss": None, "eval_loss": None, "eval_step": None, "best_eval_loss": None,
                "tokens_per_sec": None, "mfu": None, "epoch": None, "eta_s": None, "updated_s_ago": None,
                "skipped_steps": None, "checkpoint": None, "checkpoint_age_s": None, "partial_checkpoints": 0,
-               "failure": None}
+               "failure": None, "heartbeat": None}
     recipe = run_dir / RECIPE_FILE
     if recipe.is_file():
         import yaml
@@ -102,25 +103,56 @@ def collect(run_dir: Path) -> dict:
                  checkpoint_age_s=now - marker.stat().st_mtime)
     s["partial_checkpoints"] = len(partial_checkpoints(run_dir))
 
-    # the run's state, most specific first
+    s["state"] = state_of(run_dir, s, last, now)
+    return s
+
+
+def state_of(run_dir: Path, s: dict, last: dict | None, now: float) -> str:
+    """The run's state, most specific first: RUN_DIR/FAILED, then rank 0's heartbeat (the newest
+    attempt's own word, or its process found gone), then what metrics.jsonl and Slurm say."""
+    from zerotune.core.layout import FAILED_FILE, PREEMPT_MARKER
+    from zerotune.training import heartbeat
     failed, preempted = run_dir / FAILED_FILE, run_dir / PREEMPT_MARKER
     if failed.is_file():
         s["failure"] = failed.read_text().strip()
-        s["state"] = "failed: " + s["failure"].splitlines()[0].removeprefix("zerotune: ")
-    elif last and last.get("event") == "end":
-        s["state"] = "finished"
         s["eta_s"] = None
-    elif preempted.is_file():
-        s["state"] = f"preempted after step {json.loads(preempted.read_text()).get('step')}: saved, waiting for requeue"
-    elif last is None:
-        s["state"] = "not started (no metrics.jsonl yet)"
-    elif s["job"] and s["job"]["state"] not in ("RUNNING", "UNKNOWN", "COMPLETING"):
-        s["state"] = f"job {s['job']['state'].lower()} before the run finished"
-    elif s["updated_s_ago"] is not None and s["updated_s_ago"] > 600 and not s["job"]:
-        s["state"] = "no update for " + ago(s["updated_s_ago"]).removesuffix(" ago") + ": stopped or stuck?"
-    else:
-        s["state"] = "running"
-    return s
+        return "failed: " + s["failure"].splitlines()[0].removeprefix("zerotune: ")
+    beat = heartbeat.read(run_dir)
+    if beat:
+        told = from_heartbeat(beat, s, now)
+        if told:
+            return told
+    if last and last.get("event") == "end":
+        s["eta_s"] = None
+        return "finished"
+    if preempted.is_file():
+        return f"preempted after step {json.loads(preempted.read_text()).get('step')}: saved, waiting for requeue"
+    if last is None:
+        return "not started (no metrics.jsonl yet)"
+    if s["job"] and s["job"]["state"] not in ("RUNNING", "UNKNOWN", "COMPLETING"):
+        return f"job {s['job']['state'].lower()} before the run finished"
+    if s["updated_s_ago"] is not None and s["updated_s_ago"] > 600 and not s["job"]:
+        return "no update for " + ago(s["updated_s_ago"]).removesuffix(" ago") + ": stopped or stuck?"
+    return "running"
+
+
+def from_heartbeat(beat: dict, s: dict, now: float) -> str | None:
+    """What the heartbeat says, or None to let the other files decide (a finished run)."""
+    from zerotune.training import heartbeat
+    step, sig = beat.get("step"), beat.get("signal") or "a signal"
+    s["heartbeat"] = beat
+    if beat.get("state") == heartbeat.RUNNING:
+        why = heartbeat.gone(beat, now)
+        if why is None:
+            return "running"
+        s["eta_s"] = None
+        return f"stopped: {why} (last heartbeat {ago(now - beat.get('time', now))}, step {step})"
+    if beat.get("state") in ("interrupted", "preempted"):
+        s["eta_s"] = None
+        if beat["state"] == "preempted" and s["job"]:
+            return f"preempted by {sig} after step {step}: saved, waiting for requeue"
+        return f"stopped by {sig} after step {step}: saved; run the same command to resume"
+    return None
 
 
 def render(s: dict) -> str:

@@ -1,13 +1,14 @@
-"""Runs a job on this machine (torchrun or RUN_DIR/launch.sh) or submits it to Slurm; reads job state.
+"""Runs a job on this machine (torchrun, supervised by launcher/agent.py, or RUN_DIR/launch.sh) or
+submits it to Slurm; reads job state.
 
-torchrun reports any failing worker as exit code 1, so the training's save-and-exit code
-(REQUEUE_EXIT_CODE) is recovered from the RUN_DIR/PREEMPTED marker the training writes.
+The agent returns the training's own exit code (2, 3, 4, 85, 130); `_exit_code` still recovers
+REQUEUE_EXIT_CODE from a fresh RUN_DIR/PREEMPTED marker when something in between reports 1.
 """
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
+import subprocess
 import time
 from pathlib import Path
 from typing import Optional
@@ -16,6 +17,8 @@ from zerotune.core.layout import PREEMPT_MARKER, REQUEUE_EXIT_CODE
 from zerotune.core.errors import UserError
 
 JOB_ID_FILE = "slurm_job_id"
+STOP_MARGIN_S = 60     # beyond the save itself: the step in flight and the final barriers
+DEFAULT_GRACE_S = 300  # when the planner cannot estimate the save (e.g. a hub model not cached)
 
 
 class SlurmError(UserError, RuntimeError):
@@ -27,29 +30,44 @@ def visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def torchrun_argv(run_dir: Path, nproc: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "zerotune.training", str(run_dir)]
+def grace_seconds(recipe, gpus_per_node: int, nodes: int = 1) -> int:
+    """How long a stop signal may take before SIGKILL: the planner's save-time estimate
+    (core/memory.py: save_seconds) plus STOP_MARGIN_S."""
+    from zerotune.core import memory
+    try:
+        w = memory.workload_of(recipe, max(1, gpus_per_node), nodes)
+        st = memory.Strategy(recipe.method.kind, recipe.zero_stage(), recipe.distributed.offload_optimizer,
+                             recipe.distributed.offload_params, recipe.train.gradient_checkpointing)
+        return int(STOP_MARGIN_S + memory.save_seconds(w, st))
+    except Exception:  # the estimate is a convenience: never a reason not to run
+        return DEFAULT_GRACE_S
+
+
+def torchrun_args(run_dir: Path, nproc: int) -> list[str]:
+    return ["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0", "-m", "zerotune.training", str(run_dir)]
 
 
 def _exit_code(run_dir: Path, rc: int, started: float) -> int:
     marker = Path(run_dir) / PREEMPT_MARKER
-    if rc != 0 and marker.is_file() and marker.stat().st_mtime >= started - 1:
+    if rc == 1 and marker.is_file() and marker.stat().st_mtime >= started - 1:
         return REQUEUE_EXIT_CODE
     return rc
 
 
-def run_local(run_dir: Path, nproc: int) -> int:
-    """torchrun on this machine; returns its exit code, or REQUEUE_EXIT_CODE after a save forced by a signal."""
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+def run_local(run_dir: Path, nproc: int, grace: float = DEFAULT_GRACE_S) -> int:
+    """torchrun on this machine, in this process, supervised (launcher/agent.py); returns the
+    training's exit code: 0, or 130 after Ctrl-C, 85 after SIGTERM/SIGUSR1 (both saved first)."""
+    from .agent import run_torchrun
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     started = time.time()
-    return _exit_code(run_dir, subprocess.call(torchrun_argv(run_dir, nproc), env=env), started)
+    return _exit_code(run_dir, run_torchrun(torchrun_args(run_dir, nproc), grace), started)
 
 
 def run_script(script: Path) -> int:
-    """Runs RUN_DIR/launch.sh (it maps the exit code itself)."""
-    return subprocess.call(["bash", str(script)])
+    """Becomes RUN_DIR/launch.sh (exec): its signals and exit code are the command's own."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvp("bash", ["bash", str(script)])
 
 
 def sbatch(script: Path, extra: list[str] = ()) -> str:

@@ -29,9 +29,9 @@ def check_counts(args) -> None:
 
 def run(args) -> int:
     from .prepare import prepare_run
-    from .submit import run_local, visible_gpus
+    from .submit import grace_seconds, run_local, visible_gpus
     check_counts(args)
     nproc = args.nproc or visible_gpus() or 1
     recipe = prepare_run(args.recipe, args.set, world_size=nproc)
     print(f"zerotune: run dir {recipe.run_dir} ({nproc} process(es))", flush=True)
-    return run_local(recipe.run_dir, nproc)
+    return run_local(recipe.run_dir, nproc, grace_seconds(recipe, nproc))

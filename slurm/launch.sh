@@ -2,14 +2,16 @@
 # shellcheck disable=SC2016  # recipe values are single-quoted on purpose: nothing in them expands
 # zerotune torchrun launch for run {{name}}, written by `zerotune launch` from slurm/launch.sh.
 # {{mode_comment}}
-# `kill -USR1 <pid of this script>` asks the training to save a checkpoint and exit
-# ({{requeue_code}}); running this script again resumes from it (checkpoint.resume: auto).
+# Ctrl-C (SIGINT) saves a checkpoint at the next step and exits 130; a second Ctrl-C stops at
+# once. SIGTERM or SIGUSR1 (`kill -USR1 <pid of this script>`) saves and exits {{requeue_code}}.
+# Running this script again resumes from the checkpoint (checkpoint.resume: auto). The
+# supervisor (zerotune.launcher.agent) passes the signals on to the training processes and
+# kills them if they have not stopped {{grace}} s later (the planner's save-time estimate).
 set -uo pipefail
 
 RUN_DIR={{run_dir}}
 WORKDIR={{workdir}}
 PYTHON={{python}}
-REQUEUE_EXIT_CODE={{requeue_code}}
 cd "$WORKDIR" || exit 1
 
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-{{omp_threads}}}"
@@ -19,19 +21,4 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING=1   # a failed collective aborts instead 
 export NCCL_ASYNC_ERROR_HANDLING=1         # the same, for older torch
 {{env_lines}}
 
-started=$(date +%s)
-# torchrun ignores USR1; the handler below passes it on to the training processes only.
-(trap '' USR1; exec "$PYTHON" -m torch.distributed.run {{torchrun_args}} -m zerotune.training "$RUN_DIR") &
-pid=$!
-trap 'pkill -USR1 -P "$pid"' USR1
-trap 'kill -TERM "$pid" 2>/dev/null' TERM INT
-while :; do
-  wait "$pid"; rc=$?
-  kill -0 "$pid" 2>/dev/null || break
-done
-marker=$(stat -c %Y "$RUN_DIR/PREEMPTED" 2>/dev/null || echo 0)
-if [ "$rc" -ne 0 ] && [ "$marker" -ge "$started" ]; then
-  echo "zerotune: checkpoint saved after a stop request; run this script again to resume"
-  exit "$REQUEUE_EXIT_CODE"
-fi
-exit "$rc"
+exec "$PYTHON" -m zerotune.launcher.agent --grace {{grace}} {{torchrun_args}} -m zerotune.training "$RUN_DIR"

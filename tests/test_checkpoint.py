@@ -87,6 +87,9 @@ def test_preemption_signal_saves_and_requeue_code_then_exact_resume(tmp_path, da
     # a real SIGUSR1 reaches rank 1 only, after step 3 (not a checkpoint step): all ranks agree, save step 3
     p = zerotune("train", str(pre), "--nproc", "2", check=False, env={"ZEROTUNE_TEST_SIGNAL": "3:1:SIGUSR1"})
     assert p.returncode == REQUEUE_EXIT_CODE, p.stderr[-3000:]
+    out = p.stdout + p.stderr
+    assert "zerotune: a stop signal on another rank: saved step 3; run the same command to resume" in out, out[-3000:]
+    assert "Traceback" not in out and "ChildFailedError" not in out and "requeue" not in out
     assert (run / PREEMPT_MARKER).is_file()
     assert complete_checkpoints(run)[-1].name == "step-000003"
     assert read_state(complete_checkpoints(run)[-1])["loop"]["step"] == 3

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-from pathlib import Path
 
 import pytest
 from conftest import EXAMPLES, PHI3_TOKENIZER, STORIES

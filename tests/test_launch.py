@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import base_recipe, write_recipe, zerotune
-from zerotune.launcher import scripts
+from zerotune.launcher import scripts, submit
 from zerotune.core.layout import REQUEUE_EXIT_CODE
 from zerotune.core.recipe import RecipeError, validate_recipe
 
@@ -53,7 +53,10 @@ def test_single_node_script(tmp_path):
     out, run_dir = launch(tmp_path, "--nproc", "2")
     script = run_dir / "launch.sh"
     assert script.read_text() == out and os.access(script, os.X_OK)
-    assert "--standalone --nproc-per-node=2" in out and "-m training \"$RUN_DIR\"" in out
+    assert "--standalone --nproc-per-node=2" in out and "-m zerotune.training \"$RUN_DIR\"" in out
+    grace = submit.grace_seconds(validate_recipe(base_recipe(tmp_path)), 2)
+    assert 70 <= grace < 80   # stories260K: 60 s margin + 10 s + a few MB at 1 GiB/s
+    assert f'exec "$PYTHON" -m zerotune.launcher.agent --grace {grace} --standalone' in out
     assert f"RUN_DIR={run_dir.resolve()}" in out
     assert json.loads((run_dir / "ds_config.json").read_text())["train_batch_size"] == 2 * 4
     lint(script)
@@ -84,6 +87,7 @@ def test_slurm_script(tmp_path):
     assert "export NCCL_SOCKET_IFNAME=ib0" in out and "TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in out
     assert "OMP_NUM_THREADS:-8" in out            # 64 CPUs / 8 processes
     assert 'scontrol requeue "$SLURM_JOB_ID"' in out and "trap 'forward_stop USR1' USR1" in out
+    assert "MAX_REQUEUES=3" in out and '"$PYTHON" -m zerotune.launcher.agent --grace ' in out
     assert '--rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"' in out and "SLURM_JOB_ID % 15000" in out
     assert json.loads((run_dir / "ds_config.json").read_text())["train_batch_size"] == 16 * 4
     lint(run_dir / "job.sbatch")
@@ -92,7 +96,7 @@ def test_slurm_script(tmp_path):
 def assignments(script: str) -> str:
     """The script up to `cd "$WORKDIR"`: shebang, comments, the quoted assignments and exports."""
     head = script.split('cd "$WORKDIR"')[0]
-    env = script.split('cd "$WORKDIR" || exit 1')[1].split("\nstarted=")[0].split("\nMASTER_ADDR=")[0]
+    env = script.split('cd "$WORKDIR" || exit 1')[1].split("\nexec ")[0].split("\nMASTER_ADDR=")[0]
     return head + env
 
 
@@ -261,11 +265,46 @@ def test_job_state_of_a_run_never_submitted(tmp_path):
 
 
 def test_run_local_recovers_the_requeue_code(tmp_path):
-    """torchrun turns any failing worker into exit 1; a fresh PREEMPTED marker means the training saved and stopped."""
+    """Something in between that reports 1: a fresh PREEMPTED marker means the training saved and stopped."""
     from zerotune.launcher.submit import _exit_code
     started = time.time()
     assert _exit_code(tmp_path, 1, started) == 1
     (tmp_path / "PREEMPTED").write_text("{}")
     assert _exit_code(tmp_path, 1, started) == REQUEUE_EXIT_CODE
-    assert _exit_code(tmp_path, 0, started) == 0
+    assert _exit_code(tmp_path, 0, started) == 0 and _exit_code(tmp_path, 2, started) == 2
     assert _exit_code(tmp_path, 1, started + 3600) == 1   # a marker from an earlier run does not count
+
+
+def test_slurm_signal_lead_is_at_least_the_save_grace(tmp_path):
+    """A model whose save takes longer than cluster.signal_grace_s: USR1 comes early enough."""
+    big = tmp_path / "big"
+    big.mkdir()
+    (big / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256}))
+    recipe = validate_recipe(base_recipe(tmp_path, model={"path": str(big), "dtype": "bf16"},
+                                         cluster={"signal_grace_s": 60, "gpus_per_node": 8}))
+    grace, lead = scripts.stop_times(recipe, 8)
+    assert 150 < grace < 200 and lead == grace   # 8B full: ~112 GB at 1 GiB/s + 70 s
+    assert f"--signal=B:USR1@{lead}" in scripts.sbatch_options(recipe, tmp_path, 8, tmp_path)
+
+
+def test_torch_extensions_live_in_the_environment(tmp_path, monkeypatch, capsys):
+    """DeepSpeed's ops are built per environment, and the first build says so (local rank 0)."""
+    from deepspeed.ops.op_builder.builder import OpBuilder
+    from zerotune.training import ds_ops
+    env = {}
+    assert ds_ops.use_environment_cache(env) == str(Path(os.sys.prefix) / ".torch_extensions") == env["TORCH_EXTENSIONS_DIR"]
+    assert ds_ops.use_environment_cache({"TORCH_EXTENSIONS_DIR": "/mine"}) == "/mine"
+    built = []
+    monkeypatch.setattr(OpBuilder, "jit_load", lambda self, verbose=True: built.append(self.name) or "op")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    ds_ops.announce_builds(local_rank=0)
+    from deepspeed.ops.op_builder import FusedAdamBuilder
+    assert FusedAdamBuilder().jit_load() == "op" and built == ["fused_adam"]
+    assert capsys.readouterr().err == (f"zerotune: building DeepSpeed ops (one time, ~2 min): fused_adam into "
+                                       f"{tmp_path}\n")
+    (tmp_path / "fused_adam").mkdir(exist_ok=True)
+    (tmp_path / "fused_adam" / "fused_adam.so").write_bytes(b"")
+    FusedAdamBuilder().jit_load()
+    assert capsys.readouterr().err == "" and built == ["fused_adam", "fused_adam"]

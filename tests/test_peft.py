@@ -154,9 +154,10 @@ def load_adapter_model(recipe, folder: Path):
     from transformers import AutoModelForCausalLM
 
     from zerotune.training import adapters
-    from zerotune.training.model import DTYPES, quantization_config
+    from zerotune.training.model import DTYPES, keep_4bit_cpu_layout, quantization_config
     base = AutoModelForCausalLM.from_pretrained(str(STORIES), dtype=DTYPES[recipe.model.dtype],
                                                 quantization_config=quantization_config(recipe))
+    keep_4bit_cpu_layout(base)   # as zerotune's own loaders do (training/model.py)
     if adapters.is_adapter_folder(folder):
         return adapters.load_adapter(base, folder).eval()
     from peft import PeftModel

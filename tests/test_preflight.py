@@ -111,6 +111,12 @@ def test_max_len_past_the_context_warns(tmp_path, capsys):
     assert rc == 0
     assert ("zerotune: warning: data.max_len 1024 is longer than the model's context (config.json "
             "max_position_embeddings: 512); positions past it were never trained\n") in err
+    rows = tmp_path / "long.json"   # the data check's own warnings come through too
+    rows.write_text(json.dumps([{"instruction": "word " * 50, "output": "x " * 20}] * 3))
+    recipe = write_recipe(tmp_path, base_recipe(tmp_path, data={"train": [{"path": str(rows), "format": "alpaca"}],
+                                                                "max_len": 16}))
+    rc, err = launch(capsys, recipe)
+    assert rc == 0 and f"zerotune: warning: data.max_len 16 truncates every sample of {rows} (3 of 3;" in err
 
 
 # ----------------------------------------------------------------------------- resume target, disk, counts
@@ -136,7 +142,7 @@ def test_disk_space_for_one_checkpoint(tmp_path, capsys, monkeypatch):
     recipe = write_recipe(tmp_path, base_recipe(tmp_path))
     # stories260K, fp32, ZeRO-3: fp32 weights + Adam m, v in the optimizer shards, no weights in the model states
     assert error(capsys, recipe) == (
-        f"output_dir: {tmp_path / 'runs'} has 1.0 MiB free but one checkpoint of this run needs about 3.0 MiB "
+        f"output_dir: {tmp_path} has 1.0 MiB free but one checkpoint of this run needs about 3.0 MiB "
         "(260,032 parameters x 12 bytes); free some space or point output_dir at a larger disk")
     assert error(capsys, recipe, "--set", "distributed.zero=2").endswith("(260,032 parameters x 16 bytes); free some "
                                                                          "space or point output_dir at a larger disk")

@@ -137,3 +137,62 @@ def test_time_limit_signal_saves_requeues_and_completes(cluster, tmp_path):
     text = logs(run_dir)
     assert "requeueing job" in text and f"resumed from step-{stopped_at:06d}" in text, text[-6000:]
     assert not (run_dir / "PREEMPTED").exists()
+
+
+def wait_for_steps(run_dir: Path, job_id: str, step: int, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not ((run_dir / "metrics.jsonl").is_file() and losses(run_dir) and max(losses(run_dir)) >= step):
+        assert time.time() < deadline, f"no training steps logged\n{logs(run_dir)[-4000:]}"
+        assert job(job_id).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), logs(run_dir)[-4000:]
+        time.sleep(0.5)
+
+
+def release(job_id: str, restarts: int) -> dict:
+    """Wait for the requeued job (Restarts=restarts, pending) and let it start now."""
+    info = wait_for(job_id, ("PENDING", "COMPLETED", "FAILED", "CANCELLED"), timeout=300)
+    assert info["JobState"] == "PENDING" and info.get("Restarts") == str(restarts), info
+    time.sleep(2.5)  # a requeued job may be released 2 s after the requeue at the earliest
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+    return info
+
+
+def test_sigterm_preemption_saves_requeues_and_completes(cluster, tmp_path):
+    """SIGTERM to the job's steps, as Slurm sends it on preemption (`scancel --signal=TERM`: every
+    process of the steps, not the batch shell): the supervisor and the training processes get it,
+    the training saves at the next step and exits 85, job.sbatch requeues, the job finishes."""
+    steps = 60
+    recipe = slurm_recipe(tmp_path, nodes=1, gpus=2, train={"max_steps": steps, "lr": 1e-3},
+                          checkpoint={"every": 1000}, distributed={"zero": 1},
+                          cluster={"env": {"ZEROTUNE_TEST_STEP_SLEEP": "0.5"}})
+    job_id = submit(recipe)
+    run_dir = tmp_path / "runs" / "t"
+    wait_for_steps(run_dir, job_id, 3)
+    subprocess.run(["scancel", "--signal=TERM", job_id], check=True)
+    release(job_id, 1)
+    saved = sorted(p.parent.name for p in (run_dir / "checkpoints").glob("step-*/COMPLETE"))
+    stopped_at = int(saved[-1].split("-")[1])
+    text = logs(run_dir)
+    assert f"zerotune: SIGTERM: saved step {stopped_at}; exiting 85 so the job script requeues the job" in text, text[-4000:]
+    assert "zerotune: exit 85: requeueing job" in text and "Traceback" not in text
+
+    check_finished(run_dir, job_id, steps)
+    assert f"resumed from step-{stopped_at:06d}" in logs(run_dir)
+    assert losses(run_dir)[stopped_at + 1] and not (run_dir / "PREEMPTED").exists()
+
+
+def test_requeue_stops_when_attempts_end_the_same_way(cluster, tmp_path):
+    """A crash that comes back at the same point (rank 0 killed inside the save of step 2, so no
+    new checkpoint): requeued once, then, with cluster.max_requeues 2, not again, saying why."""
+    recipe = slurm_recipe(tmp_path, nodes=1, gpus=1, distributed={"zero": 1},
+                          cluster={"max_requeues": 2, "env": {"ZEROTUNE_TEST_CRASH": "start:2:0"}})
+    job_id = submit(recipe)
+    run_dir = tmp_path / "runs" / "t"
+    release(job_id, 1)
+    info = wait_for(job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=400)
+    text = logs(run_dir)
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "1", f"{info}\n{text[-4000:]}"
+    assert text.count("zerotune: rank 0 (pid ") == 2 and "died of SIGKILL" in text
+    assert text.count(f"zerotune: exit 137: requeueing job {job_id}") == 1, text[-4000:]
+    assert (f"zerotune: not requeueing job {job_id}: the last 2 attempts ended the same way (exit 137, "
+            "no reason in RUN_DIR/FAILED, no newer checkpoint than none); cluster.max_requeues is 2") in text
+    assert (run_dir / "attempts.tsv").read_text() == f"{job_id}\t137\tnone\t-\n" * 2

@@ -1,4 +1,5 @@
-"""Trackers (logging.report_to: tensorboard, wandb, mlflow) and eval-prompt samples.
+"""Trackers (logging.report_to: tensorboard, wandb, mlflow), what they are told (MFU with its
+formula, the time split) and eval-prompt samples.
 
 Every sink is read back from its own files: TensorBoard event files, wandb's offline run files
 (RUN_DIR/wandb/offline-run-*/run-<id>.wandb, parsed record by record), MLflow's file store
@@ -91,6 +92,17 @@ def wandb_attempts(run_dir: Path) -> list[dict]:
 
 def series(rows: list[dict], tag: str) -> list[tuple[int, float]]:
     return [(row["train/step"], row[tag]) for row in rows if tag in row]
+
+
+def tb_texts(run_dir: Path) -> dict[str, str]:
+    """tag -> the last text TensorBoard shows for it."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    out = {}
+    for f in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
+        for e in EventFileLoader(str(f)).Load():
+            out.update({v.tag: v.tensor.string_val[0].decode() for v in e.summary.value
+                        if v.metadata.plugin_data.plugin_name == "text"})
+    return out
 
 
 def mlflow_run(run_dir: Path):
@@ -193,20 +205,53 @@ def test_every_tracker_gets_the_same_run_and_a_resume_continues_it(tmp_path, off
                         "samples": [{"prompt": "Say hi | twice", "completion": "hi\nhi"}]}]
 
 
+# ----------------------------------------------------------------------------- MFU and the time split, stated
+def test_mfu_with_its_formula_and_the_time_split(tmp_path, monkeypatch):
+    import time
+    from zerotune.core.flops import flops_per_token
+    monkeypatch.setenv("ZEROTUNE_PEAK_TFLOPS", "100")
+    m, run_dir = make_metrics(tmp_path)
+    with m.time("data"):
+        time.sleep(0.05)
+    with m.time("fwd_bwd"):
+        time.sleep(0.1)
+    with m.time("comm"):                                  # a phase the loop may add: time/comm_s
+        pass
+    m.step(1, seconds=1.0, loss=2.0, lr=1e-3, grad_norm=1.0, tokens=5000, samples=8, epoch=0.1, seq_len=128)
+    m.close()
+    s = {tag: v[0][1] for tag, v in scalars(run_dir).items()}
+    fpt = flops_per_token(json.loads((STORIES / "config.json").read_text()), 128)
+    assert s["train/mfu"] == pytest.approx(5000 * fpt / 100e12, rel=1e-5)
+    assert s["time/data_wait_s"] >= 0.05 and s["time/fwd_bwd_s"] >= 0.1 and "time/comm_s" in s
+    assert "time/optimizer_s" not in s                    # not timed this step: nothing made up
+    parts = s["time/data_wait_s"] + s["time/fwd_bwd_s"] + s["time/comm_s"]
+    assert s["time/other_s"] == pytest.approx(1.0 - parts, abs=1e-6)
+    t = tb_texts(run_dir)
+    mfu = t["config/mfu/text_summary"]
+    assert "train/mfu = train/tokens_per_sec x F(seq_len) / (world_size x peak FLOP/s per GPU)" in mfu
+    assert "F = 6 x N_matmul + 6 x layers x seq_len x heads x head_dim" in mfu
+    assert f"- F: {fpt:.4g} at seq_len 128" in mfu and "- peak: 100 TFLOP/s (cpu), dense bf16" in mfu
+    assert "- world_size: 1" in mfu and "gradient checkpointing off" in mfu
+    for tag in ("time/step_s", "time/data_wait_s", "time/fwd_bwd_s", "time/optimizer_s", "time/other_s"):
+        assert f"| {tag} |" in t["config/time/text_summary"]
+
+
 # ----------------------------------------------------------------------------- a real run, preempted and resumed
 @pytest.mark.slow
-def test_real_run_reports_to_all_three_and_the_resume_continues_them(tmp_path):
+def test_real_run_reports_to_all_three_and_the_resume_continues_them(tmp_path, monkeypatch):
     recipe = write_recipe(tmp_path, base_recipe(
         tmp_path, data={"max_len": 64, "eval_split": 0.02},
         train={"max_steps": 4, "micro_batch_size": 2, "grad_accum": 2, "eval_every": 2, "eval_batches": 1},
         checkpoint={"every": 2, "save_final": False}, logging={"report_to": ALL, "progress": False}))
     run_dir = tmp_path / "runs" / "t"
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)     # the run opts in to MLflow 3's file store itself
     env = {**offline_env(tmp_path), "MLFLOW_TRACKING_URI": (tmp_path / "store").as_uri()}  # a file store named
     a = zerotune("train", str(recipe), check=False, env={**env, "ZEROTUNE_TEST_SIGNAL": "3:0"})
     assert a.returncode == REQUEUE_EXIT_CODE, a.stderr[-3000:]       # SIGUSR1 after step 3: saved, requeue
     ids = json.loads((run_dir / "trackers.json").read_text())
     zerotune("train", str(recipe), env=env)                           # resumes from step 3
     assert json.loads((run_dir / "trackers.json").read_text()) == ids
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")            # for MlflowClient here, reading it back
 
     tb = scalars(run_dir)["train/loss"]
     assert [s for s, _ in tb] == [1, 2, 3, 4]
@@ -261,8 +306,8 @@ ZERO3_SCRIPT = textwrap.dedent("""
     engine = build_engine(build_model(recipe, ds), ds, recipe.train, 10)
     engine.train()
     pairs = eval_samples(engine, load_tokenizer(recipe), recipe)
-    print("RESULT", json.dumps({"rank": int(os.environ["RANK"]), "pairs": pairs, "zero3": is_zero3(engine.module),
-                                "training": engine.module.training}), flush=True)
+    with open(f"{sys.argv[2]}/result-{os.environ['RANK']}.json", "w") as f:
+        json.dump({"pairs": pairs, "zero3": is_zero3(engine.module), "training": engine.module.training}, f)
 """)
 
 
@@ -280,14 +325,16 @@ def test_generate_samples_under_zero3_on_two_ranks(tmp_path):
         port = sock.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(port), str(tmp_path / "zero3.py"), json.dumps(recipe)],
+                           "--master_port", str(port), str(tmp_path / "zero3.py"), json.dumps(recipe), str(tmp_path)],
                           capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    results = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
-    assert len(results) == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    found = sorted(tmp_path.glob("result-*.json"))
+    assert [f.name for f in found] == ["result-0.json", "result-1.json"], proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = [json.loads(f.read_text()) for f in found]
     r = validate_recipe(recipe)
     tok = AutoTokenizer.from_pretrained(STORIES)
     want = generate_samples(AutoModelForCausalLM.from_pretrained(STORIES), tok,
                             render_prompts(r, tok, r.train.eval_prompts), 10)
+    assert all(want)
     for res in results:
         assert res["zero3"] and res["training"]
         assert res["pairs"] == [[p, w] for p, w in zip(r.train.eval_prompts, want)], res

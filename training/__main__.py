@@ -1,21 +1,49 @@
-"""`python -m zerotune.training RUN_DIR`: what torchrun starts on every rank."""
+"""`python -m zerotune.training RUN_DIR`: what torchrun starts on every rank.
+
+The stop-signal handlers come first (training/signals.py), before the heavy imports; an error
+is printed once as one line, its traceback in RUN_DIR/logs/rank-<N>.log (training/failure.py).
+"""
+import os
 import sys
-import warnings
+import time
+
+from .signals import StopRequest
+
+STOP = StopRequest().install()   # SIGINT/SIGTERM/SIGUSR1 while torch loads: remembered, not fatal
+STARTED = time.time()
+
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 # DeepSpeed 0.19 calls torch.distributed APIs that torch 2.11+ deprecates, once per collective:
 # silence exactly those, so the console shows the run.
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
-from . import faults  # noqa: E402
-from .loop import train  # noqa: E402
+from zerotune.core.layout import INTERRUPT_EXIT_CODE, latest_complete  # noqa: E402
+
+from . import ds_ops, failure, faults  # noqa: E402
 
 
 def main() -> int:
     if len(sys.argv) != 2:
         print("usage: python -m zerotune.training RUN_DIR", file=sys.stderr)
         return 2
-    faults.install_from_env()  # tests only: patches nothing unless a ZEROTUNE_TEST_* variable is set
-    return train(sys.argv[1])
+    run_dir, rank = Path(sys.argv[1]), int(os.environ.get("RANK", "0"))
+    started = failure.attempt_started(STARTED)
+    try:
+        ds_ops.use_environment_cache()
+        faults.install_from_env()  # tests only: patches nothing unless a ZEROTUNE_TEST_* variable is set
+        from .loop import train
+        ds_ops.announce_builds(int(os.environ.get("LOCAL_RANK", "0")))
+        return train(run_dir, STOP, started)
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once
+        if rank == 0:
+            newest = latest_complete(run_dir)
+            print(f"zerotune: stopped at once; a resume starts from {newest.name if newest else 'scratch'}",
+                  file=sys.stderr, flush=True)
+        return INTERRUPT_EXIT_CODE
+    except Exception as e:  # SystemExit (the OOM guard's exit code) passes through
+        return failure.report(run_dir, rank, e, started)
 
 
 if __name__ == "__main__":

@@ -6,15 +6,21 @@
         rng-rank{r}.safetensors                             python / numpy / torch CPU+CUDA RNG of rank r
         zerotune_state.json                                 loop state, sampler state of every rank,
                                                              world size, eval loss, recipe hash
+        MANIFEST.json                                       every file's size (crc32 of the small ones)
         COMPLETE                                            written last, after a barrier, atomically
 
 A checkpoint without COMPLETE is ignored (with a warning) and removed when its step is saved
-again; older complete checkpoints are deleted only after a newer one is complete.
+again; older complete checkpoints are deleted only after a newer one is complete. Resume
+verifies the newest complete checkpoint against its manifest (training/manifest.py) and falls
+back to the next older one that verifies, saying which file failed and why; the damaged one
+loses COMPLETE and gets DAMAGED (the reason). A full disk during a save is one line naming the
+folder and the bytes needed; the partial folder is removed and never counts.
 Loading never unpickles arbitrary objects: DeepSpeed's files are read with
 `torch.load(weights_only=True)` plus an allow-list of DeepSpeed's own plain types.
 """
 from __future__ import annotations
 
+import errno
 import json
 import random
 import shutil
@@ -29,8 +35,10 @@ from safetensors.torch import load_file, save_file
 
 from zerotune.core.errors import UserError
 from zerotune.core.io import atomic_write
-from zerotune.core.layout import (MARKER, STATE_FILE, checkpoints_dir, complete_checkpoints, latest_complete,
-                                  partial_checkpoints, read_state, step_of, tag)
+from zerotune.core.layout import (DAMAGED_MARKER, MARKER, STATE_FILE, checkpoints_dir, complete_checkpoints,
+                                  latest_complete, partial_checkpoints, read_state, step_of, tag)
+
+from . import manifest
 
 __all__ = ["save", "load", "resolve_resume", "needs_universal", "latest_complete", "complete_checkpoints"]
 
@@ -91,23 +99,65 @@ def save(engine, run_dir: Path, step: int, state: dict, sampler_state: dict, *, 
     """Every rank calls. Returns the checkpoint folder, complete when this returns."""
     root = checkpoints_dir(run_dir)
     path = root / tag(step)
+    try:
+        if rank == 0:
+            if path.exists():  # a partial save of this step from a crashed run, or a stale one
+                shutil.rmtree(path)
+            root.mkdir(parents=True, exist_ok=True)
+        samplers = [None] * world
+        dist.all_gather_object(samplers, sampler_state)
+        dist.barrier()
+        write_shards(engine, path, step=step, rank=rank, frozen_params=frozen_params)
+        dist.barrier()  # every rank has written its shards
+        if rank == 0:
+            atomic_write(path / STATE_FILE, json.dumps({
+                "step": step, "loop": state, "sampler": samplers, "world_size": world,
+                "eval_loss": eval_loss, "recipe_digest": recipe_digest}, indent=1))
+            manifest.write(path)
+            write_marker(path, step=step)
+    except Exception as e:
+        if not disk_full(e, root):
+            raise
+        shutil.rmtree(path, ignore_errors=True)  # the partial save gives its space back; it never counted
+        raise CheckpointError(f"no space left on the device of {root}: a checkpoint needs ~{_size(needed_bytes(run_dir, engine))} "
+                              f"there, {_size(shutil.disk_usage(root).free)} is free; free some space (or lower "
+                              "checkpoint.keep) and run the same command to resume") from e
     if rank == 0:
-        if path.exists():  # a partial save of this step from a crashed run, or a stale one
-            shutil.rmtree(path)
-        root.mkdir(parents=True, exist_ok=True)
-    samplers = [None] * world
-    dist.all_gather_object(samplers, sampler_state)
-    dist.barrier()
-    write_shards(engine, path, step=step, rank=rank, frozen_params=frozen_params)
-    dist.barrier()  # every rank has written its shards
-    if rank == 0:
-        atomic_write(path / STATE_FILE, json.dumps({
-            "step": step, "loop": state, "sampler": samplers, "world_size": world,
-            "eval_loss": eval_loss, "recipe_digest": recipe_digest}, indent=1))
-        write_marker(path, step=step)
         prune(run_dir, keep)
     dist.barrier()
     return path
+
+
+def disk_full(e: BaseException, folder: Path) -> bool:
+    """ENOSPC, however it surfaced: an OSError, or torch's zip writer / safetensors wrapping it in
+    a RuntimeError ("unexpected pos", "file write failed") on a device with no room left."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    if "No space left" in text or "os error 28" in text or "Disk quota exceeded" in text:
+        return True
+    try:
+        return shutil.disk_usage(folder).free < (1 << 20)
+    except OSError:
+        return False
+
+
+def needed_bytes(run_dir: Path, engine) -> float:
+    """A checkpoint's size: the newest complete one's, else the trainable parameters' bytes plus
+    fp32 master weights and two Adam moments (12 bytes each)."""
+    newest = latest_complete(run_dir)
+    known = manifest.total_bytes(newest) if newest else None
+    if known:
+        return known
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    return sum(getattr(p, "ds_numel", p.numel()) * (p.element_size() + 12) for p in params)
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} bytes"
 
 
 def write_shards(engine, path: Path, *, step: int, rank: int, frozen_params: bool) -> None:
@@ -141,22 +191,69 @@ def prune(run_dir: Path, keep: int) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- resume
-def resolve_resume(run_dir: Path, resume: str) -> Path | None:
-    """The checkpoint to resume from: `auto` -> newest complete (warning about partial ones),
-    `never` -> None, else a path that must be a complete checkpoint."""
+def resolve_resume(run_dir: Path, resume: str, rank: int = 0) -> Path | None:
+    """The checkpoint to resume from: `auto` -> the newest complete one that verifies against
+    its manifest (warning about partial and damaged ones), `never` -> None, else a path that
+    must be a complete checkpoint that verifies. Rank 0 decides, warns and sets damaged
+    checkpoints aside; every rank gets the same answer."""
     if resume == "never":
         return None
-    if resume == "auto":
-        found = latest_complete(run_dir)
-        newer_partial = [p for p in partial_checkpoints(run_dir) if found is None or step_of(p) > step_of(found)]
-        if newer_partial:
-            print(f"zerotune: warning: ignoring incomplete checkpoint(s) {', '.join(p.name for p in newer_partial)} "
-                  f"(a save was interrupted); resuming from {found.name if found else 'scratch'}", file=sys.stderr)
-        return found
-    p = Path(resume)
-    if not (p / MARKER).is_file():
-        raise CheckpointError(f"checkpoint.resume: {resume!r} is not a complete checkpoint (no {MARKER} file)")
-    return p
+    decision = [None, None]  # [checkpoint path, error]
+    if rank == 0:
+        try:
+            decision = [_choose(Path(run_dir), resume), None]
+        except CheckpointError as e:
+            decision = [None, str(e)]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(decision, src=0)
+    if decision[1]:
+        raise CheckpointError(decision[1])
+    return Path(decision[0]) if decision[0] else None
+
+
+def _warn(msg: str) -> None:
+    print(f"zerotune: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _choose(run_dir: Path, resume: str) -> str | None:
+    if resume != "auto":
+        p = Path(resume)
+        if not (p / MARKER).is_file():
+            raise CheckpointError(f"checkpoint.resume: {resume!r} is not a complete checkpoint (no {MARKER} file)")
+        problem = manifest.verify(p)
+        if problem:
+            raise CheckpointError(f"checkpoint.resume: {resume!r} is damaged: {problem}")
+        return str(p)
+    complete = complete_checkpoints(run_dir)
+    newest = complete[-1] if complete else None
+    newer_partial = [p for p in partial_checkpoints(run_dir) if (newest is None or step_of(p) > step_of(newest))
+                     and not (p / DAMAGED_MARKER).is_file()]
+    damaged = []
+    for ckpt in reversed(complete):
+        problem = manifest.verify(ckpt)
+        if problem is None:
+            break
+        damaged.append((ckpt, problem))
+    else:
+        ckpt = None
+    if damaged and ckpt is None:
+        raise CheckpointError(f"no checkpoint in {checkpoints_dir(run_dir)} can be resumed: " +
+                              "; ".join(f"{c.name}: {why}" for c, why in damaged) +
+                              "; set checkpoint.resume: never with checkpoint.overwrite: true to start over")
+    if newer_partial:
+        _warn(f"ignoring incomplete checkpoint(s) {', '.join(p.name for p in newer_partial)} "
+              f"(a save was interrupted); resuming from {ckpt.name if ckpt else 'scratch'}")
+    for bad, why in damaged:
+        _warn(f"checkpoint {bad.name} is damaged: {why}; resuming from {ckpt.name}")
+        set_aside(bad, why)
+    return str(ckpt) if ckpt else None
+
+
+def set_aside(ckpt: Path, why: str) -> None:
+    """A damaged checkpoint stops counting (DAMAGED says why; COMPLETE goes); its files stay for
+    a look until its step is saved again or retention removes it."""
+    atomic_write(ckpt / DAMAGED_MARKER, why + "\n")
+    (ckpt / MARKER).unlink(missing_ok=True)
 
 
 def needs_universal(ckpt: Path, world: int) -> bool:
@@ -189,8 +286,15 @@ def load(engine, ckpt: Path, rank: int, world: int, frozen_params: bool) -> dict
     state = read_state(ckpt)
     saved_world = state["world_size"]
     ckpt_to_load = to_universal(ckpt, rank) if saved_world != world else ckpt
-    engine.load_checkpoint(str(ckpt_to_load.parent), tag=ckpt_to_load.name,
-                           load_module_strict=not frozen_params)
+    try:
+        loaded, _ = engine.load_checkpoint(str(ckpt_to_load.parent), tag=ckpt_to_load.name,
+                                           load_module_strict=not frozen_params)
+    except (OSError, RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"cannot load {ckpt} ({type(e).__name__}: {(str(e).strip() or '-').splitlines()[0][:200]}); "
+                              "resume from an older checkpoint with checkpoint.resume: <its path>") from e
+    if loaded is None:  # DeepSpeed warns and returns None when it finds no files to load
+        raise CheckpointError(f"cannot load {ckpt}: DeepSpeed found no checkpoint files in it; "
+                              "resume from an older checkpoint with checkpoint.resume: <its path>")
     rng = ckpt / f"rng-rank{rank}.safetensors"
     if saved_world == world and rng.is_file():
         _set_rng_state(rng)

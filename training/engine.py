@@ -31,10 +31,28 @@ def bnb_optimizer(train, params):
     return cls(params, lr=train.lr, betas=train.betas, eps=train.eps, weight_decay=train.weight_decay)
 
 
+def torch_fused_adamw(ds_config: dict, params):
+    """On CUDA without optimizer offload: torch's fused AdamW (one kernel over all tensors, as
+    fast as DeepSpeed's FusedAdam, and no C++ extension to compile at the first start). None
+    where DeepSpeed's own optimizer is needed (offload: its CPU Adam) or on CPU."""
+    zero = ds_config.get("zero_optimization", {})
+    opt = ds_config.get("optimizer", {})
+    if not torch.cuda.is_available() or opt.get("type") != "AdamW" or "offload_optimizer" in zero:
+        return None
+    p = opt["params"]
+    return torch.optim.AdamW(params, lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"],
+                             weight_decay=p["weight_decay"], fused=True)
+
+
 def build_engine(model, ds_config: dict, train, total_steps: int):
     """Returns the DeepSpeed engine; its lr_scheduler steps once per optimizer step."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = None if "optimizer" in ds_config else bnb_optimizer(train, params)
+    if "optimizer" in ds_config:
+        optimizer = torch_fused_adamw(ds_config, params)
+        if optimizer is not None:
+            ds_config = {k: v for k, v in ds_config.items() if k != "optimizer"}
+    else:
+        optimizer = bnb_optimizer(train, params)
     schedule = lr_lambda(train, total_steps)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=params, optimizer=optimizer, config=ds_config,

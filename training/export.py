@@ -240,11 +240,12 @@ def load_base(recipe, dequantise: bool = True):
     dequantised to method.quant.compute_dtype, so a merge reproduces the adapter model."""
     from transformers import AutoModelForCausalLM
 
-    from .model import DTYPES, quantization_config
+    from .model import DTYPES, keep_4bit_cpu_layout, quantization_config
     quant = quantization_config(recipe)
     dtype = DTYPES[recipe.method.quant.compute_dtype] if quant is not None else DTYPES[recipe.model.dtype]
     model = AutoModelForCausalLM.from_pretrained(recipe.model.path, dtype=dtype, quantization_config=quant,
                                                  trust_remote_code=recipe.model.trust_remote_code)
+    keep_4bit_cpu_layout(model)
     if quant is not None and dequantise:
         model = model.dequantize(dtype=dtype)
     return model

@@ -22,9 +22,9 @@ import tempfile
 from pathlib import Path
 
 from zerotune.core.errors import UserError
-from zerotune.core.layout import FINAL_DIR
+from zerotune.core.layout import EXPORT_MARKER, FINAL_DIR
 
-EXPORT_MARKER = ".zerotune-export.json"
+
 
 
 class ExportError(UserError, RuntimeError):

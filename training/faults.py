@@ -13,18 +13,27 @@ these variables.
   ZEROTUNE_TEST_CRASH="<point>:<step>[:<rank>]"     SIGKILL inside the save of <step>, at point
                                                     start (before the shards), shards (after this
                                                     rank's shards) or marker (before COMPLETE)
+  ZEROTUNE_TEST_STEP_SLEEP="0.5"                    every optimizer step takes that many seconds
+                                                    longer (a slow run, so a test's signal lands
+                                                    mid-run)
+  ZEROTUNE_TEST_ENOSPC="<step>[:<rank>]"            the save of <step> fails with OSError ENOSPC
+                                                    after this rank's shards are written (a disk
+                                                    that fills up mid-save)
 
 Steps are counted as DeepSpeed counts them (engine.global_steps: optimizer steps taken,
 skipped ones included, restored on resume), which equals the loop's step counter.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import signal
 import sys
+import time
 
-VARS = ("ZEROTUNE_TEST_SIGNAL", "ZEROTUNE_TEST_NAN_STEPS", "ZEROTUNE_TEST_OOM_STEP", "ZEROTUNE_TEST_CRASH")
+VARS = ("ZEROTUNE_TEST_SIGNAL", "ZEROTUNE_TEST_NAN_STEPS", "ZEROTUNE_TEST_OOM_STEP", "ZEROTUNE_TEST_CRASH",
+        "ZEROTUNE_TEST_STEP_SLEEP", "ZEROTUNE_TEST_ENOSPC")
 
 
 def parse_steps(spec: str) -> set[int]:
@@ -83,6 +92,30 @@ def _signal_after(step: int, rank: int, signame: str) -> None:
     _wrap(diagnostics, "optimizer_step", make)
 
 
+def _slow_steps(seconds: float) -> None:
+    from . import diagnostics
+
+    def make(original):
+        def optimizer_step(engine, skip):
+            time.sleep(seconds)
+            return original(engine, skip)
+        return optimizer_step
+    _wrap(diagnostics, "optimizer_step", make)
+
+
+def _disk_full_in_save(at_step: int, rank: int | None) -> None:
+    from . import checkpoint
+
+    def make(original):
+        def write_shards(engine, path, *, step: int, **kwargs):
+            out = original(engine, path, step=step, **kwargs)
+            if step == at_step and (rank is None or _rank() == rank):
+                raise OSError(errno.ENOSPC, "No space left on device (injected by ZEROTUNE_TEST_ENOSPC)", str(path))
+            return out
+        return write_shards
+    _wrap(checkpoint, "write_shards", make)
+
+
 def _crash_in_save(point: str, at_step: int, rank: int | None) -> None:
     """Wrap the checkpoint layer's save phases: SIGKILL before/after the chosen one."""
     from . import checkpoint
@@ -117,6 +150,11 @@ def install_from_env(env=os.environ) -> bool:
     if env.get("ZEROTUNE_TEST_SIGNAL"):
         parts = env["ZEROTUNE_TEST_SIGNAL"].split(":")
         _signal_after(int(parts[0]), int(parts[1]), parts[2] if len(parts) > 2 else "SIGUSR1")
+    if env.get("ZEROTUNE_TEST_STEP_SLEEP"):
+        _slow_steps(float(env["ZEROTUNE_TEST_STEP_SLEEP"]))
+    if env.get("ZEROTUNE_TEST_ENOSPC"):
+        parts = env["ZEROTUNE_TEST_ENOSPC"].split(":")
+        _disk_full_in_save(int(parts[0]), int(parts[1]) if len(parts) > 1 else None)
     if env.get("ZEROTUNE_TEST_CRASH"):
         parts = env["ZEROTUNE_TEST_CRASH"].split(":")
         _crash_in_save(parts[0], int(parts[1]), int(parts[2]) if len(parts) > 2 else None)

@@ -111,7 +111,7 @@ def load(target: str, adapter_specs: list[str], dtype_name: str | None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import adapters as bottleneck
-    from .model import DTYPES, quantization_config
+    from .model import DTYPES, keep_4bit_cpu_layout, quantization_config
     base_path, adapters, template, recipe = resolve(target, adapter_specs)
     dtype = DTYPES[dtype_name or (recipe.model.dtype if recipe else ("bf16" if torch.cuda.is_available() else "fp32"))]
     quant = quantization_config(recipe) if recipe is not None else None
@@ -119,6 +119,7 @@ def load(target: str, adapter_specs: list[str], dtype_name: str | None):
         base_path, dtype=dtype, quantization_config=quant,
         device_map="auto" if torch.cuda.is_available() else None,
         trust_remote_code=bool(recipe and recipe.model.trust_remote_code))
+    keep_4bit_cpu_layout(model)
     # the tokenizer: the first adapter folder's (it carries the run's chat template), else the model's
     tok_path = next((str(p) for _, p in adapters if (p / "tokenizer_config.json").is_file()), base_path)
     tokenizer = AutoTokenizer.from_pretrained(tok_path)

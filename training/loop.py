@@ -2,8 +2,13 @@
 
     run = setup(run_dir)       # recipe, distributed, data, model + engine, resume point, logging
     outcome = run_steps(run)   # each step: data -> forward/backward -> optimizer -> log, eval, save
-    finish(run, outcome)       # the end (final eval, checkpoint, Hugging Face export), a preemption
-                               # (save, exit 85 for a requeue) or too many NaN losses (save, stop)
+    finish(run, outcome)       # the end (final eval, checkpoint, Hugging Face export), a stop signal
+                               # (save; exit 130 after Ctrl-C, 85 for a requeue after SIGTERM/SIGUSR1)
+                               # or too many NaN losses (save, stop)
+
+Rank 0 also keeps RUN_DIR/HEARTBEAT (training/heartbeat.py) for `zerotune status`; signals are
+training/signals.py; an exception leaves the loop to `python -m zerotune.training` (__main__.py),
+which prints it once and logs its traceback (training/failure.py).
 
 What one step computes (the token-weighted loss over the global batch) is training/step.py;
 checkpoints are training/checkpoint.py; what is logged is training/metrics.py.
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -23,20 +29,22 @@ import torch
 import torch.distributed as dist
 
 from zerotune.core.io import atomic_write
-from zerotune.core.layout import (BAD_LOSS_EXIT_CODE, DS_CONFIG_FILE, FINAL_DIR, PREEMPT_MARKER, REQUEUE_EXIT_CODE,
-                                  check_fresh_start)
+from zerotune.core.layout import BAD_LOSS_EXIT_CODE, DS_CONFIG_FILE, FINAL_DIR, PREEMPT_MARKER, check_fresh_start
 from zerotune.core.recipe import BatchGeometry, load_run_recipe
 
-from . import checkpoint, diagnostics
+from . import checkpoint, diagnostics, failure, signals
 from . import step as steps
 from .data import ResumableSampler, batches, build_data
 from .engine import build_engine
 from .export import save_final
-from .metrics import Metrics
+from .metrics import Metrics, clear_failure
+from .samples import eval_samples
 from .model import build_model, count_parameters, load_tokenizer, trainable_report
-from .signals import StopRequest
+from .heartbeat import RUNNING, Heartbeat
+from .signals import INTERRUPTED, PREEMPTED, StopRequest
 
-DONE, EARLY_STOP, PREEMPTED, BAD_LOSS = "done", "early_stop", "preempted", "bad_loss"
+DONE, EARLY_STOP, BAD_LOSS = "done", "early_stop", "bad_loss"
+REQUEUE_ENV = "ZEROTUNE_REQUEUE"   # set by job.sbatch: a SIGTERM/SIGUSR1 stop is requeued
 
 
 @dataclass
@@ -58,13 +66,21 @@ class Run:
     log: Metrics
     guard: diagnostics.NanGuard  # counts steps skipped for a NaN/inf loss
     stop: StopRequest
+    beat: Heartbeat | None       # rank 0 only
+    start_step: int = 0          # the step this attempt resumed at
+    last_saved: int = -1         # the newest step with a checkpoint (the resume point counts)
     last_eval: float | None = None
 
 
-def train(run_dir: Path) -> int:
-    run = setup(Path(run_dir))
-    outcome = run_steps(run)
-    return finish(run, outcome)
+def train(run_dir: Path, stop: StopRequest | None = None, started: float | None = None) -> int:
+    run = setup(Path(run_dir), stop or StopRequest().install(), started or time.time())
+    try:
+        outcome = run_steps(run)
+        return finish(run, outcome)
+    except BaseException:
+        if run.beat:
+            run.beat.stop("failed")
+        raise
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -103,12 +119,22 @@ def build(recipe, ds_config: dict, tokenizer, data, total_steps: int):
     return model, build_engine(model, ds_config, recipe.train, total_steps)
 
 
-def setup(run_dir: Path) -> Run:
+def start_attempt(run_dir: Path, rank: int, state: dict, started: float) -> Heartbeat | None:
+    """Rank 0: an earlier attempt's FAILED is history; the heartbeat starts."""
+    if rank != 0:
+        return None
+    failure.clear_stale(run_dir, started)
+    return Heartbeat(run_dir, state, started).start()
+
+
+def setup(run_dir: Path, stop: StopRequest, started: float) -> Run:
     recipe = load_run_recipe(run_dir)
     ds_config = json.loads((run_dir / DS_CONFIG_FILE).read_text())
     import deepspeed
     deepspeed.init_distributed(timeout=timedelta(minutes=recipe.distributed.timeout_minutes))
     rank, world = dist.get_rank(), dist.get_world_size()
+    state = {"step": 0, "tokens_seen": 0, "best_eval": None, "evals_without_improvement": 0}
+    beat = start_attempt(run_dir, rank, state, started)
     seed_everything(recipe.train.seed)
     geometry = batch_geometry(recipe.train, ds_config, world)
 
@@ -118,17 +144,20 @@ def setup(run_dir: Path) -> Run:
 
     # the resume point is decided before the engine: a new world size loads a universal checkpoint
     check_fresh_start(run_dir, recipe.checkpoint.resume, recipe.checkpoint.overwrite)
-    resume_from = checkpoint.resolve_resume(run_dir, recipe.checkpoint.resume)
+    resume_from = checkpoint.resolve_resume(run_dir, recipe.checkpoint.resume, rank)
     if resume_from is not None and checkpoint.needs_universal(resume_from, world):
         ds_config = {**ds_config, "checkpoint": {"load_universal": True}}
     model, engine = build(recipe, ds_config, tokenizer, data, total_steps)
     trainable, total = count_parameters(model)
 
-    state = {"step": 0, "tokens_seen": 0, "best_eval": None, "evals_without_improvement": 0}
     run = Run(run_dir, recipe, rank, world, geometry, total_steps, tokenizer, data, model, engine,
               frozen=trainable < total, sampler=ResumableSampler(len(data.train), rank, world, recipe.train.seed),
-              state=state, log=None, guard=None, stop=StopRequest().install())
+              state=state, log=None, guard=None, stop=stop, beat=beat)
     loaded_in = restore(run, resume_from) if resume_from is not None else None
+    run.start_step = state["step"]
+    run.last_saved = state["step"] if resume_from is not None else -1
+    if rank == 0:
+        clear_failure(run_dir)  # a new attempt: an earlier FAILED is history
     run.log = Metrics(run_dir, rank, total_steps, state["step"], recipe, world_size=world)
     run.guard = diagnostics.NanGuard(recipe.train.max_bad_steps, state)
     run.log.say(f"zerotune: {recipe.name}: {len(data.train)} train / {len(data.eval)} eval samples, "
@@ -156,6 +185,8 @@ def run_steps(run: Run) -> str:
     """Train until the last step, early stopping, a stop signal or too many NaN losses."""
     t, g, engine, log = run.recipe.train, run.geometry, run.engine, run.log
     engine.train()  # from_pretrained leaves the model in eval mode: no dropout, no gradient checkpointing
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # the peak reported is training's, not the model load's
     stream = batches(run.data.train, run.sampler, g.micro_batch_size, run.tokenizer.pad_token_id)
     with diagnostics.oom_guard(run.run_dir, run.recipe, run.state, run.total_steps, run.world, run.rank):
         while run.state["step"] < run.total_steps:
@@ -163,11 +194,12 @@ def run_steps(run: Run) -> str:
             sampler_before = run.sampler.state_dict()
             with log.time("data"):
                 micro = [next(stream) for _ in range(g.grad_accum)]
-                n_target, real, padded, stop = steps.step_counts(micro, run.stop.requested, engine.device)
+                n_target, real, padded, votes = steps.step_counts(micro, run.stop.vote(run.world), engine.device)
                 micro = [steps.to_device(b, engine.device) for b in micro]
+            stop = signals.agreed(votes, run.world)
             if stop:
                 run.sampler.load_state_dict(sampler_before)  # the micro-batches of the step not taken come again
-                return PREEMPTED
+                return stop
             lr = engine.get_lr()[0]  # the rate this step uses (the scheduler steps inside engine.step)
             with log.time("fwd_bwd"):
                 step_loss = steps.forward_backward(engine, micro, n_target, run.world)
@@ -204,7 +236,9 @@ def between(step: int, every: int | None, total_steps: int) -> bool:
 
 
 def evaluate(run: Run, step: int) -> bool:
-    """Evaluate, log, and return True when early stopping says stop."""
+    """Evaluate, log, and return True when early stopping says stop. Eval prompts (if any) are
+    answered first, on every rank (ZeRO-3 needs all of them), and logged to every tracker."""
+    run.log.samples(step, eval_samples(run.engine, run.tokenizer, run.recipe))
     if not run.data.eval:
         return False
     t = run.recipe.train
@@ -220,11 +254,17 @@ def evaluate(run: Run, step: int) -> bool:
 
 
 def save(run: Run, step: int) -> None:
+    """Save step `step` (once: a stop or a bad loss right after a periodic save does not repeat it)."""
+    if run.last_saved == step:
+        return
     t0 = time.perf_counter()
     path = checkpoint.save(run.engine, run.run_dir, step, run.state, run.sampler.state_dict(),
                            keep=run.recipe.checkpoint.keep, rank=run.rank, world=run.world, eval_loss=run.last_eval,
                            recipe_digest=run.recipe.digest(), frozen_params=run.frozen)
+    run.last_saved = step
     run.log.saved(step, path, time.perf_counter() - t0)
+    if run.beat:
+        run.beat.write(RUNNING)  # status sees the step of the newest checkpoint without waiting for a beat
 
 
 # ----------------------------------------------------------------------------- the end
@@ -236,15 +276,9 @@ def finish(run: Run, outcome: str) -> int:
         run.log.say(msg)
         if run.rank == 0:
             diagnostics.write_failure(run.run_dir, msg)
-        return close(run, BAD_LOSS_EXIT_CODE, finished=False)
-    if outcome == PREEMPTED:  # save where we are and ask the job script to requeue
-        save(run, step)
-        if run.rank == 0:
-            atomic_write(run.run_dir / PREEMPT_MARKER,
-                         json.dumps({"step": step, "signal": run.stop.signal, "time": time.time()}) + "\n")
-        run.log.say(f"step {step}: stopped by {run.stop.signal or 'a signal on another rank'}; "
-                    f"checkpoint saved, exiting with {REQUEUE_EXIT_CODE} so the job is requeued")
-        return close(run, REQUEUE_EXIT_CODE, finished=False)
+        return close(run, BAD_LOSS_EXIT_CODE, BAD_LOSS, finished=False)
+    if outcome in (INTERRUPTED, PREEMPTED):
+        return stopped(run, outcome)
     if outcome == DONE:
         evaluate(run, step)
     save(run, step)
@@ -253,11 +287,36 @@ def finish(run: Run, outcome: str) -> int:
         run.log.say(f"final model: {run.run_dir / FINAL_DIR}")
     if run.rank == 0:
         (run.run_dir / PREEMPT_MARKER).unlink(missing_ok=True)
-    return close(run, 0, final_eval_loss=run.last_eval)
+    return close(run, 0, "finished", final_eval_loss=run.last_eval)
 
 
-def close(run: Run, code: int, **summary) -> int:
+def stopped(run: Run, kind: str) -> int:
+    """A stop signal (INTERRUPTED: Ctrl-C; PREEMPTED: SIGTERM/SIGUSR1): save where we are, unless
+    this attempt took no step (its resume point is already saved), and say how to go on."""
+    step, sig = run.state["step"], run.stop.signal or "a stop signal on another rank"
+    if step > run.start_step:
+        save(run, step)
+        done = f"saved step {step}"
+    elif step > 0:
+        done = f"step {step} is saved (no step since the resume)"
+    else:
+        done = "stopped before the first step, nothing to save"
+    marker = run.run_dir / PREEMPT_MARKER
+    if run.rank == 0 and kind == PREEMPTED:
+        atomic_write(marker, json.dumps({"step": step, "signal": run.stop.signal, "time": time.time()}) + "\n")
+    elif run.rank == 0:
+        marker.unlink(missing_ok=True)
+    code = signals.exit_code(kind)
+    then = (f"exiting {code} so the job script requeues the job" if kind == PREEMPTED and os.environ.get(REQUEUE_ENV)
+            else "run the same command to resume")
+    run.log.say(f"zerotune: {sig}: {done}; {then}")
+    return close(run, code, kind, finished=False, signal=run.stop.signal)
+
+
+def close(run: Run, code: int, outcome: str, signal: str | None = None, **summary) -> int:
     run.log.close(**summary)
+    if run.beat:
+        run.beat.stop(outcome, exit_code=code, **({"signal": signal} if signal else {}))
     dist.barrier()
     dist.destroy_process_group()
     return code

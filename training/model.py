@@ -93,10 +93,14 @@ def apply_method(model, recipe):
 
 def keep_4bit_cpu_layout(model) -> None:
     """bitsandbytes repacks 4-bit weights for its AVX512-BF16 CPU kernel the first time a layer
-    runs in eval mode on such a CPU, and asserts that the output size is a multiple of 32; small
-    models (stories260K's 172-wide MLP) fail there. Keep the portable layout for those layers."""
+    runs in eval mode without gradients on such a CPU, and fails unless the output size is a
+    multiple of 32 and the input size a multiple of the quantisation block; small models
+    (stories260K's 172-wide MLP) fail there. Keep the portable layout for those layers."""
     for module in model.modules():
-        if getattr(module, "support_avx512bf16_for_cpu", False) and module.out_features % 32:
+        if not getattr(module, "support_avx512bf16_for_cpu", False):
+            continue
+        block = getattr(module.weight, "blocksize", None) or 64
+        if module.out_features % 32 or module.in_features % block:
             module.support_avx512bf16_for_cpu = False
 
 
@@ -143,10 +147,33 @@ def build_model(recipe, ds_config: dict):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     if recipe.train.gradient_checkpointing:
         model.config.use_cache = False
-    if recipe.train.fused_loss and kind in ("full", "lora", "qlora"):
+    if recipe.train.fused_loss is True and kind in ("full", "lora", "qlora"):   # "auto" was resolved by the launcher
         from .loss import enable
         enable(model)   # the logits are never materialised whole (training/loss.py)
+    if wants_compile(recipe.train.compile, kind, stage):
+        compile_layers(model, kind, stage)
     return apply_method(model, recipe)
+
+
+def wants_compile(setting, kind: str, stage: int) -> bool:
+    """train.compile: true / false as given; auto: on a CUDA GPU for full and LoRA at ZeRO 0-2."""
+    if setting == "auto":
+        return torch.cuda.is_available() and stage < 3 and kind in ("full", "lora")
+    return bool(setting)
+
+
+def compile_layers(model, kind: str, stage: int) -> None:
+    """torch.compile every decoder layer in place (Module.compile keeps parameter names, so
+    checkpoints and exports are unchanged). Identical layers share one compiled graph. Not under
+    ZeRO-3, whose parameter hooks break the graphs, nor for 4-bit layers (bitsandbytes' kernels)."""
+    if stage == 3 or kind not in ("full", "lora"):
+        raise RecipeError(f"train.compile: true works with method.kind full or lora at distributed.zero 0-2 "
+                          f"(this run: {kind}, ZeRO-{stage})")
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise RecipeError(f"train.compile: {type(model).__name__} has no model.layers to compile")
+    for layer in layers:
+        layer.compile()
 
 
 def count_parameters(model) -> tuple[int, int]:

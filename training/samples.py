@@ -64,8 +64,8 @@ def generate_samples(engine_or_model, tokenizer, prompts: list[str], max_new_tok
             for text in prompts:
                 ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
                 gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                     do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad,
-                                     synced_gpus=synced_gpus, use_cache=True)
+                                     max_length=None, do_sample=False, temperature=None, top_p=None, top_k=None,
+                                     pad_token_id=pad, synced_gpus=synced_gpus, use_cache=True)
                 out.append(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip())
     finally:
         model.train(was_training)

@@ -28,11 +28,10 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from zerotune.core.errors import UserError
-from zerotune.core.layout import TENSORBOARD_DIR
+from zerotune.core.layout import MLRUNS_DIR, TENSORBOARD_DIR
 
 from .samples import samples_markdown
 
-MLRUNS_DIR = "mlruns"     # RUN_DIR/mlruns: the default MLflow file store
 STEP_METRIC = "train/step"  # wandb's x-axis for every metric
 
 

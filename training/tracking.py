@@ -18,11 +18,10 @@ from pathlib import Path
 
 from zerotune.core.errors import UserError
 from zerotune.core.io import atomic_write
-from zerotune.core.layout import DS_CONFIG_FILE, PLAN_FILE
+from zerotune.core.layout import DS_CONFIG_FILE, PLAN_FILE, TRACKERS_FILE
 
 from .timing import time_text
 
-TRACKERS_FILE = "trackers.json"   # RUN_DIR/trackers.json: {"wandb": {"id"}, "mlflow": {"run_id", "uri"}}
 PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}  # report_to name -> the package it needs
 DEFAULT_PROJECT = "zerotune"
 

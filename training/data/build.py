@@ -16,11 +16,11 @@ import time
 from dataclasses import dataclass, field
 
 from . import cache
-from .chat_template import CHOICES
+from .chat_template import CHOICES, add_template_tokens, resolve_template
 from .formats import DataError
 from .loader import TokenDataset, pack
 from .samples import tokenize_source
-from .tokenize import IGNORE, add_template_tokens, resolve_template
+from .tokenize import IGNORE
 
 
 @dataclass
@@ -128,26 +128,27 @@ def truncation_warnings(sources: list[dict], max_len: int) -> list[str]:
     return out
 
 
-def _tokenize_all(recipe, tokenizer, template) -> tuple[list, list, list[dict]]:
+def _tokenize_all(recipe, tokenizer, template, tokenize) -> tuple[list, list, list[dict]]:
     """[(src, samples)] of the train sources, the eval samples, and every source's counts."""
     d = recipe.data
     per_source, evals, sources = [], [], []
     for src in d.train:
-        samples, st = tokenize_source(src, tokenizer, template, d)
+        samples, st = tokenize(src, tokenizer, template, d)
         per_source.append((src, samples))
         sources.append(st)
     for src in d.eval:
-        samples, st = tokenize_source(src, tokenizer, template, d)
+        samples, st = tokenize(src, tokenizer, template, d)
         evals += samples
         sources.append({**st, "eval": True})
     return per_source, evals, sources
 
 
-def build_datasets(recipe, tokenizer, template) -> tuple[TokenDataset, TokenDataset, dict]:
-    """Tokenize every source and assemble the train and eval datasets (no cache)."""
+def build_datasets(recipe, tokenizer, template, tokenize=tokenize_source) -> tuple[TokenDataset, TokenDataset, dict]:
+    """Tokenize every source and assemble the train and eval datasets (no cache). `tokenize`:
+    tokenize_source, or prepare.py's parallel one (the same samples and counts)."""
     d = recipe.data
     t0 = time.perf_counter()
-    per_source, evals, sources = _tokenize_all(recipe, tokenizer, template)
+    per_source, evals, sources = _tokenize_all(recipe, tokenizer, template, tokenize)
     stats = {"sources": sources, "warnings": truncation_warnings(sources, d.max_len)}
     for w in stats["warnings"]:
         print(f"zerotune: warning: {w}", file=sys.stderr, flush=True)
@@ -184,7 +185,7 @@ def build_datasets(recipe, tokenizer, template) -> tuple[TokenDataset, TokenData
 
 
 # ----------------------------------------------------------------------------- build or load, on every rank
-def _bundle(train, evals, stats, **extra) -> DataBundle:
+def make_bundle(train, evals, stats, **extra) -> DataBundle:
     return DataBundle(train, evals if len(evals) else [], {**stats, **extra})
 
 
@@ -193,7 +194,7 @@ def build_data(recipe, tokenizer, use_cache: bool = True) -> DataBundle:
     import torch.distributed as dist
     template, added = prepare_tokenizer(recipe, tokenizer)
     if not use_cache:
-        return _bundle(*build_datasets(recipe, tokenizer, template), cache="off", added_tokens=added)
+        return make_bundle(*build_datasets(recipe, tokenizer, template), cache="off", added_tokens=added)
     folder = cache.cache_root(recipe) / cache.cache_key(recipe, tokenizer, template)
     error_file = folder.with_name(folder.name + ".error")
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -216,12 +217,12 @@ def build_data(recipe, tokenizer, use_cache: bool = True) -> DataBundle:
         if error_file.is_file():
             raise DataError(error_file.read_text())
     if built is not None:
-        bundle = _bundle(*built, cache="miss", cache_path=str(folder))
+        bundle = make_bundle(*built, cache="miss", cache_path=str(folder))
     elif folder.is_dir():
-        bundle = _bundle(*cache.load(folder))
+        bundle = make_bundle(*cache.load(folder))
     else:  # a node that does not share rank 0's filesystem builds its own copy
         built = build_datasets(recipe, tokenizer, template)
         cache.save(folder, *built)
-        bundle = _bundle(*built, cache="miss", cache_path=str(folder))
+        bundle = make_bundle(*built, cache="miss", cache_path=str(folder))
     bundle.stats["added_tokens"] = added
     return bundle

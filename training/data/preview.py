@@ -1,34 +1,52 @@
-"""`zerotune data preview RECIPE`: what the model will be trained on.
+"""`zerotune data preview|validate|prepare RECIPE`: what the model will be trained on.
 
-Prints a few samples as the model sees them, with the tokens that carry loss highlighted
-(green in a terminal, [[...]] otherwise), then the statistics of the whole data set: samples,
-tokens, trained fraction, a length histogram, truncated / dropped / skipped counts, packing
-efficiency and whether the tokenized cache was used.
+preview prints a few samples as the model sees them, with the tokens that carry loss
+highlighted (green in a terminal, [[...]] otherwise), then the statistics of the whole data
+set: samples, tokens, which turns train, trained fraction, a length histogram, truncated /
+dropped / skipped counts, packing efficiency and whether the tokenized cache was used.
+validate checks every row (validate.py); prepare fills the cache on every core (prepare.py).
 """
 from __future__ import annotations
 
 import sys
 
-HELP = "inspect a recipe's data: rendered samples with trained tokens marked, and statistics"
+HELP = "inspect, check or pre-tokenize a recipe's data (preview, validate, prepare)"
 DESCRIPTION = ("Tokenize a recipe's data exactly as training will (and fill the tokenized cache), then\n"
                "print samples with the trained tokens marked and the data statistics.\n\n"
                "  zerotune data preview recipes/demo.yaml\n"
                "  zerotune data preview recipes/demo.yaml --n 5 --set data.max_len=2048 --set data.packing=true")
+VALIDATE = ("Read every row of every source and check it (fields, turn order, tool calls, empty answers);\n"
+            "--tokenize also renders and tokenizes each row as training will. Nothing is cached.\n\n"
+            "  zerotune data validate recipes/demo.yaml --tokenize")
+PREPARE = ("Tokenize the recipe's data on every core into the cache the training job reads, so that the\n"
+           "job starts without tokenizing. A cache already there is only loaded.\n\n"
+           "  zerotune data prepare recipes/llama3-8b-lora.yaml --workers 32")
 
 GREEN, RESET = "\033[42;30m", "\033[0m"
+
+
+def _recipe_args(p) -> None:
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key; VALUE is YAML (repeatable)")
 
 
 def add_arguments(p) -> None:
     sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     pv = sub.add_parser("preview", help="show samples with trained tokens marked, and data statistics",
                         description=DESCRIPTION)
-    pv.add_argument("recipe", help="recipe YAML file")
+    _recipe_args(pv)
     pv.add_argument("--n", type=int, default=3, help="samples to show (default 3)")
-    pv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a recipe key; VALUE is YAML (repeatable)")
     pv.add_argument("--no-cache", action="store_true", help="tokenize without reading or writing the cache")
     pv.add_argument("--color", choices=["auto", "always", "never"], default="auto",
                     help="highlight trained tokens in colour (auto: when stdout is a terminal)")
+    va = sub.add_parser("validate", help="check every row of every source (no GPU, nothing cached)",
+                        description=VALIDATE)
+    _recipe_args(va)
+    va.add_argument("--tokenize", action="store_true", help="also render and tokenize every row (loads the tokenizer)")
+    pr = sub.add_parser("prepare", help="tokenize on every core into the cache the job reads", description=PREPARE)
+    _recipe_args(pr)
+    pr.add_argument("--workers", type=int, default=None, help="worker processes (default: every core)")
 
 
 def marked_text(tokenizer, ids, labels, color: bool) -> str:
@@ -75,9 +93,7 @@ def format_stats(stats: dict, would_pack: float | None) -> list[str]:
         f"({_pct(s['trained_fraction'])} of tokens carry loss)",
     ]
     lines.append("trains       " + _trains(s))
-    for src in s["sources"]:
-        lines.append(f"  source     {src['path']} ({src['format']}{', eval' if src.get('eval') else ''}): "
-                     f"{src['rows']:,} rows -> {src['samples']:,} samples")
+    lines += [_source_line(src) for src in s["sources"]]
     lines.append(f"length       tokens per sample (max_len {s['max_len']}):")
     peak = max((c for _, _, c in s["length_histogram"]), default=1) or 1
     for lo, hi, c in s["length_histogram"]:
@@ -107,6 +123,53 @@ def format_stats(stats: dict, would_pack: float | None) -> list[str]:
 
 
 def run(args) -> int:
+    if args.data_command == "validate":
+        return run_validate(args)
+    if args.data_command == "prepare":
+        return run_prepare(args)
+    return run_preview(args)
+
+
+def _source_line(st: dict) -> str:
+    line = (f"  source     {st['path']} ({st['format']}{', eval' if st.get('eval') else ''}): "
+            f"{st['rows']:,} rows -> {st['samples']:,} samples")
+    return line + (f", {st['bad_rows']:,} bad rows skipped" if st["bad_rows"] else "")
+
+
+def run_validate(args) -> int:
+    from zerotune.core.recipe import load_recipe
+
+    from .validate import validate_sources
+    recipe = load_recipe(args.recipe, args.set)
+    tokenizer = None
+    if args.tokenize:
+        from zerotune.training.model import load_tokenizer
+        tokenizer = load_tokenizer(recipe)
+    report = validate_sources(recipe, tokenizer)
+    print(f"data         {report['rows']:,} rows checked in {report['seconds']:.2f} s"
+          f"{' (rendered and tokenized)' if tokenizer is not None else ''}: ok")
+    print("\n".join([_source_line(st) for st in report["sources"]] + [f"warning      {w}" for w in report["warnings"]]))
+    return 0
+
+
+def run_prepare(args) -> int:
+    from zerotune.core.recipe import load_recipe
+    from zerotune.training.model import load_tokenizer
+
+    from .prepare import prepare_data
+    recipe = load_recipe(args.recipe, args.set)
+    data = prepare_data(recipe, load_tokenizer(recipe), args.workers)
+    s = data.stats
+    if s["cache"] == "hit":
+        print(f"cache        ready: {s['cache_path']} (tokenized earlier in {s['tokenize_seconds']:.2f} s)")
+    else:
+        print(f"cache        written: {s['cache_path']} ({s['workers']} workers, {s['tokenize_seconds']:.2f} s)")
+    print("\n".join(_source_line(st) for st in s["sources"]))
+    print(f"data         {data.summary()}")
+    return 0
+
+
+def run_preview(args) -> int:
     from zerotune.core.recipe import load_recipe
     from zerotune.training.model import load_tokenizer
 

@@ -21,10 +21,29 @@ def new_source_stats(src) -> dict:
             "truncated": 0, "dropped_too_long": 0, "dropped_no_target": 0, "longest": 0}
 
 
+def merge_stats(src, parts: list[dict]) -> dict:
+    """The counts of one source from those of its chunks (tokenized apart, in order)."""
+    st = new_source_stats(src)
+    for p in parts:
+        for k in ("rows", "samples", "bad_rows", "truncated", "dropped_too_long", "dropped_no_target"):
+            st[k] += p[k]
+        st["longest"] = max(st["longest"], p["longest"])
+        st["bad_examples"] = (st["bad_examples"] + p["bad_examples"])[:3]
+    return st
+
+
 def tokenize_source(src, tokenizer, template, data_cfg, limit: int | None = None) -> tuple[list, dict]:
     """[(ids, labels)] of one source, and its counts. Bad rows raise, or are skipped and counted."""
-    st = new_source_stats(src)
     check_columns(src.format, src.columns, f"data source {src.path}")
+    out, st = tokenize_rows(read_rows(src), src, tokenizer, template, data_cfg, limit)
+    if st["rows"] == 0:
+        raise DataError(f"{src.path}: no rows")
+    return out, st
+
+
+def tokenize_rows(rows, src, tokenizer, template, data_cfg, limit: int | None = None) -> tuple[list, dict]:
+    """tokenize_source on some (where, row) pairs of `src` (prepare.py hands chunks to workers)."""
+    st = new_source_stats(src)
     skip = data_cfg.on_bad_rows == "skip"
     out: list[tuple[list[int], list[int]]] = []
     pending: list[tuple[str, list]] = []   # (text, spans) awaiting one batched tokenizer call
@@ -57,7 +76,7 @@ def tokenize_source(src, tokenizer, template, data_cfg, limit: int | None = None
             add(ids, label_tokens(ids, offs, spans, data_cfg.train_on_prompt))
         pending.clear()
 
-    for where, row in read_rows(src):
+    for where, row in rows:
         st["rows"] += 1
         try:
             if isinstance(row, DataError):
@@ -75,7 +94,5 @@ def tokenize_source(src, tokenizer, template, data_cfg, limit: int | None = None
         if limit and st["rows"] >= limit:
             break
     flush()
-    if st["rows"] == 0:
-        raise DataError(f"{src.path}: no rows")
     st["samples"] = len(out)
     return out, st

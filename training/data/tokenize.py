@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import re
 
-from .chat_template import add_template_tokens, for_template, render, resolve_template  # noqa: F401 (re-exported)
+from .chat_template import add_template_tokens, for_template, render, resolve_template
 from .formats import Conversation, DataError
 
+# render, resolve_template and add_template_tokens live in chat_template.py; importable from here as before
+__all__ = ["IGNORE", "add_template_tokens", "assistant_spans", "label_tokens", "render", "resolve_template",
+           "tokenize_conversation", "tokenize_text", "trained_turns", "truncate"]
 IGNORE = -100
 _AFTER_REASONING = re.compile(r"\s*(</[^<>\s]+>|<\|[^<>\s]+\|>)?\s*")   # the closing tag and blank lines
 

@@ -1,0 +1,227 @@
+"""benchmarks/bench.py's setup: what every bench call runs, before anything runs.
+
+The constants (paths, peer_hf.py's model SIZES, the WORKLOADS, zerotune VARIANTS and PEER_SETTINGS),
+the package shim that makes `zerotune` importable from this checkout without installing it, the
+random-initialised models and random-words data, and the Plan: each workload's recipe, zerotune
+and peer commands, variants and peer settings, derived from the command line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PEER = "benchmarks/peer_hf.py"
+TOKENIZER = "examples/tokenizers/phi-3-mini"
+ALPACA = "examples/data/alpaca/alpaca_en_demo.json"
+SHAREGPT = "examples/data/sharegpt/dummy_conversation.json"
+PACKAGE_DIRS = ("core", "launcher", "training", "ds_configs", "slurm")  # pyproject's package-dir map
+
+SIZES = {  # benchmarks/peer_hf.py's Llama-3 shapes (tests/test_bench.py checks they match)
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    # CPU smoke test only: the peer's tiny shape with the phi-3 tokenizer's vocabulary (so no resize)
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=32064, tie_word_embeddings=True),
+}
+
+# gpus: a number, or "all" (every GPU of the machine, at least min_gpus). data: None = random
+# words (text rows that each fill max_len: the zerotune twin of the peer's random tokens).
+WORKLOADS = {
+    "full-1b": dict(size="1b", method="full", mbs=8, gpus=1, zero=3),
+    "full-1b-offload": dict(size="1b", method="full", mbs=8, gpus=1, zero=3, offload=True),
+    "full-8b": dict(size="8b", method="full", mbs=4, gpus="all", min_gpus=4, zero=3),
+    "lora-8b": dict(size="8b", method="lora", mbs=4, gpus=1, zero=0),
+    "qlora-8b": dict(size="8b", method="qlora", mbs=4, gpus=1, zero=0),
+    "chat-alpaca": dict(size="1b", method="full", mbs=8, gpus=1, zero=3, data=(ALPACA, "alpaca")),
+    "chat-sharegpt": dict(size="1b", method="full", mbs=8, gpus=1, zero=3, data=(SHAREGPT, "sharegpt")),
+    # a CPU smoke test of bench.py (tests/test_bench.py); no peer (it needs CUDA); not in the default set
+    "tiny": dict(size="tiny", method="full", mbs=2, gpus=1, zero=3, seq=128, dtype="fp32", peer=False, hidden=True),
+}
+SEQ = 2048
+
+# zerotune variants: name -> `--set` overrides on top of the workload's recipe. "default" is the
+# recipe as a user writes it; "unfused-loss" is the before-baseline (plain cross entropy over full
+# logits); the others are candidate optimisations. The workload's figure is its fastest variant.
+UNFUSED = ["train.fused_loss=false"]
+NO_GC = ["train.gradient_checkpointing=false"]
+VARIANTS = {
+    "full-1b": {"default": [], "unfused-loss": UNFUSED, "no-gc": NO_GC,
+                "zero2": ["distributed.zero=2"], "zero2-no-gc": ["distributed.zero=2", *NO_GC]},
+    "full-1b-offload": {"default": [], "unfused-loss": UNFUSED, "no-gc": NO_GC},
+    "full-8b": {"default": [], "unfused-loss": UNFUSED, "no-gc": NO_GC},
+    "lora-8b": {"default": [], "unfused-loss": UNFUSED, "no-gc": NO_GC},
+    "qlora-8b": {"default": [], "unfused-loss": UNFUSED, "no-gc": NO_GC},
+    "chat-alpaca": {"default": [], "unfused-loss": UNFUSED, "no-gc": NO_GC,
+                    "flex": ["model.attn_implementation=flex_attention"]},
+    "chat-sharegpt": {"default": [], "unfused-loss": UNFUSED, "no-gc": NO_GC,
+                      "flex": ["model.attn_implementation=flex_attention"]},
+    "tiny": {"default": [], "no-gc": NO_GC},
+}
+# peer settings: name -> extra peer_hf.py arguments. "Best peer" = the fastest that ran.
+PEER_SETTINGS = {"default": [], "no-gc": ["--no-gc"], "liger": ["--liger"], "liger-no-gc": ["--liger", "--no-gc"]}
+
+
+# ----------------------------------------------------------------------------- making zerotune importable
+def make_package(folder: Path) -> Path:
+    """folder/zerotune/{core,launcher,training,ds_configs,slurm} -> symlinks into this checkout
+    (pyproject's package-dir map; `zerotune` is a namespace package). Returns the folder for PYTHONPATH."""
+    pkg = folder / "zerotune"
+    pkg.mkdir(parents=True, exist_ok=True)
+    for name in PACKAGE_DIRS:
+        link = pkg / name
+        if link.is_symlink() or link.exists():
+            if link.is_symlink() and Path(os.readlink(link)) == REPO / name:
+                continue
+            link.unlink()
+        link.symlink_to(REPO / name, target_is_directory=True)
+    return folder
+
+
+def child_env(pkg_dir: Path | None, extra: dict | None = None) -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    if pkg_dir is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(pkg_dir)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env.update(extra or {})
+    return env
+
+
+# ----------------------------------------------------------------------------- models and data
+def model_dir(models: Path, size: str) -> Path:
+    return models / f"llama3-{size}-random"
+
+
+def make_model(size: str, path: Path) -> None:
+    """A random-initialised model folder (config + bf16 safetensors), as peer_hf.py builds it;
+    `.done` last (peer_hf.py --model-dir waits for it)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    cfg = LlamaConfig(**SIZES[size], max_position_embeddings=4096, rope_theta=500000.0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(path)
+    (path / ".done").touch()
+
+
+def random_words_file(folder: Path, rows: int, seq: int) -> Path:
+    """Rows of random lowercase words, each longer than `seq` tokens (every word is at least one
+    token), format text: with packing each row becomes exactly one sequence of `seq` tokens."""
+    import random
+    path = folder / f"random-words-{seq}x{rows}.jsonl"
+    if path.is_file():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        for _ in range(rows):
+            words = ("".join(rng.choice(letters) for _ in range(rng.randint(3, 8))) for _ in range(seq + 64))
+            f.write(json.dumps({"text": " ".join(words)}) + "\n")
+    tmp.replace(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- commands
+class Plan:
+    """Everything one bench call runs, derived from the command line (dry-run prints it)."""
+
+    def __init__(self, a, machine_gpus: int):
+        self.a, self.machine_gpus = a, machine_gpus
+        self.work = Path(a.work_dir).resolve()
+        self.models = Path(a.models).resolve() if a.models else self.work / "models"
+        self.pkg = self.work / "pkg"
+
+    def seq(self, wl: str) -> int:
+        return WORKLOADS[wl].get("seq", SEQ)
+
+    def gpus(self, wl: str) -> tuple[int, str | None]:
+        """GPUs of the workload, and why it is skipped (None: it runs)."""
+        w = WORKLOADS[wl]
+        if w["gpus"] != "all":
+            return w["gpus"], None
+        n = self.a.gpus or self.machine_gpus
+        if n < w.get("min_gpus", 1) and not self.a.gpus:
+            return n, f"needs {w['min_gpus']} GPUs, the machine has {n} (--gpus N to try anyway)"
+        return n, None
+
+    def rows(self, wl: str) -> int:
+        w = WORKLOADS[wl]
+        return w["mbs"] * max(1, self.gpus(wl)[0]) * (self.a.steps + 2) + 8
+
+    def data_file(self, wl: str) -> Path:
+        w = WORKLOADS[wl]
+        if w.get("data"):
+            return REPO / w["data"][0]
+        return self.work / "data" / f"random-words-{self.seq(wl)}x{self.rows(wl)}.jsonl"
+
+    def recipe(self, wl: str) -> dict:
+        w = WORKLOADS[wl]
+        method = {"kind": w["method"]}
+        if w["method"] in ("lora", "qlora"):  # the peer's LoraConfig
+            method["lora"] = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
+        fmt = w["data"][1] if w.get("data") else "text"
+        return {
+            "name": wl, "output_dir": str(self.work / "runs"),
+            "model": {"path": str(model_dir(self.models, w["size"])), "tokenizer": str(REPO / TOKENIZER),
+                      "dtype": w.get("dtype", "bf16"), "attn_implementation": "sdpa", "chat_template": None},
+            "method": method,
+            "data": {"train": [{"path": str(self.data_file(wl)), "format": fmt}], "max_len": self.seq(wl),
+                     "packing": True, "eval_split": 0.0},
+            "train": {"max_steps": self.a.steps, "micro_batch_size": w["mbs"], "grad_accum": 1, "lr": 1e-5,
+                      "warmup_steps": 0, "gradient_checkpointing": True},
+            "distributed": {"zero": w["zero"], "offload_optimizer": bool(w.get("offload")),
+                            "offload_params": bool(w.get("offload"))},
+            "checkpoint": {"save_final": False, "keep": 1},
+            "logging": {"progress": False, "every": 1},
+        }
+
+    def recipe_path(self, wl: str) -> Path:
+        return self.work / "recipes" / f"{wl}.yaml"
+
+    def run_name(self, wl: str, variant: str) -> str:
+        return re.sub(r"[^A-Za-z0-9._-]", "_", f"{wl}--{variant}")
+
+    def zerotune_cmd(self, wl: str, variant: str, sets: list[str]) -> list[str]:
+        g = self.gpus(wl)[0]
+        cmd = [sys.executable, "-m", "zerotune.launcher.cli", "train", str(self.recipe_path(wl)), "--nproc", str(g),
+               "--set", f"name={self.run_name(wl, variant)}"]
+        for s in sets:
+            cmd += ["--set", s]
+        return cmd
+
+    def peer_cmd(self, wl: str, extra: list[str]) -> list[str]:
+        w = WORKLOADS[wl]
+        g = self.gpus(wl)[0]
+        mode = "full" if w["method"] == "full" else w["method"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(g), PEER, mode,
+               "--size", w["size"], "--seq", str(self.seq(wl)), "--mbs", str(w["mbs"]),
+               "--steps", str(self.a.steps), "--warmup", str(self.a.warmup)]
+        if w.get("offload"):
+            cmd.append("--offload")
+        if w["method"] != "full":
+            cmd += ["--model-dir", str(model_dir(self.models, w["size"]))]
+        if w.get("data"):
+            cmd += ["--data", w["data"][0], "--format", w["data"][1], "--tokenizer", TOKENIZER,
+                    "--max-len", str(self.seq(wl))]
+        return cmd + list(extra)
+
+    def variants(self, wl: str) -> dict[str, list[str]]:
+        table = VARIANTS.get(wl, {"default": []})
+        keep = self.a.variants
+        out = {k: v for k, v in table.items() if keep is None or k in keep}
+        out.update(self.a.variant)  # --variant NAME=SETS: always run
+        return out
+
+    def peer_settings(self, wl: str) -> dict[str, list[str]]:
+        if WORKLOADS[wl].get("peer", True) is False:
+            return {}
+        keep = self.a.peer_settings
+        out = {k: v for k, v in PEER_SETTINGS.items() if keep is None or k in keep}
+        out.update(self.a.peer_setting)
+        return out

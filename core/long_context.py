@@ -1,0 +1,107 @@
+"""Long context with sequence parallelism (`distributed.sequence_parallel: N`): the checks a
+recipe must pass before any GPU time, and the per-GPU memory of one strategy at SP degree N.
+Torch-free (the launcher and the planner import it; training/sequence_parallel.py too).
+
+Memory with SP degree N (B x S tokens per micro-batch, each GPU of a group holds S/N of them):
+  parameters, gradients, optimizer states: as without SP. ZeRO shards them over all GPUs (the
+      sequence-data-parallel group DeepSpeed builds from the SP mpu is the whole world).
+  activations: every per-token term of core/memory.py at S/N tokens: the kept layer inputs
+      (gradient checkpointing) and one layer's working set.
+  all-to-all: inside attention each GPU holds all S tokens of H/N heads: the gathered q, k, v
+      (k, v replicated when N exceeds the KV heads) and the attention output before it goes
+      back, as large as their S/N-token, H-head counterparts; counted twice (contiguous copies
+      made around each exchange), once per layer with checkpointing, every layer without.
+  logits: the chunked loss holds one chunk (<= FUSED_CHUNK tokens) whatever S/N is; the plain
+      loss holds 12 bytes per logit of the S/N local tokens.
+  packed rows with sdpa: transformers builds a (S/N)^2 boolean mask per row for the local
+      shard (position_ids restart inside it), which SP then discards; it lives for the whole step.
+      Without SP (N = 1) sdpa also gets that mask and turns it into a 2-byte additive one.
+The sum is checked against the GPU, as core/memory.py does. Measured on 2 H200s (random 1B
+Llama, d 2048, 16 layers, bf16, ZeRO-3, checkpointing, chunked loss, 4 packed samples a row,
+benchmarks/sp_memory.py, torch.cuda.max_memory_allocated), estimate in brackets:
+  N=1 64k 30.3 GiB (30.9); N=2 64k 12.6 (15.1); N=2 128k 22.2 (24.1); N=1 128k 79.6 (77.7).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Optional
+
+from .flops import shape
+from .memory import RESERVED, DEFAULT_GPU_MEMORY, Strategy, Workload, dtype_bytes, estimate_memory
+
+SP_METHODS = ("full", "lora", "qlora", "ia3", "adapter")         # methods that keep the sequence as it is
+SP_ATTENTION = ("sdpa", "flash_attention_2")                       # kernels training/sp_attention.py drives
+
+
+def heads_problem(model_config: dict, n: int) -> Optional[str]:
+    """Ulysses splits attention heads over the N ranks of a group."""
+    s = shape(model_config)
+    if s["heads"] % n:
+        return f"distributed.sequence_parallel: {n} must divide the model's {s['heads']} attention heads"
+    if s["kv_heads"] % n and n % s["kv_heads"]:
+        return (f"distributed.sequence_parallel: {n} and the model's {s['kv_heads']} key/value heads must divide "
+                "one another")
+    return None
+
+
+def check_sequence_parallel(recipe, gpus_per_node: int, nodes: int = 1,
+                            model_config: Optional[dict] = None) -> Optional[str]:
+    """One line saying why the recipe's sequence parallelism cannot run on this cluster, or None."""
+    n = recipe.distributed.sequence_parallel
+    if n <= 1:
+        return None
+    if gpus_per_node % n:
+        return (f"distributed.sequence_parallel: {n} must divide the GPUs of a node ({gpus_per_node}): "
+                "the ranks of one sequence exchange every layer's attention and stay inside a node")
+    if recipe.method.kind not in SP_METHODS:
+        return (f"distributed.sequence_parallel: method.kind {recipe.method.kind} changes the sequence "
+                f"(virtual tokens); sequence parallelism runs with {', '.join(SP_METHODS)}")
+    if recipe.model.attn_implementation not in SP_ATTENTION:
+        return (f"distributed.sequence_parallel: model.attn_implementation {recipe.model.attn_implementation} "
+                f"is not supported; use {' or '.join(SP_ATTENTION)}")
+    if model_config is not None:
+        return heads_problem(model_config, n)
+    return None
+
+
+def sp_memory(w: Workload, st: Strategy, sp: int, packed: bool = False, attn: str = "sdpa") -> dict:
+    """core.memory.estimate_memory's dict for one GPU of an SP group of `sp` (module docstring),
+    with the extra keys all_to_all and mask (bytes) and local_tokens (per micro-batch)."""
+    s = shape(w.model)
+    local = math.ceil(w.seq_len / sp)
+    m = estimate_memory(replace(w, seq_len=local), st)
+    act = dtype_bytes(w.dtype)
+    tokens = w.micro_batch_size * local
+    kept = s["layers"] * s["d"] * act * tokens if st.grad_ckpt else 0.0
+    working = m["activations"] - kept
+    q = s["heads"] * s["head_dim"]
+    kv = (max(s["kv_heads"], sp) if sp > 1 else s["kv_heads"]) * s["head_dim"]
+    a2a = 2 * (2 * q + 2 * kv) * act * tokens if sp > 1 else 0.0
+    a2a *= 1 if st.grad_ckpt else s["layers"]
+    mask = float(w.micro_batch_size * local * local) * (1 if sp > 1 else 3) if packed and attn == "sdpa" else 0.0
+    base = m["params"] + m["grads"] + m["optimizer"] + m["temporary"] + mask
+    if st.grad_ckpt:
+        total = base + kept + max(m["logits"], working + a2a)
+    else:
+        total = base + working + a2a + m["logits"]
+    return {**m, "activations": kept + working + a2a, "all_to_all": a2a, "mask": mask, "total": total,
+            "local_tokens": tokens}
+
+
+def sp_candidates(w: Workload) -> list[int]:
+    """SP degrees to try: divisors of the GPUs of a node that also split the attention heads."""
+    return [n for n in range(1, w.gpus_per_node + 1)
+            if w.gpus_per_node % n == 0 and (n == 1 or heads_problem(w.model, n) is None)]
+
+
+def pick_sequence_parallel(w: Workload, st: Strategy, gpu_memory: float = DEFAULT_GPU_MEMORY,
+                           packed: bool = False, attn: str = "sdpa") -> tuple[Optional[int], dict]:
+    """The smallest SP degree whose estimate fits one GPU (leaving core.memory.RESERVED), with its
+    estimate; (None, the estimate of the largest degree tried) when none fits."""
+    est: dict = {}
+    for n in sp_candidates(w):
+        est = sp_memory(w, st, n, packed, attn)
+        if est["total"] <= gpu_memory - RESERVED:
+            return n, est
+    return None, est

@@ -1,0 +1,85 @@
+"""`zerotune data prepare RECIPE`: tokenize on every core into the cache the job reads, so that a
+job whose cache is ready never tokenizes.
+
+    bundle = prepare_data(recipe, tokenizer, workers=16)
+
+The rows of each source are read here and handed out in chunks of CHUNK_ROWS to a pool of
+worker processes, each of which tokenizes its chunk exactly as training does
+(samples.tokenize_rows); the chunks come back in order, so the samples, the counts and the
+cache key are those of the one-process build, and a bad row fails with the same line.
+"""
+from __future__ import annotations
+
+import itertools
+import multiprocessing as mp
+import os
+
+from . import cache
+from .build import DataBundle, build_datasets, make_bundle, prepare_tokenizer
+from .formats import DataError, check_columns
+from .samples import merge_stats, tokenize_rows
+from .sources import read_rows
+
+CHUNK_ROWS = 1024
+_WORKER: dict = {}   # set in each worker process: tokenizer, template, data_cfg
+
+
+def _init_worker(tokenizer, template, data_cfg) -> None:
+    _WORKER.update(tokenizer=tokenizer, template=template, data_cfg=data_cfg)
+
+
+def _tokenize_chunk(task):
+    src, rows = task
+    w = _WORKER
+    return tokenize_rows(rows, src, w["tokenizer"], w["template"], w["data_cfg"])
+
+
+def _chunks(src):
+    rows = read_rows(src)
+    while chunk := list(itertools.islice(rows, CHUNK_ROWS)):
+        yield src, chunk
+
+
+class ParallelTokenizer:
+    """tokenize_source's drop-in (same arguments, same result) that spreads chunks over a pool."""
+
+    def __init__(self, tokenizer, template, data_cfg, workers: int):
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")   # the pool is the parallelism
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        self.pool = ctx.Pool(workers, _init_worker, (tokenizer, template, data_cfg))
+
+    def __call__(self, src, tokenizer, template, data_cfg) -> tuple[list, dict]:
+        check_columns(src.format, src.columns, f"data source {src.path}")
+        samples, parts = [], []
+        for out, st in self.pool.imap(_tokenize_chunk, _chunks(src)):
+            samples += out
+            parts.append(st)
+        st = merge_stats(src, parts)
+        if st["rows"] == 0:
+            raise DataError(f"{src.path}: no rows")
+        return samples, st
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.pool.terminate()   # a DataError from a worker may leave chunks in flight
+        self.pool.join()
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def prepare_data(recipe, tokenizer, workers: int | None = None) -> DataBundle:
+    """Fill the tokenized cache of `recipe` (the folder build_data reads) with `workers` processes;
+    a cache already there is only loaded."""
+    template, added = prepare_tokenizer(recipe, tokenizer)
+    folder = cache.cache_root(recipe) / cache.cache_key(recipe, tokenizer, template)
+    if folder.is_dir():
+        return make_bundle(*cache.load(folder), added_tokens=added)
+    workers = workers or default_workers()
+    with ParallelTokenizer(tokenizer, template, recipe.data, workers) as tokenize:
+        built = build_datasets(recipe, tokenizer, template, tokenize=tokenize)
+    cache.save(folder, *built)
+    return make_bundle(*built, cache="miss", cache_path=str(folder), added_tokens=added, workers=workers)
