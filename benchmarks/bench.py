@@ -43,7 +43,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # the sibling modules,
 # RESULT_KEYS, SHAREGPT, SIZES and TOKENIZER are re-exported: tests/test_bench.py reads them as bench.X
 from bench_proc import detect_gpus, error_tail, is_oom, run_command  # noqa: E402
 from bench_results import (RESULT_KEYS, device_slug, fmt_num, last_step, merge_results,  # noqa: E402,F401
-                           parse_metrics, parse_peer, render_table, summarize, table_main)
+                           parse_metrics, parse_peer, render_table, summarize, summarize_main, table_main)
 from bench_setup import (PACKAGE_DIRS, PEER_SETTINGS, REPO, SHAREGPT, SIZES, TOKENIZER,  # noqa: E402,F401
                          VARIANTS, WORKLOADS, Plan, child_env, make_model, make_package, model_dir,
                          random_words_file)
@@ -243,6 +243,8 @@ def select(a) -> list[str]:
         raise SystemExit(f"bench.py: unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
     if a.peer_settings == ["none"]:
         a.peer_settings = []
+    if a.variants == ["none"]:
+        a.variants = []
     for flag, given, known in (("--variants", a.variants, {v for t in VARIANTS.values() for v in t}),
                                ("--peer-settings", a.peer_settings, set(PEER_SETTINGS))):
         bad = sorted(set(given or []) - known)
@@ -274,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["table"]:
         return table_main(argv[1:])
+    if argv[:1] == ["summarize"]:
+        return summarize_main(argv[1:])
     if argv[:1] == ["_make-model"]:  # child: make one model
         make_model(argv[1], Path(argv[2]))
         return 0

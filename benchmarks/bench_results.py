@@ -169,6 +169,27 @@ def render_table(lines: list[dict]) -> str:
     return "\n".join(out)
 
 
+def summarize_main(argv: list[str]) -> int:
+    """Per-run lines of ONE device call (several parallel jobs' -runs.jsonl files are one call) ->
+    one result line per workload, merged into --out. Only runs of the same call are compared."""
+    p = argparse.ArgumentParser(prog="bench.py summarize", description=summarize_main.__doc__)
+    p.add_argument("runs", type=Path, nargs="+", help="-runs.jsonl files of one call")
+    p.add_argument("--out", type=Path, required=True, help="the results .jsonl to merge into")
+    p.add_argument("--call", default="", help="a label of the call, kept in each line")
+    a = p.parse_args(argv)
+    runs = [json.loads(ln) for f in a.runs for ln in f.read_text().splitlines() if ln.strip()]
+    lines = []
+    for wl in dict.fromkeys(r["workload"] for r in runs):
+        mine = [r for r in runs if r["workload"] == wl]
+        device = next((r["device"] for r in mine if r.get("device")), "?")
+        gpus = max(r.get("world") or 1 for r in mine)
+        lines.append(summarize(wl, device, gpus, [r for r in mine if r["side"] == "zerotune"],
+                               [r for r in mine if r["side"] == "peer"], {"call": a.call}))
+    merge_results(a.out, lines)
+    print(render_table([json.loads(ln) for ln in a.out.read_text().splitlines() if ln.strip()]))
+    return 0
+
+
 def table_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="bench.py table", description="print the README table from a results .jsonl")
     p.add_argument("file", type=Path)

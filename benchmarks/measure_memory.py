@@ -27,14 +27,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-SIZES = {  # the peer's Llama-3 shapes (../shared/bench/peer_hf.py); tiny: a CPU smoke test of this script
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True),
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_setup import SIZES  # noqa: E402  the peer's Llama-3 shapes, one table for every benchmark
+
 WORKLOADS = {
     "full-1b-zero3": dict(size="1b", mbs=8, method="full", zero=3),
     "full-1b-zero3-offload": dict(size="1b", mbs=8, method="full", zero=3, offload=True),

@@ -116,6 +116,9 @@ def check_recipe_change(recipe: Recipe) -> Optional[tuple[Path, str]]:
 def prepare_run(recipe_path: str, overrides: list[str], world_size: int, nodes: int = 1) -> Recipe:
     recipe = load_recipe(recipe_path, overrides)                       # the recipe; local paths made absolute
     check_trackers(recipe)                                             # wandb / mlflow installed if asked for
+    if recipe.distributed.sequence_parallel > 1:
+        raise RecipeError("distributed.sequence_parallel: the loop does not run sequence parallelism yet (its parts "
+                          "are in training/sequence_parallel.py, tested on their own); use 1 for now")
     config, tokenizer = preflight.check_inputs(recipe, Path(recipe_path).parent)  # model, tokenizer, vocabulary, data
     recipe = resolve(recipe, world_size, nodes)
     run_dir = recipe.run_dir
