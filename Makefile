@@ -35,8 +35,8 @@ wheel-check: install
 	python3 -m venv $(WHEEL_VENV)
 	$(WHEEL_VENV)/bin/python -m pip install -q "$(TORCH)"
 	$(WHEEL_VENV)/bin/python -m pip install -q dist/zerotune-*.whl
-	! $(WHEEL_VENV)/bin/python -c "import training" 2>/dev/null   # nothing generic lands in site-packages
-	d=$$(mktemp -d) && cd $$d && $(CURDIR)/$(WHEEL_VENV)/bin/zerotune train $(CURDIR)/recipes/demo.yaml \
+	d=$$(mktemp -d) && cd $$d && ! $(CURDIR)/$(WHEEL_VENV)/bin/python -c "import training" 2>/dev/null \
+	  && $(CURDIR)/$(WHEEL_VENV)/bin/zerotune train $(CURDIR)/recipes/demo.yaml \
 	  --set train.max_steps=4 --set train.eval_every=2 --set output_dir=$$d/runs && test -f $$d/runs/demo/final/config.json
 
 clean:

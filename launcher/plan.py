@@ -50,11 +50,12 @@ def alternatives(method: str) -> list[Strategy]:
 
 
 def plan(w: Workload, method: str, gpu_memory: float = DEFAULT_GPU_MEMORY, cpu_memory: float = DEFAULT_CPU_MEMORY,
-         price: Optional[float] = None, gpu_type: str = "h100") -> list[Estimate]:
+         price: Optional[float] = None, gpu_type: str = "h100", only: Optional[list[Strategy]] = None) -> list[Estimate]:
+    """An estimate for every strategy of `method` (and the PEFT alternatives), or for `only`."""
     peak = PEAK_TFLOPS[gpu_type] * 1e12
     fpt = flops_per_token(w.model, w.seq_len)
     rows = []
-    for st in strategies(method) + alternatives(method):
+    for st in only if only is not None else strategies(method) + alternatives(method):
         m = estimate_memory(w, st)
         mfu, source = efficiency(st, w.world)
         tps = mfu * peak / fpt
@@ -142,17 +143,18 @@ def candidates(recipe: Recipe, w: Workload, gpu_memory: float, cpu_memory: float
     fused_choices = [False, True] if t.fused_loss == "auto" else [bool(t.fused_loss)]
     if method not in ("full", "lora", "qlora"):
         fused_choices = [False]
+    gcs = [True, False] if t.gradient_checkpointing == "auto" else [t.gradient_checkpointing]
+    if d.zero == "auto":
+        sts = [s for s in strategies(method) if s.grad_ckpt in gcs and (s.offload_optimizer or not d.offload_optimizer)
+               and (s.offload_params or not d.offload_params)]
+    else:
+        sts = [Strategy(method, d.zero, d.offload_optimizer, d.offload_params, gc) for gc in gcs]
     rows = []
     for fused in fused_choices:
-        for r in plan(replace(w, fused_loss=fused), method, gpu_memory, cpu_memory):
+        for r in plan(replace(w, fused_loss=fused), method, gpu_memory, cpu_memory, only=sts):
             r.fused_loss = fused
             r.tokens_per_s *= FUSED_LOSS_SPEED if fused else 1.0
             rows.append(r)
-    rows = [r for r in rows if r.strategy.method == method and (r.strategy.offload_optimizer or not d.offload_optimizer)
-            and (r.strategy.offload_params or not d.offload_params)]
-    if d.zero != "auto":
-        rows = [r for r in rows if (r.strategy.zero, r.strategy.offload_optimizer, r.strategy.offload_params)
-                == (d.zero, d.offload_optimizer, d.offload_params)]
     return rows
 
 
@@ -164,12 +166,15 @@ def choose(recipe: Recipe, gpus_per_node: int, nodes: int = 1, gpu_memory: float
     w = workload(recipe, gpus_per_node, nodes)
     method = recipe.method.kind
     rows = candidates(recipe, w, gpu_memory, cpu_memory)
-    gc = recipe.train.gradient_checkpointing
-    best = recommend(rows, method, None if gc == "auto" else gc)
+    best = recommend(rows, method)
+    if best is None and recipe.distributed.zero != "auto" and recipe.train.gradient_checkpointing != "auto":
+        return max(rows, key=lambda r: r.fused_loss)   # only the loss was left to choose: the smaller one
     if best is None:
-        smallest = min((r for r in rows if r.strategy.method == method), key=lambda r: r.total)
+        smallest = min(rows, key=lambda r: r.total)
+        keys = [k for k, v in (("distributed.zero", recipe.distributed.zero),
+                               ("train.gradient_checkpointing", recipe.train.gradient_checkpointing)) if v == "auto"]
         raise RecipeError(
-            f"distributed.zero: auto: no strategy fits {recipe.model.path} on {w.world} GPU(s) of "
+            f"{' and '.join(keys)}: auto: no strategy fits {recipe.model.path} on {w.world} GPU(s) of "
             f"{gpu_memory / GIB:.0f} GiB: the smallest, {smallest.strategy.label}, {smallest.why_not}; "
             "add GPUs, lower train.micro_batch_size or data.max_len, or use method.kind: lora / qlora")
     return best

@@ -7,7 +7,6 @@ later steps agree to ~1e-7 relative (see same_curve for why).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -107,7 +106,7 @@ def test_resume_on_a_different_world_size(tmp_path, data24, first, second):
     zerotune("train", str(r), "--nproc", str(first), check=False, env={"ZEROTUNE_TEST_CRASH": "start:4:0"})
     assert complete_checkpoints(run)[-1].name == "step-000002"
     before = train_losses(run)
-    p = zerotune("train", str(r), "--nproc", str(second))
+    zerotune("train", str(r), "--nproc", str(second))
     after = train_losses(run)
     assert sorted(after) == [1, 2, 3, 4, 5, 6]
     # same samples per step, same optimizer state: the curve continues where it was

@@ -95,10 +95,15 @@ def test_zero3_two_ranks_fused_equals_plain(tmp_path):
     assert sorted(a) == [1, 2, 3]
     for s in a:
         assert a[s] == pytest.approx(b[s], rel=1e-5), (s, a[s], b[s])
+    # the same update (as tests/test_training.py compares it: Adam divides by sqrt(v), so weights
+    # whose gradient is ~0 move by different fractions of lr when its last bits differ)
     from safetensors.torch import load_file
+    w0 = load_file(str(STORIES / "model.safetensors"))
     wa, wb = (load_file(str(runs[f] / "final" / "model.safetensors")) for f in (True, False))
+    assert wa.keys() == wb.keys()
     for k in wa:
-        assert torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6), k
+        da, db = wa[k] - w0[k], wb[k] - w0[k]
+        assert ((da - db).norm() / db.norm()).item() < 1e-3, k
 
 
 @pytest.mark.gpu

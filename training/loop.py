@@ -37,7 +37,7 @@ from . import step as steps
 from .data import ResumableSampler, batches, build_data
 from .engine import build_engine
 from .export import save_final
-from .metrics import Metrics, clear_failure
+from .metrics import Metrics
 from .samples import eval_samples
 from .model import build_model, count_parameters, load_tokenizer, trainable_report
 from .heartbeat import RUNNING, Heartbeat
@@ -156,8 +156,6 @@ def setup(run_dir: Path, stop: StopRequest, started: float) -> Run:
     loaded_in = restore(run, resume_from) if resume_from is not None else None
     run.start_step = state["step"]
     run.last_saved = state["step"] if resume_from is not None else -1
-    if rank == 0:
-        clear_failure(run_dir)  # a new attempt: an earlier FAILED is history
     run.log = Metrics(run_dir, rank, total_steps, state["step"], recipe, world_size=world)
     run.guard = diagnostics.NanGuard(recipe.train.max_bad_steps, state)
     run.log.say(f"zerotune: {recipe.name}: {len(data.train)} train / {len(data.eval)} eval samples, "
