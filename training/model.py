@@ -92,15 +92,13 @@ def apply_method(model, recipe):
 
 
 def keep_4bit_cpu_layout(model) -> None:
-    """bitsandbytes repacks 4-bit weights for its AVX512-BF16 CPU kernel the first time a layer
-    runs in eval mode without gradients on such a CPU, and fails unless the output size is a
-    multiple of 32 and the input size a multiple of the quantisation block; small models
-    (stories260K's 172-wide MLP) fail there. Keep the portable layout for those layers."""
+    """bitsandbytes repacks a 4-bit weight for its AVX512-BF16 CPU kernel the first time its layer
+    runs in eval mode without gradients on such a CPU. The repacked layout changes the layer's
+    state dict (absmax, quant_state: checkpoints, exports and merges see other tensors) and fails
+    outright on sizes that are not multiples of 32 / the block (stories260K's 172-wide MLP). Keep
+    the portable layout everywhere; this only matters on CPUs (GPU runs never repack)."""
     for module in model.modules():
-        if not getattr(module, "support_avx512bf16_for_cpu", False):
-            continue
-        block = getattr(module.weight, "blocksize", None) or 64
-        if module.out_features % 32 or module.in_features % block:
+        if getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
 
 
