@@ -252,8 +252,8 @@ def format_table(rows: list[Estimate], w: Workload, best: Optional[Estimate], gp
     out.append("")
     out.append("GPU GiB = params + grads + optim + temp + kept activations + max(logits, one layer's recompute);"
                f" fits leaves {RESERVED / GIB:.1f} GiB for CUDA/NCCL.")
-    out.append("Speed from MFUs measured for the HF Trainer peer on one H100 (../shared/bench/README.md);"
-               " rows without a measurement use assumed values.")
+    out.append("Speed from MFUs zerotune measured on one H200 (core/memory.py MEASURED, benchmarks/results/);"
+               " rows without a measurement use the older peer calibration or assumed values.")
     if best is not None:
         out.append(f"recommended: {best.strategy.label} ({best.tokens_per_s:,.0f} tokens/s/GPU, "
                    f"{_gib(best.total)} GiB per GPU)  ->  " + " ".join(f"--set {o}" for o in best.strategy.overrides()))
