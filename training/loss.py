@@ -84,6 +84,22 @@ def supported(model) -> bool:
             and not getattr(cfg, "final_logit_softcapping", None) and not getattr(cfg, "logit_scale", None))
 
 
+def decoder_loss(model, shifted_labels, n_target, input_ids=None, **kwargs):
+    """The decoder, then the head's loss against labels already shifted (training position i
+    predicts shifted_labels[i]): the chunked loss when `enable` routed the head through it, the
+    plain fp32 cross entropy otherwise. Summed token loss / n_target; the logits are not returned.
+    The chunked path's forward and the sequence-parallel forward (sequence_parallel.py) use it."""
+    kwargs.pop("use_cache", None)
+    hidden = model.model(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
+    if getattr(model, "_zerotune_fused_loss", False):
+        loss = model.lm_head(hidden, labels=shifted_labels, n_target=n_target)
+    else:
+        logits = model.lm_head(hidden).float()
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted_labels.reshape(-1),
+                               ignore_index=IGNORE, reduction="sum") / n_target
+    return types.SimpleNamespace(loss=loss, logits=None)
+
+
 def enable(model) -> bool:
     """Route the training loss of `model` (a transformers *ForCausalLM) through the chunked loss.
     Returns False, changing nothing, for heads it does not cover."""
@@ -101,12 +117,9 @@ def enable(model) -> bool:
     def forward(self, input_ids=None, labels=None, num_items_in_batch=None, **kwargs):
         if labels is None:
             return plain_forward(input_ids=input_ids, **kwargs)
-        kwargs.pop("use_cache", None)
-        out = self.model(input_ids=input_ids, use_cache=False, **kwargs)
         shifted = shift_labels(labels)
         n = num_items_in_batch if num_items_in_batch is not None else (shifted != IGNORE).sum()
-        loss = self.lm_head(out.last_hidden_state, labels=shifted, n_target=n)
-        return types.SimpleNamespace(loss=loss, logits=None)
+        return decoder_loss(self, shifted, n, input_ids=input_ids, **kwargs)
 
     head.forward = types.MethodType(head_forward, head)
     model.forward = types.MethodType(forward, model)

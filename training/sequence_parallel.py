@@ -10,7 +10,7 @@ states over all `world` ranks.
 
     sp = sequence_parallel.init(recipe)                # after deepspeed.init_distributed; None if N == 1
     sp.wrap_model(model, recipe)                       # after build_model, before deepspeed.initialize
-    n_target, real, padded, stop = sp.step_counts(micro, stop_requested, device)   # full micro-batches
+    n_target, real, padded, stop = sp.step_counts(micro, stop_vote, device)   # full micro-batches
     micro = [sp.shard(b, device) for b in micro]
     steps.forward_backward(engine, micro, n_target, world)                          # unchanged
 
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from zerotune.core.long_context import check_sequence_parallel, heads_problem
 
 from . import sp_attention
+from .loss import decoder_loss
 from .data import IGNORE, real_tokens, target_tokens
 from .sp_attention import segments_of
 
@@ -78,12 +79,12 @@ class SequenceParallel:
         out["sp_segments"] = seg
         return out
 
-    def step_counts(self, micro: list[dict], stop_requested: bool, device) -> list[float]:
+    def step_counts(self, micro: list[dict], stop_vote: float, device) -> list[float]:
         """[n_target, real, padded, stop] of a step, from the FULL micro-batches (before shard):
         one all-reduce over the world, where each batch is counted by the N ranks of its group,
         so the sums are divided by N (exact: integer counts, N equal copies)."""
         counts = torch.tensor([sum(target_tokens(b) for b in micro), sum(real_tokens(b) for b in micro),
-                               sum(b["input_ids"].numel() for b in micro), float(stop_requested)],
+                               sum(b["input_ids"].numel() for b in micro), float(stop_vote)],
                               dtype=torch.float64, device=device)
         dist.all_reduce(counts)
         n_target, real, padded, stop = counts.tolist()
@@ -144,15 +145,7 @@ def accept_shift_labels(lm) -> None:
             return previous(input_ids=input_ids, labels=labels, num_items_in_batch=num_items_in_batch, **kwargs)
         if num_items_in_batch is None:
             raise ValueError("sequence parallel forward needs num_items_in_batch (the global target count)")
-        kwargs.pop("use_cache", None)
-        hidden = self.model(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
-        if getattr(self, "_zerotune_fused_loss", False):
-            loss = self.lm_head(hidden, labels=shift_labels, n_target=num_items_in_batch)
-        else:
-            logits = self.lm_head(hidden).float()
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shift_labels.reshape(-1),
-                                   ignore_index=IGNORE, reduction="sum") / num_items_in_batch
-        return types.SimpleNamespace(loss=loss, logits=None)
+        return decoder_loss(self, shift_labels, num_items_in_batch, input_ids=input_ids, **kwargs)
 
     lm.forward = types.MethodType(forward, lm)
     lm._zerotune_sp = True

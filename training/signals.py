@@ -39,10 +39,6 @@ class StopRequest:
         if self.signal != "SIGINT":  # SIGINT outranks the others: the user asked, not the scheduler
             self.signal = name
 
-    @property
-    def requested(self) -> bool:
-        return self.signal is not None
-
     def vote(self, world: int) -> float:
         """This rank's share of the stop all-reduce."""
         if self.signal is None:

@@ -40,12 +40,13 @@ def forward_backward(engine, micro: list[dict], n_target: float, world: int) -> 
     return step_loss
 
 
-def step_counts(micro: list[dict], stop_requested: bool, device) -> list[float]:
-    """One all-reduce per step: global target, real and padded tokens, and whether any rank was
-    asked to stop (a signal). Counted on the host batches (before they move to the GPU), so
-    this costs no device sync beyond the all-reduce. Returns [n_target, real, padded, stop]."""
+def step_counts(micro: list[dict], stop_vote: float, device) -> list[float]:
+    """One all-reduce per step: global target, real and padded tokens, and the ranks' summed stop
+    votes (training/signals.py: StopRequest.vote, read back with signals.agreed). Counted on the
+    host batches (before they move to the GPU), so this costs no device sync beyond the
+    all-reduce. Returns [n_target, real, padded, votes]."""
     counts = torch.tensor([sum(target_tokens(b) for b in micro), sum(real_tokens(b) for b in micro),
-                           sum(b["input_ids"].numel() for b in micro), float(stop_requested)],
+                           sum(b["input_ids"].numel() for b in micro), float(stop_vote)],
                           dtype=torch.float64, device=device)
     dist.all_reduce(counts)
     return counts.tolist()
