@@ -149,7 +149,15 @@ def wait_for_steps(run_dir: Path, job_id: str, step: int, timeout: float = 300) 
 
 def release(job_id: str, restarts: int) -> dict:
     """Wait for the requeued job (Restarts=restarts, pending) and let it start now."""
-    info = wait_for(job_id, ("PENDING", "COMPLETED", "FAILED", "CANCELLED"), timeout=300)
+    deadline = time.time() + 300
+    while True:  # a job that has not started yet is PENDING too, with fewer restarts
+        info = job(job_id)
+        if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+            break
+        if info.get("JobState") == "PENDING" and info.get("Restarts") == str(restarts):
+            break
+        assert time.time() < deadline, f"job {job_id} not requeued {restarts} time(s) after 300s: {info}"
+        time.sleep(1)
     assert info["JobState"] == "PENDING" and info.get("Restarts") == str(restarts), info
     time.sleep(2.5)  # a requeued job may be released 2 s after the requeue at the earliest
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
