@@ -64,8 +64,7 @@ def main() -> None:
         "train": {"max_steps": 1, "micro_batch_size": 1, "grad_accum": 1, "gradient_checkpointing": True},
         "distributed": {"zero": 3, "sequence_parallel": a.sp}})
     sp = sequence_parallel.init(recipe)
-    ds_config = render(recipe, world // a.sp, hidden_size=cfg["hidden_size"])
-    ds_config["sequence_parallel_size"] = a.sp
+    ds_config = render(recipe, world, hidden_size=cfg["hidden_size"])
     from zerotune.training.engine import build_engine
     from zerotune.training.model import build_model
     model = build_model(recipe, ds_config)

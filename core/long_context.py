@@ -89,6 +89,12 @@ def sp_memory(w: Workload, st: Strategy, sp: int, packed: bool = False, attn: st
             "local_tokens": tokens}
 
 
+def gpu_memory_of(w: Workload, st: Strategy) -> dict:
+    """Per-GPU memory of `st` at the workload's own SP degree: what the planner shows and checks.
+    At N = 1 without packing it is core.memory.estimate_memory's; packed rows with sdpa add the mask."""
+    return sp_memory(w, st, w.sequence_parallel, w.packed, w.attn)
+
+
 def sp_candidates(w: Workload) -> list[int]:
     """SP degrees to try: divisors of the GPUs of a node that also split the attention heads."""
     return [n for n in range(1, w.gpus_per_node + 1)

@@ -170,6 +170,9 @@ class Workload:
     data_note: str = ""
     trainer: str = "zerotune"    # whose training path: "zerotune" or "hf-trainer" (the peer; module docstring)
     fused_loss: bool = False     # the chunked loss: the full logits are never held
+    sequence_parallel: int = 1   # GPUs sharing one sequence: each holds seq_len / N tokens (core/long_context.py)
+    packed: bool = False         # data.packing (with sdpa, SP's estimate counts the per-row mask)
+    attn: str = "sdpa"           # model.attn_implementation
 
     @property
     def world(self) -> int:
@@ -306,7 +309,9 @@ def workload_of(recipe, gpus_per_node: int, nodes: int = 1, train_tokens: Option
                     lora_r=m.lora.r, lora_targets=m.lora.target_modules, lora_dropout=m.lora.dropout,
                     quant_bits=m.quant.bits, double_quant=m.quant.double_quant,
                     train_tokens=train_tokens, data_note=data_note,
-                    fused_loss=recipe.train.fused_loss and m.kind in ("full", "lora", "qlora"))
+                    fused_loss=recipe.train.fused_loss and m.kind in ("full", "lora", "qlora"),
+                    sequence_parallel=recipe.distributed.sequence_parallel, packed=recipe.data.packing,
+                    attn=recipe.model.attn_implementation)
 
 
 def save_seconds(w: Workload, st: Strategy, bytes_per_s: float = 2 ** 30) -> float:

@@ -168,6 +168,14 @@ class DistributedConfig(_Section):
         1, ge=1, le=64, description="GPUs that share one sequence (DeepSpeed Ulysses, for long context): must divide "
                                     "the GPUs of a node; data parallelism runs over GPUs / N (docs/long_context.md).")
 
+    def replicas(self, world_size: int) -> int:
+        """Data-parallel replicas on `world_size` ranks: each group of `sequence_parallel` ranks
+        shares one sequence, so the batch geometry and the sampler see world / N ranks."""
+        if world_size % self.sequence_parallel:
+            raise RecipeError(f"distributed.sequence_parallel: {self.sequence_parallel} must divide the number of "
+                              f"processes ({world_size})")
+        return world_size // self.sequence_parallel
+
     @model_validator(mode="after")
     def _offload(self):
         if self.offload_params and self.zero not in (3, "auto"):
@@ -183,7 +191,7 @@ class DistributedConfig(_Section):
 RESUME_SAFE_KEYS = ("output_dir", "train.max_steps", "train.epochs", "train.eval_every", "train.eval_batches",
                     "train.eval_prompts", "train.eval_max_new_tokens",
                     "train.early_stopping", "train.max_bad_steps", "checkpoint", "logging", "cluster",
-                    "distributed.timeout_minutes", "data.cache_dir")
+                    "distributed.timeout_minutes", "distributed.sequence_parallel", "data.cache_dir")
 
 
 class CheckpointConfig(_Section):

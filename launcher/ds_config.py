@@ -37,11 +37,14 @@ def read_hidden_size(model_path: str) -> Optional[int]:
 
 def render(recipe: Recipe, world_size: int, stage: Optional[int] = None,
            hidden_size: Optional[int] = None) -> dict[str, Any]:
-    """The DeepSpeed config for this recipe on `world_size` processes."""
+    """The DeepSpeed config for this recipe on `world_size` processes. With sequence parallelism
+    (N ranks share a sequence) the batch is counted over world / N replicas, and
+    "sequence_parallel_size" tells DeepSpeed's batch check so (training/sequence_parallel.py)."""
     stage = recipe.zero_stage() if stage is None else stage
     d, t = recipe.distributed, recipe.train
     cfg = json.loads((TEMPLATES / template_name(stage, d.offload_optimizer, d.offload_params)).read_text())
-    gas = t.accumulation(world_size)
+    replicas = d.replicas(world_size)
+    gas = t.accumulation(replicas)
     hidden = hidden_size or read_hidden_size(recipe.model.path)
 
     zero = cfg["zero_optimization"]
@@ -50,10 +53,12 @@ def render(recipe: Recipe, world_size: int, stage: Optional[int] = None,
     values = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": gas,
-        "train_batch_size": t.micro_batch_size * gas * world_size,
+        "train_batch_size": t.micro_batch_size * gas * replicas,
         "gradient_clipping": t.max_grad_norm,
     }
     cfg.update({k: v for k, v in values.items() if k in cfg})
+    if d.sequence_parallel > 1:
+        cfg["sequence_parallel_size"] = d.sequence_parallel
     cfg["bf16"]["enabled"] = recipe.model.dtype == "bf16"
     cfg["fp16"]["enabled"] = recipe.model.dtype == "fp16"
     if t.optimizer == "adamw":

@@ -12,6 +12,7 @@ from typing import Optional
 
 from zerotune.core.flops import flops_per_token, num_params, shape
 from zerotune.core.io import GIB, parse_size  # noqa: F401  (parse_size: tests)
+from zerotune.core.long_context import gpu_memory_of, sp_candidates
 from zerotune.core.memory import (DEFAULT_CPU_MEMORY, DEFAULT_GPU_MEMORY, FUSED_LOSS_SPEED, PEAK_TFLOPS, RESERVED, Estimate,  # noqa: F401
                                   Strategy, Workload, efficiency, estimate_memory, workload_of)
 from zerotune.core.recipe import Recipe, RecipeError, load_recipe
@@ -56,7 +57,7 @@ def plan(w: Workload, method: str, gpu_memory: float = DEFAULT_GPU_MEMORY, cpu_m
     fpt = flops_per_token(w.model, w.seq_len)
     rows = []
     for st in only if only is not None else strategies(method) + alternatives(method):
-        m = estimate_memory(w, st)
+        m = gpu_memory_of(w, st)
         mfu, source = efficiency(st, w.world)
         tps = mfu * peak / fpt
         why = []
@@ -115,11 +116,12 @@ def estimate_train_tokens(recipe: Recipe, world: int) -> tuple[Optional[float], 
         rows += counted[0]
         chars += counted[1]
     per_sample = min(d.max_len, chars / 3.6 / rows) if rows else d.max_len
+    replicas = max(1, world // recipe.distributed.sequence_parallel)   # N GPUs share a sequence
     try:
-        gas = t.accumulation(world)
+        gas = t.accumulation(replicas)
     except RecipeError:
-        gas = max(1, (t.global_batch_size or t.micro_batch_size) // (t.micro_batch_size * world))
-    global_batch = t.micro_batch_size * gas * world
+        gas = max(1, (t.global_batch_size or t.micro_batch_size) // (t.micro_batch_size * replicas))
+    global_batch = t.micro_batch_size * gas * replicas
     if t.max_steps:
         tokens_per_step = global_batch * (d.max_len if d.packing else per_sample)
         return t.max_steps * tokens_per_step, f"{t.max_steps} steps x {global_batch} samples"
@@ -176,8 +178,23 @@ def choose(recipe: Recipe, gpus_per_node: int, nodes: int = 1, gpu_memory: float
         raise RecipeError(
             f"{' and '.join(keys)}: auto: no strategy fits {recipe.model.path} on {w.world} GPU(s) of "
             f"{gpu_memory / GIB:.0f} GiB: the smallest, {smallest.strategy.label}, {smallest.why_not}; "
-            "add GPUs, lower train.micro_batch_size or data.max_len, or use method.kind: lora / qlora")
+            f"{sp_hint(w, method, gpu_memory, cpu_memory)}; or add GPUs, lower train.micro_batch_size or "
+            "data.max_len, or use method.kind: lora / qlora")
     return best
+
+
+def sp_hint(w: Workload, method: str, gpu_memory: float, cpu_memory: float) -> str:
+    """What a sequence too long for the workload's SP degree needs: the smallest larger degree
+    (dividing the GPUs of a node and the attention heads) with a strategy that fits, or why none."""
+    for n in sp_candidates(w):
+        if n <= w.sequence_parallel:
+            continue
+        best = recommend(plan(replace(w, sequence_parallel=n), method, gpu_memory, cpu_memory), method)
+        if best is not None:
+            return (f"with --set distributed.sequence_parallel={n} (each GPU holds {w.seq_len // n:,} of the "
+                    f"{w.seq_len:,} tokens) {best.strategy.label} fits at {best.total / GIB:.1f} GiB per GPU")
+    return (f"no sequence-parallel degree up to the {w.gpus_per_node} GPUs of a node fits {w.seq_len:,} tokens: "
+            "lower data.max_len, or add GPUs per node")
 
 
 def check_fits(recipe: Recipe, gpus_per_node: int, nodes: int = 1, gpu_memory: float = DEFAULT_GPU_MEMORY,
@@ -187,13 +204,15 @@ def check_fits(recipe: Recipe, gpus_per_node: int, nodes: int = 1, gpu_memory: f
     d = recipe.distributed
     st = Strategy(recipe.method.kind, recipe.zero_stage(), d.offload_optimizer, d.offload_params,
                   recipe.train.gradient_checkpointing)
-    m = estimate_memory(w, st)
+    m = gpu_memory_of(w, st)
     mfu, source = efficiency(st, w.world)
     e = Estimate(st, m["params"], m["grads"], m["optimizer"], m["activations"], m["logits"], m["temporary"],
                  m["total"], m["cpu_per_node"], True, 0.0, mfu, source)
     if m["total"] > gpu_memory - RESERVED or m["cpu_per_node"] > cpu_memory * 0.9:
         better = recommend(plan(w, recipe.method.kind, gpu_memory, cpu_memory), recipe.method.kind)
         hint = ("; " + " ".join(f"--set {o}" for o in better.strategy.overrides()) + " fits") if better else ""
+        if better is None:
+            hint = "; " + sp_hint(w, recipe.method.kind, gpu_memory, cpu_memory)
         raise RecipeError(
             f"{st.label} needs about {m['total'] / GIB:.1f} GiB per GPU (usable: {(gpu_memory - RESERVED) / GIB:.1f} "
             f"GiB) and {m['cpu_per_node'] / GIB:.0f} GiB CPU memory per node: it will not fit{hint} "
@@ -242,7 +261,9 @@ def format_table(rows: list[Estimate], w: Workload, best: Optional[Estimate], gp
     s = shape(w.model)
     out.insert(0, f"model: {num_params(w.model) / 1e9:.2f}B parameters (d={s['d']}, layers={s['layers']}, "
                   f"vocab={s['vocab']}), {w.dtype}; {w.world} GPU(s) = {w.nodes} node(s) x {w.gpus_per_node}, "
-                  f"{gpu_memory / GIB:.0f} GiB each; micro-batch {w.micro_batch_size} x {w.seq_len} tokens")
+                  f"{gpu_memory / GIB:.0f} GiB each; micro-batch {w.micro_batch_size} x {w.seq_len} tokens" +
+                  (f", sequence parallel {w.sequence_parallel} ({w.seq_len // w.sequence_parallel:,} tokens per GPU)"
+                   if w.sequence_parallel > 1 else ""))
     out.insert(1, f"data: {w.data_note}" + (f" = {w.train_tokens / 1e6:,.1f}M tokens" if w.train_tokens else ""))
     out.insert(2, "")
     misfits = [r for r in rows if not r.fits]
@@ -279,4 +300,6 @@ def run(args) -> int:
                          indent=1))
     else:
         print(format_table(rows, w, best, gpu_memory))
+        if best is None:
+            print(f"long sequences: {sp_hint(w, recipe.method.kind, gpu_memory, cpu_memory)}")
     return 0 if best is not None else 1

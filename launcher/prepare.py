@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from zerotune.core.io import atomic_write
 from zerotune.core.layout import DS_CONFIG_FILE, RECIPE_FILE, check_fresh_start, latest_complete, read_state, step_of
+from zerotune.core.long_context import check_sequence_parallel
 from zerotune.core.recipe import RESUME_SAFE_KEYS, Recipe, RecipeError, load_recipe, load_run_recipe, validate_recipe
 
 from . import ds_config, preflight
@@ -116,10 +117,10 @@ def check_recipe_change(recipe: Recipe) -> Optional[tuple[Path, str]]:
 def prepare_run(recipe_path: str, overrides: list[str], world_size: int, nodes: int = 1) -> Recipe:
     recipe = load_recipe(recipe_path, overrides)                       # the recipe; local paths made absolute
     check_trackers(recipe)                                             # wandb / mlflow installed if asked for
-    if recipe.distributed.sequence_parallel > 1:
-        raise RecipeError("distributed.sequence_parallel: the loop does not run sequence parallelism yet (its parts "
-                          "are in training/sequence_parallel.py, tested on their own); use 1 for now")
     config, tokenizer = preflight.check_inputs(recipe, Path(recipe_path).parent)  # model, tokenizer, vocabulary, data
+    problem = check_sequence_parallel(recipe, gpus_per_node=world_size // nodes, nodes=nodes, model_config=config)
+    if problem:                                                        # SP degree vs GPUs, heads, method, kernel
+        raise RecipeError(problem)
     recipe = resolve(recipe, world_size, nodes)
     run_dir = recipe.run_dir
     check_fresh_start(run_dir, recipe.checkpoint.resume, recipe.checkpoint.overwrite)

@@ -119,12 +119,12 @@ def run_case(case: dict, sp, world: int, device) -> dict:
     from zerotune.launcher.ds_config import render
     from zerotune.training import step as steps
     recipe = recipe_for(case, sp.size)
-    ds_config = render(recipe, world // sp.size)          # what the launcher must write (dp world)
-    ds_config["sequence_parallel_size"] = sp.size
+    ds_config = render(recipe, world)                     # what the launcher writes
+    assert ds_config["sequence_parallel_size"] == sp.size
     engine = build_engine(recipe, ds_config, sp)
     values = trainable_values(engine.module)
     micro, held = micro_batches(case, seed=100 + sp.dp_rank)
-    n_target, real, padded, _ = sp.step_counts(micro, False, engine.device)
+    n_target, real, padded, _ = steps.step_counts(micro, False, engine.device, copies=sp.size)
     shards = [sp.shard(b, engine.device) for b in micro]
     if case.get("no_exchange"):                # negative control: each rank attends within its shard only
         shards = [{k: v for k, v in b.items() if k != "sp_segments"} for b in shards]

@@ -108,7 +108,7 @@ def _suggestions(recipe, world: int) -> list[tuple[str, dict, dict]]:
     out = []
     if t.micro_batch_size > 1:
         mbs = max(1, t.micro_batch_size // 2)
-        acc = t.accumulation(world) * t.micro_batch_size // mbs
+        acc = t.accumulation(d.replicas(world)) * t.micro_batch_size // mbs
         batch = (f"train.global_batch_size stays {t.global_batch_size}" if t.global_batch_size
                  else f"train.grad_accum: {acc}")
         out.append((f"train.micro_batch_size: {mbs} with {batch} (same global batch, a little slower)",

@@ -32,7 +32,7 @@ from zerotune.core.io import atomic_write
 from zerotune.core.layout import BAD_LOSS_EXIT_CODE, DS_CONFIG_FILE, FINAL_DIR, PREEMPT_MARKER, check_fresh_start
 from zerotune.core.recipe import BatchGeometry, load_run_recipe
 
-from . import checkpoint, diagnostics, failure, signals
+from . import checkpoint, diagnostics, failure, sequence_parallel, signals
 from . import step as steps
 from .data import ResumableSampler, batches, build_data
 from .engine import build_engine
@@ -67,6 +67,7 @@ class Run:
     guard: diagnostics.NanGuard  # counts steps skipped for a NaN/inf loss
     stop: StopRequest
     beat: Heartbeat | None       # rank 0 only
+    sp: object = None            # sequence_parallel.SequenceParallel when N ranks share a sequence
     start_step: int = 0          # the step this attempt resumed at
     last_saved: int = -1         # the newest step with a checkpoint (the resume point counts)
     last_eval: float | None = None
@@ -90,12 +91,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def batch_geometry(train, ds_config: dict, world: int) -> BatchGeometry:
-    """The recipe's geometry for this world size; ds_config.json must have been written for it."""
-    g = train.geometry(world)
+def batch_geometry(train, ds_config: dict, replicas: int) -> BatchGeometry:
+    """The recipe's geometry over `replicas` data-parallel ranks (the world size, divided by the
+    sequence-parallel degree); ds_config.json must have been written for it."""
+    g = train.geometry(replicas)
     if ds_config["train_batch_size"] != g.global_batch_size:
         raise RuntimeError(f"ds_config.json was written for a global batch of {ds_config['train_batch_size']}, "
-                           f"this job's is {g.global_batch_size} ({world} processes): relaunch with `zerotune train`")
+                           f"this job's is {g.global_batch_size} ({replicas} data-parallel processes): "
+                           "relaunch with `zerotune train`")
     return g
 
 
@@ -106,8 +109,9 @@ def count_steps(train, n_samples: int, g: BatchGeometry) -> int:
     return train.max_steps or math.ceil(train.epochs * steps_per_epoch)
 
 
-def build(recipe, ds_config: dict, tokenizer, data, total_steps: int):
-    """The model (template tokens added, no KV cache) inside its DeepSpeed engine."""
+def build(recipe, ds_config: dict, tokenizer, data, total_steps: int, sp=None):
+    """The model (template tokens added, no KV cache, Ulysses attention under sequence
+    parallelism) inside its DeepSpeed engine."""
     model = build_model(recipe, ds_config)
     if len(tokenizer) > model.config.vocab_size:  # tokens a chat template added
         if recipe.method.is_peft:
@@ -116,6 +120,8 @@ def build(recipe, ds_config: dict, tokenizer, data, total_steps: int):
                                "the tokenizer has, or method.kind: full")
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     model.config.use_cache = False  # no KV cache in training; a cache also turns off packed-sequence masking
+    if sp:
+        sp.wrap_model(model, recipe)
     return model, build_engine(model, ds_config, recipe.train, total_steps)
 
 
@@ -133,10 +139,12 @@ def setup(run_dir: Path, stop: StopRequest, started: float) -> Run:
     import deepspeed
     deepspeed.init_distributed(timeout=timedelta(minutes=recipe.distributed.timeout_minutes))
     rank, world = dist.get_rank(), dist.get_world_size()
+    sp = sequence_parallel.init(recipe)   # None unless distributed.sequence_parallel > 1
+    replica, replicas = (sp.dp_rank, sp.dp_world) if sp else (rank, world)   # what the data sees
     state = {"step": 0, "tokens_seen": 0, "best_eval": None, "evals_without_improvement": 0}
     beat = start_attempt(run_dir, rank, state, started)
     seed_everything(recipe.train.seed)
-    geometry = batch_geometry(recipe.train, ds_config, world)
+    geometry = batch_geometry(recipe.train, ds_config, replicas)
 
     tokenizer = load_tokenizer(recipe)
     data = build_data(recipe, tokenizer)
@@ -147,19 +155,20 @@ def setup(run_dir: Path, stop: StopRequest, started: float) -> Run:
     resume_from = checkpoint.resolve_resume(run_dir, recipe.checkpoint.resume, rank)
     if resume_from is not None and checkpoint.needs_universal(resume_from, world):
         ds_config = {**ds_config, "checkpoint": {"load_universal": True}}
-    model, engine = build(recipe, ds_config, tokenizer, data, total_steps)
+    model, engine = build(recipe, ds_config, tokenizer, data, total_steps, sp)
     trainable, total = count_parameters(model)
 
     run = Run(run_dir, recipe, rank, world, geometry, total_steps, tokenizer, data, model, engine,
-              frozen=trainable < total, sampler=ResumableSampler(len(data.train), rank, world, recipe.train.seed),
-              state=state, log=None, guard=None, stop=stop, beat=beat)
+              frozen=trainable < total, sampler=ResumableSampler(len(data.train), replica, replicas, recipe.train.seed),
+              state=state, log=None, guard=None, stop=stop, beat=beat, sp=sp)
     loaded_in = restore(run, resume_from) if resume_from is not None else None
     run.start_step = state["step"]
     run.last_saved = state["step"] if resume_from is not None else -1
     run.log = Metrics(run_dir, rank, total_steps, state["step"], recipe, world_size=world)
     run.guard = diagnostics.NanGuard(recipe.train.max_bad_steps, state)
     run.log.say(f"zerotune: {recipe.name}: {len(data.train)} train / {len(data.eval)} eval samples, "
-                f"{world} process(es), ZeRO-{ds_config['zero_optimization']['stage']}, "
+                f"{world} process(es){f' (sequence parallel {sp.size})' if sp else ''}, "
+                f"ZeRO-{ds_config['zero_optimization']['stage']}, "
                 f"{trainable:,} / {total:,} parameters trainable ({100 * trainable / total:.2f}%), "
                 f"{total_steps} steps of {geometry.global_batch_size} samples" +
                 (f", resumed from {resume_from.name} (loaded in {loaded_in:.1f}s)" if resume_from else ""))
@@ -171,7 +180,7 @@ def setup(run_dir: Path, stop: StopRequest, started: float) -> Run:
 def restore(run: Run, ckpt: Path) -> float:
     """Weights, optimizer, schedule, RNG, loop state and data position from `ckpt`; returns seconds."""
     t0 = time.perf_counter()
-    saved = checkpoint.load(run.engine, ckpt, run.rank, run.world, run.frozen)
+    saved = checkpoint.load(run.engine, ckpt, run.rank, run.world, run.frozen, replicas=run.sampler.world)
     run.state.update(saved["loop"])
     run.sampler.load_state_dict(saved["sampler"])
     run.last_eval = saved.get("eval_loss")
@@ -186,14 +195,17 @@ def run_steps(run: Run) -> str:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # the peak reported is training's, not the model load's
     stream = batches(run.data.train, run.sampler, g.micro_batch_size, run.tokenizer.pad_token_id)
+    place = run.sp.shard if run.sp else steps.to_device   # SP: this rank's part of each sequence
     with diagnostics.oom_guard(run.run_dir, run.recipe, run.state, run.total_steps, run.world, run.rank):
         while run.state["step"] < run.total_steps:
             t0 = time.perf_counter()
             sampler_before = run.sampler.state_dict()
             with log.time("data"):
                 micro = [next(stream) for _ in range(g.grad_accum)]
-                n_target, real, padded, votes = steps.step_counts(micro, run.stop.vote(run.world), engine.device)
-                micro = [steps.to_device(b, engine.device) for b in micro]
+                n_target, real, padded, votes = steps.step_counts(micro, run.stop.vote(run.world), engine.device,
+                                                                  copies=run.sp.size if run.sp else 1)
+                seq_len = micro[0]["input_ids"].shape[1]
+                micro = [place(b, engine.device) for b in micro]
             stop = signals.agreed(votes, run.world)
             if stop:
                 run.sampler.load_state_dict(sampler_before)  # the micro-batches of the step not taken come again
@@ -218,7 +230,7 @@ def run_steps(run: Run) -> str:
                          grad_norm=float(grad_norm) if grad_norm is not None else None, tokens=real,
                          padded_tokens=padded, samples=step * g.global_batch_size,
                          epoch=run.sampler.epoch + run.sampler.consumed / run.sampler.per_rank,
-                         seq_len=micro[0]["input_ids"].shape[1])
+                         seq_len=seq_len)
             if between(step, t.eval_every, run.total_steps) and evaluate(run, step):
                 log.say(f"step {step}: early stopping after {run.state['evals_without_improvement']} "
                         "evals without improvement")
@@ -241,7 +253,8 @@ def evaluate(run: Run, step: int) -> bool:
         return False
     t = run.recipe.train
     loss = run.last_eval = steps.evaluate(run.engine, run.data.eval, run.rank, run.world,
-                                          run.geometry.micro_batch_size, run.tokenizer.pad_token_id, t.eval_batches)
+                                          run.geometry.micro_batch_size, run.tokenizer.pad_token_id, t.eval_batches,
+                                          sp=run.sp)
     run.log.eval(step, loss)  # eval/loss, eval/perplexity and a one-line summary
     es, state = t.early_stopping, run.state
     if state["best_eval"] is None or loss < state["best_eval"] - (es.min_delta if es else 0):

@@ -148,15 +148,19 @@ def build_model(recipe, ds_config: dict):
     if recipe.train.fused_loss is True and kind in ("full", "lora", "qlora"):   # "auto" was resolved by the launcher
         from .loss import enable
         enable(model)   # the logits are never materialised whole (training/loss.py)
-    if wants_compile(recipe.train.compile, kind, stage):
+    if wants_compile(recipe.train.compile, kind, stage, recipe.distributed.sequence_parallel):
         compile_layers(model, kind, stage)
     return apply_method(model, recipe)
 
 
-def wants_compile(setting, kind: str, stage: int) -> bool:
-    """train.compile: true / false as given; auto: on a CUDA GPU for full and LoRA at ZeRO 0-2."""
+def wants_compile(setting, kind: str, stage: int, sequence_parallel: int = 1) -> bool:
+    """train.compile: true / false as given; auto: on a CUDA GPU for full and LoRA at ZeRO 0-2,
+    without sequence parallelism (its attention exchanges data inside the layer: not compiled)."""
     if setting == "auto":
-        return torch.cuda.is_available() and stage < 3 and kind in ("full", "lora")
+        return torch.cuda.is_available() and stage < 3 and kind in ("full", "lora") and sequence_parallel == 1
+    if setting and sequence_parallel > 1:
+        raise RecipeError("train.compile: true does not run with distributed.sequence_parallel > 1 "
+                          "(use train.compile: auto or false)")
     return bool(setting)
 
 

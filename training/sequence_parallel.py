@@ -10,9 +10,12 @@ states over all `world` ranks.
 
     sp = sequence_parallel.init(recipe)                # after deepspeed.init_distributed; None if N == 1
     sp.wrap_model(model, recipe)                       # after build_model, before deepspeed.initialize
-    n_target, real, padded, stop = sp.step_counts(micro, stop_vote, device)   # full micro-batches
+    n_target, real, padded, votes = steps.step_counts(micro, vote, device, copies=sp.size)  # full batches
     micro = [sp.shard(b, device) for b in micro]
     steps.forward_backward(engine, micro, n_target, world)                          # unchanged
+    steps.evaluate(engine, data.eval, rank, world, mbs, pad_id, limit, sp=sp)        # sharded too
+
+training/loop.py does exactly this; ds_config.json carries "sequence_parallel_size" (launcher/ds_config.py).
 
 Loss: each rank's shard loss is its summed token loss / n_target (the global target count),
 so the sum over all ranks is the mean over the global batch, as without SP.
@@ -32,7 +35,6 @@ import os
 import types
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
@@ -40,7 +42,7 @@ from zerotune.core.long_context import check_sequence_parallel, heads_problem
 
 from . import sp_attention
 from .loss import decoder_loss
-from .data import IGNORE, real_tokens, target_tokens
+from .data import IGNORE
 from .sp_attention import segments_of
 
 
@@ -78,17 +80,6 @@ class SequenceParallel:
         out = {k: v[:, part].contiguous().to(device, non_blocking=True) for k, v in full.items()}
         out["sp_segments"] = seg
         return out
-
-    def step_counts(self, micro: list[dict], stop_vote: float, device) -> list[float]:
-        """[n_target, real, padded, stop] of a step, from the FULL micro-batches (before shard):
-        one all-reduce over the world, where each batch is counted by the N ranks of its group,
-        so the sums are divided by N (exact: integer counts, N equal copies)."""
-        counts = torch.tensor([sum(target_tokens(b) for b in micro), sum(real_tokens(b) for b in micro),
-                               sum(b["input_ids"].numel() for b in micro), float(stop_vote)],
-                              dtype=torch.float64, device=device)
-        dist.all_reduce(counts)
-        n_target, real, padded, stop = counts.tolist()
-        return [n_target / self.size, real / self.size, padded / self.size, stop]
 
 
 def init(recipe) -> SequenceParallel | None:

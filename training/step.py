@@ -40,24 +40,32 @@ def forward_backward(engine, micro: list[dict], n_target: float, world: int) -> 
     return step_loss
 
 
-def step_counts(micro: list[dict], stop_vote: float, device) -> list[float]:
+def step_counts(micro: list[dict], stop_vote: float, device, copies: int = 1) -> list[float]:
     """One all-reduce per step: global target, real and padded tokens, and the ranks' summed stop
     votes (training/signals.py: StopRequest.vote, read back with signals.agreed). Counted on the
-    host batches (before they move to the GPU), so this costs no device sync beyond the
-    all-reduce. Returns [n_target, real, padded, votes]."""
+    host batches (before they move to the GPU, before sequence-parallel sharding), so this costs
+    no device sync beyond the all-reduce. `copies`: ranks that hold each micro-batch (the
+    sequence-parallel degree); the token sums count each batch once (exact: integer counts over
+    equal copies). Returns [n_target, real, padded, votes]."""
     counts = torch.tensor([sum(target_tokens(b) for b in micro), sum(real_tokens(b) for b in micro),
                            sum(b["input_ids"].numel() for b in micro), float(stop_vote)],
                           dtype=torch.float64, device=device)
     dist.all_reduce(counts)
-    return counts.tolist()
+    n_target, real, padded, votes = counts.tolist()
+    return [n_target / copies, real / copies, padded / copies, votes]
 
 
 @torch.no_grad()
 def evaluate(engine, dataset, rank: int, world: int, micro_batch_size: int, pad_id: int,
-             limit: int | None) -> float:
+             limit: int | None, sp=None) -> float:
     """Token-weighted eval loss. Every rank runs the same number of forwards (ZeRO-3 needs it):
-    ranks short of samples repeat sample 0 with its labels masked out."""
+    ranks short of samples repeat sample 0 with its labels masked out. With sequence parallelism
+    (`sp`) the ranks of a group evaluate the same batch, each its shard (long rows fit as in
+    training): rank and world are then the data-parallel replica and the replica count."""
     engine.eval()
+    copies = sp.size if sp else 1
+    if sp:
+        rank, world = sp.dp_rank, sp.dp_world
     per_rank = math.ceil(len(dataset) / world)
     n_batches = math.ceil(per_rank / micro_batch_size)
     if limit:
@@ -72,11 +80,14 @@ def evaluate(engine, dataset, rank: int, world: int, micro_batch_size: int, pad_
                 samples.append(dataset[i])
             else:
                 samples.append({"input_ids": dataset[0]["input_ids"], "labels": [-100] * len(dataset[0]["labels"])})
-        batch = to_device(collate(samples, pad_id), engine.device)
+        batch = collate(samples, pad_id)
         n = target_tokens(batch)
-        loss_sum += engine(**batch, num_items_in_batch=max(n, 1)).loss.double() * n
+        if sp:   # the forward returns this shard's summed token loss / num_items_in_batch
+            loss_sum += engine(**sp.shard(batch, engine.device), num_items_in_batch=1).loss.double()
+        else:
+            loss_sum += engine(**to_device(batch, engine.device), num_items_in_batch=max(n, 1)).loss.double() * n
         tokens += n
-    dist.all_reduce(loss_sum)
+    dist.all_reduce(loss_sum)   # with SP the shards of a batch sum to its loss; its tokens were counted N times
     dist.all_reduce(tokens)
     engine.train()
-    return (loss_sum / tokens.clamp(min=1)).item()
+    return (loss_sum / (tokens / copies).clamp(min=1)).item()

@@ -42,10 +42,12 @@ def check_trackers(recipe) -> None:
 def run_hparams(recipe, world: int, total_steps: int) -> dict:
     """The recipe's main knobs (TensorBoard's HPARAMS tab, wandb config, MLflow params)."""
     r = recipe
-    acc = r.train.accumulation(world)
+    replicas = r.distributed.replicas(world)
+    acc = r.train.accumulation(replicas)
     return {"model": str(r.model.path), "method": r.method.kind, "dtype": r.model.dtype, "lr": r.train.lr,
             "scheduler": r.train.scheduler, "micro_batch_size": r.train.micro_batch_size, "grad_accum": acc,
-            "world_size": world, "global_batch": r.train.micro_batch_size * acc * world,
+            "world_size": world, "sequence_parallel": r.distributed.sequence_parallel,
+            "global_batch": r.train.micro_batch_size * acc * replicas,
             "max_len": r.data.max_len, "packing": r.data.packing, "zero": str(r.distributed.zero),
             "total_steps": total_steps, "seed": r.train.seed}
 
