@@ -35,8 +35,9 @@ def test_parallel_prepare_fills_the_cache_the_job_loads(tmp_path, small_chunks):
     assert job.stats["cache"] == "hit" and job.stats["cache_path"] == ready.stats["cache_path"]
     serial = build_data(r, load_tokenizer(r), use_cache=False)
     for a, b in ((job.train, serial.train), (job.eval, serial.eval)):
-        for k in ("ids", "labels", "offsets", "positions"):
-            assert (getattr(a, k) == getattr(b, k)).all()
+        assert len(a) == len(b) and a.packed and b.packed
+        for x, y in zip(a, b):
+            assert x.keys() == y.keys() and all((x[k] == y[k]).all() for k in x)
     assert [s["rows"] for s in job.stats["sources"]] == [999, 31]
     assert {k: job.stats[k] for k in ("train_samples", "eval_samples", "train_target_tokens", "truncated")} == \
         {k: serial.stats[k] for k in ("train_samples", "eval_samples", "train_target_tokens", "truncated")}

@@ -10,10 +10,11 @@ The modules, in the order data flows through them:
     formats.py    rows of each format -> one conversation form (turns.py: one chat turn)
     templates.py  built-in chat templates;  chat_template.py: resolve, render, fallbacks
     tokenize.py   conversation -> text + the character spans that train -> labels
-    samples.py    one source -> [(input_ids, labels)] + counts
+    samples.py    one source -> [(input_ids, labels)] + counts, chunk by chunk
+    dataset.py    int32 token shards written chunk by chunk; TokenDataset: rows over them
     build.py      all sources -> train/eval TokenDatasets + stats (cache.py: the on-disk cache)
     validate.py   every row of every source checked, no model, no GPU (before torchrun)
-    loader.py     TokenDataset, packing, ResumableSampler, batches
+    loader.py     packing, ResumableSampler, batches
     preview.py    `zerotune data preview`;  prepare.py: `zerotune data prepare` (parallel tokenizing)
 
 Tokenized data is cached under data.cache_dir (default RUN_DIR/../.zerotune-cache), keyed by

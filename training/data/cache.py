@@ -1,8 +1,14 @@
 """The tokenized-data cache: one folder per key, written atomically, memory-mapped on load.
 
     folder = cache_root(recipe) / cache_key(recipe, tokenizer, template)
-    save(folder, train, evals, stats)      # tmp folder + rename: a reader sees all or nothing
+    tmp = staging(folder)                  # the build streams its shards into tmp/tokens
+    save(tmp, train, evals, stats); commit(tmp, folder)   # rename: a reader sees all or nothing
     train, evals, stats = load(folder)
+
+    folder/tokens/     the samples, in int32 shards + per-sample offsets (dataset.py)
+    folder/train/      rows.npy (sample numbers, weights repeat them), row_ptr.npy when packed
+    folder/eval/       the same for eval
+    folder/stats.json  counts, warnings, timings
 
 The key covers everything that changes the tokens: the sources' content, formats, columns and
 weights, every data.* setting, the tokenizer, the resolved chat template and the seed.
@@ -16,10 +22,10 @@ import shutil
 import time
 from pathlib import Path
 
-from .loader import TokenDataset
+from .dataset import SampleStore, TokenDataset
 from .sources import content_hash
 
-CACHE_VERSION = 2   # 2: tool calls, reasoning and train_on reach the tokens
+CACHE_VERSION = 3   # 2: tool calls, reasoning and train_on reach the tokens; 3: sharded tokens + row indexes
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -47,12 +53,22 @@ def cache_root(recipe) -> Path:
     return Path(recipe.data.cache_dir) if recipe.data.cache_dir else recipe.run_dir.parent / ".zerotune-cache"
 
 
-def save(folder: Path, train: TokenDataset, evals: TokenDataset, stats: dict) -> None:
+def staging(folder: Path) -> Path:
+    """An empty folder beside `folder` that only this process writes (then commit() renames it)."""
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def save(tmp: Path, train: TokenDataset, evals: TokenDataset, stats: dict) -> None:
+    """The row indexes and stats, beside the shards the build already wrote to tmp/tokens."""
     train.save(tmp / "train")
     evals.save(tmp / "eval")
     (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
+
+
+def commit(tmp: Path, folder: Path) -> None:
     try:
         tmp.rename(folder)            # atomic: a reader sees a complete cache or none
     except OSError:
@@ -62,6 +78,7 @@ def save(folder: Path, train: TokenDataset, evals: TokenDataset, stats: dict) ->
 def load(folder: Path) -> tuple[TokenDataset, TokenDataset, dict]:
     t0 = time.perf_counter()
     stats = json.loads((folder / "stats.json").read_text())
-    train, evals = TokenDataset.load(folder / "train"), TokenDataset.load(folder / "eval")
+    store = SampleStore.load(folder / "tokens")
+    train, evals = TokenDataset.load(folder / "train", store), TokenDataset.load(folder / "eval", store)
     stats.update(cache="hit", cache_path=str(folder), load_seconds=round(time.perf_counter() - t0, 3))
     return train, evals, stats

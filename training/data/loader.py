@@ -1,4 +1,4 @@
-"""Tokenized datasets (memory-mapped), packing, resumable sampling and batch collation.
+"""Packing, resumable sampling and batch collation (the memory-mapped TokenDataset: dataset.py).
 
 A sample is {"input_ids", "labels"} (+ "position_ids" when packed): position_ids restart at 0
 at each packed sample, and the first label of each sample is -100. With no attention_mask in
@@ -9,101 +9,64 @@ position_ids, so packed samples never attend to each other (tests/test_data_pack
 from __future__ import annotations
 
 import bisect
-from pathlib import Path
+from array import array
 
 import numpy as np
 
+from .dataset import TokenDataset  # noqa: F401  (importable from here as before)
 from .formats import DataError
 from .tokenize import IGNORE
 
 
-# ----------------------------------------------------------------------------- datasets
-class TokenDataset:
-    """List-like samples stored as flat int32 arrays + row offsets (memory-mapped from the cache)."""
+# ----------------------------------------------------------------------------- packing
+def pack_rows(lengths, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best-fit-decreasing bin packing, as (row_ptr, members): row r holds the samples
+    members[row_ptr[r]:row_ptr[r + 1]], in the order they went in; every row's total <= max_len.
 
-    def __init__(self, ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, positions: np.ndarray | None = None):
-        self.ids, self.labels, self.offsets, self.positions = ids, labels, offsets, positions
-
-    @classmethod
-    def from_samples(cls, samples: list[tuple[list[int], list[int]]], bins: list[list[int]] | None = None) -> "TokenDataset":
-        """Plain rows (bins None) or packed rows: bins[r] lists the samples packed into row r."""
-        rows = bins if bins is not None else [[i] for i in range(len(samples))]
-        lens = np.array([sum(len(samples[i][0]) for i in r) for r in rows], dtype=np.int64)
-        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-        np.cumsum(lens, out=offsets[1:])
-        order = [i for r in rows for i in r]
-        flat = lambda k: np.fromiter((t for i in order for t in samples[i][k]), dtype=np.int32, count=int(offsets[-1]))  # noqa: E731
-        positions = None
-        if bins is not None:
-            positions = np.fromiter((p for i in order for p in range(len(samples[i][0]))), dtype=np.int32,
-                                    count=int(offsets[-1]))
-        return cls(flat(0), flat(1), offsets, positions)
-
-    def save(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        for name in ("ids", "labels", "offsets", "positions"):
-            if getattr(self, name) is not None:
-                np.save(folder / f"{name}.npy", getattr(self, name))
-
-    @classmethod
-    def load(cls, folder: Path) -> "TokenDataset":
-        load = lambda n: np.load(folder / f"{n}.npy", mmap_mode="r") if (folder / f"{n}.npy").exists() else None  # noqa: E731
-        return cls(load("ids"), load("labels"), load("offsets"), load("positions"))
-
-    @property
-    def packed(self) -> bool:
-        return self.positions is not None
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def length(self, i: int) -> int:
-        return int(self.offsets[i + 1] - self.offsets[i])
-
-    def __getitem__(self, i: int) -> dict:
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        out = {"input_ids": self.ids[a:b], "labels": self.labels[a:b]}
-        if self.positions is not None:
-            out["position_ids"] = self.positions[a:b]
-        return out
-
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
-
-    def num_tokens(self) -> int:
-        return int(self.offsets[-1])
+    Longest first (ties in index order); each sample goes into the open row with the least room
+    that still fits it, and of equally roomy rows into the one that got that room last. Rows are
+    kept in one stack per room value, and the room values in a sorted list of at most max_len
+    entries, so packing costs the same per sample however many rows there are; memory is a few
+    int64 arrays of one entry per sample. Deterministic.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and lengths.max() > max_len:
+        i = int(np.argmax(lengths))          # the first one packing meets
+        raise ValueError(f"sample {i} has {int(lengths[i])} tokens > max_len {max_len}")
+    order = np.argsort(-lengths, kind="stable")
+    row_of = np.empty(len(lengths), dtype=np.int64)
+    stacks: dict[int, array] = {}            # room -> rows with that much room, the latest last
+    rooms: list[int] = []                    # sorted room values that have a row
+    n_rows = 0
+    for block in range(0, len(order), 1 << 16):   # Python ints a block at a time: the loop is faster on them
+        idx = order[block: block + (1 << 16)]
+        for i, n in zip(idx.tolist(), lengths[idx].tolist()):
+            k = bisect.bisect_left(rooms, n)
+            if k == len(rooms):
+                r, room = n_rows, max_len - n
+                n_rows += 1
+            else:
+                have = rooms[k]
+                r, room = stacks[have].pop(), have - n
+                if not stacks[have]:
+                    del stacks[have], rooms[k]
+            row_of[i] = r
+            if room > 0:
+                if room not in stacks:
+                    stacks[room] = array("q")
+                    bisect.insort(rooms, room)
+                stacks[room].append(r)
+    row_ptr = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(np.bincount(row_of, minlength=n_rows), out=row_ptr[1:])
+    row_of = row_of[order]
+    return row_ptr, order[np.argsort(row_of, kind="stable")]   # by row, then in the order they went in
 
 
 def pack(lengths: list[int], max_len: int) -> list[list[int]]:
-    """Best-fit-decreasing bin packing: sample indices per row, each row's total <= max_len.
-
-    Longest first; each sample goes into the open row with the least room that still fits it
-    (bisect over rows sorted by room). Deterministic: ties keep index order.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    rooms: list[int] = []      # sorted free room of open rows
-    row_of: list[int] = []     # row id for each entry of rooms
-    bins: list[list[int]] = []
-    for i in order:
-        n = lengths[i]
-        if n > max_len:
-            raise ValueError(f"sample {i} has {n} tokens > max_len {max_len}")
-        k = bisect.bisect_left(rooms, n)
-        if k == len(rooms):
-            bins.append([i])
-            r, room = len(bins) - 1, max_len - n
-        else:
-            r, room = row_of.pop(k), rooms.pop(k) - n
-            bins[r].append(i)
-        if room > 0:
-            k = bisect.bisect_left(rooms, room)
-            rooms.insert(k, room)
-            row_of.insert(k, r)
-    return bins
+    """pack_rows as lists: sample indices per row."""
+    row_ptr, members = pack_rows(lengths, max_len)
+    m, ptr = members.tolist(), row_ptr.tolist()
+    return [m[a:b] for a, b in zip(ptr[:-1], ptr[1:])]
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -121,20 +84,21 @@ class ResumableSampler:
             raise ValueError(f"{num_samples} samples cannot be split over {world_size} ranks")
         self.epoch, self.consumed = 0, 0
 
-    def _order(self, epoch: int) -> list[int]:
+    def _order(self, epoch: int) -> np.ndarray:
+        """This rank's indices for `epoch`: an int64 array (8 bytes a row, not a Python list)."""
         if not self.shuffle:
-            idx = list(range(self.n))
+            idx = np.arange(self.n, dtype=np.int64)
         else:
             import torch  # imported here so `zerotune --help` and the launcher stay torch-free
             g = torch.Generator().manual_seed(self.seed + epoch)
-            idx = torch.randperm(self.n, generator=g).tolist()
+            idx = torch.randperm(self.n, generator=g).numpy()
         return idx[self.rank: self.per_rank * self.world: self.world]
 
     def __iter__(self):
         while True:
             order = self._order(self.epoch)
             while self.consumed < self.per_rank:
-                i = order[self.consumed]
+                i = int(order[self.consumed])
                 self.consumed += 1
                 yield i
             self.epoch, self.consumed = self.epoch + 1, 0

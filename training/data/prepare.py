@@ -5,22 +5,24 @@ job whose cache is ready never tokenizes.
 
 The rows of each source are read here and handed out in chunks of CHUNK_ROWS to a pool of
 worker processes, each of which tokenizes its chunk exactly as training does
-(samples.tokenize_rows); the chunks come back in order, so the samples, the counts and the
-cache key are those of the one-process build, and a bad row fails with the same line.
+(samples.tokenize_chunk) and sends back flat int32 arrays; the chunks are written to the cache's
+shards in order, so the samples, the counts and the cache key are those of the one-process
+build, and a bad row fails with the same line. At most WINDOW chunks per worker are in flight,
+so memory stays flat however large the source (Pool.imap would read the whole source ahead).
 """
 from __future__ import annotations
 
-import itertools
 import multiprocessing as mp
 import os
+from collections import deque
 
 from . import cache
-from .build import DataBundle, build_datasets, make_bundle, prepare_tokenizer
-from .formats import DataError, check_columns
-from .samples import merge_stats, tokenize_rows
-from .sources import read_rows
+from .build import DataBundle, build_cached, make_bundle, prepare_tokenizer
+from .formats import check_columns
+from .samples import row_chunks, tokenize_chunk, write_source
 
 CHUNK_ROWS = 1024
+WINDOW = 4           # chunks in flight per worker: enough to keep every worker busy
 _WORKER: dict = {}   # set in each worker process: tokenizer, template, data_cfg
 
 
@@ -31,33 +33,31 @@ def _init_worker(tokenizer, template, data_cfg) -> None:
 def _tokenize_chunk(task):
     src, rows = task
     w = _WORKER
-    return tokenize_rows(rows, src, w["tokenizer"], w["template"], w["data_cfg"])
-
-
-def _chunks(src):
-    rows = read_rows(src)
-    while chunk := list(itertools.islice(rows, CHUNK_ROWS)):
-        yield src, chunk
+    return tokenize_chunk(rows, src, w["tokenizer"], w["template"], w["data_cfg"])
 
 
 class ParallelTokenizer:
-    """tokenize_source's drop-in (same arguments, same result) that spreads chunks over a pool."""
+    """samples.SerialTokenizer's drop-in (same arguments, same result) that spreads chunks over a pool."""
 
     def __init__(self, tokenizer, template, data_cfg, workers: int):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")   # the pool is the parallelism
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         self.pool = ctx.Pool(workers, _init_worker, (tokenizer, template, data_cfg))
+        self.window = WINDOW * workers
 
-    def __call__(self, src, tokenizer, template, data_cfg) -> tuple[list, dict]:
+    def __call__(self, src, writer) -> dict:
         check_columns(src.format, src.columns, f"data source {src.path}")
-        samples, parts = [], []
-        for out, st in self.pool.imap(_tokenize_chunk, _chunks(src)):
-            samples += out
-            parts.append(st)
-        st = merge_stats(src, parts)
-        if st["rows"] == 0:
-            raise DataError(f"{src.path}: no rows")
-        return samples, st
+        return write_source(writer, src, self._in_order((src, rows) for rows in row_chunks(src, CHUNK_ROWS)))
+
+    def _in_order(self, tasks):
+        """The results of _tokenize_chunk on `tasks`, in order, with at most `window` in flight."""
+        pending = deque()
+        for task in tasks:
+            pending.append(self.pool.apply_async(_tokenize_chunk, (task,)))
+            if len(pending) >= self.window:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
 
     def __enter__(self):
         return self
@@ -80,6 +80,5 @@ def prepare_data(recipe, tokenizer, workers: int | None = None) -> DataBundle:
         return make_bundle(*cache.load(folder), added_tokens=added)
     workers = workers or default_workers()
     with ParallelTokenizer(tokenizer, template, recipe.data, workers) as tokenize:
-        built = build_datasets(recipe, tokenizer, template, tokenize=tokenize)
-    cache.save(folder, *built)
+        built = build_cached(recipe, tokenizer, template, folder, tokenize)
     return make_bundle(*built, cache="miss", cache_path=str(folder), added_tokens=added, workers=workers)

@@ -173,7 +173,8 @@ def run_preview(args) -> int:
     from zerotune.core.recipe import load_recipe
     from zerotune.training.model import load_tokenizer
 
-    from . import build_data, pack, prepare_tokenizer, tokenize_source
+    from . import build_data, prepare_tokenizer, tokenize_source
+    from .loader import pack_rows
 
     recipe = load_recipe(args.recipe, args.set)
     tokenizer = load_tokenizer(recipe)
@@ -194,7 +195,8 @@ def run_preview(args) -> int:
     print("---")
     would = None
     if not recipe.data.packing:
-        lengths = [data.train.length(i) for i in range(len(data.train))]
-        would = sum(lengths) / (len(pack(lengths, recipe.data.max_len)) * recipe.data.max_len)
+        lengths = data.train.lengths()
+        rows = len(pack_rows(lengths, recipe.data.max_len)[0]) - 1
+        would = int(lengths.sum()) / (rows * recipe.data.max_len)
     print("\n".join(format_stats(data.stats, would)))
     return 0

@@ -9,11 +9,16 @@ skipped and counted (the first three messages are kept for `zerotune data previe
 """
 from __future__ import annotations
 
+import itertools
+
+import numpy as np
+
 from .formats import DataError, check_columns, to_conversation
 from .sources import read_rows
 from .tokenize import IGNORE, assistant_spans, label_tokens, tokenize_text, truncate
 
-CHUNK = 256  # rows tokenized per tokenizer call
+CHUNK = 256          # rows tokenized per tokenizer call
+CHUNK_ROWS = 1024    # rows read, tokenized and written to the shards at a time by the one-process build
 
 
 def new_source_stats(src) -> dict:
@@ -96,3 +101,44 @@ def tokenize_rows(rows, src, tokenizer, template, data_cfg, limit: int | None = 
     flush()
     st["samples"] = len(out)
     return out, st
+
+
+# ----------------------------------------------------------------------------- streaming into shards
+def row_chunks(src, size: int):
+    """The (where, row) pairs of `src`, `size` at a time: no more of a source is in memory at once."""
+    rows = read_rows(src)
+    while chunk := list(itertools.islice(rows, size)):
+        yield chunk
+
+
+def tokenize_chunk(rows, src, tokenizer, template, data_cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """tokenize_rows on one chunk, as flat int32 ids and labels, int64 lengths, and its counts."""
+    out, st = tokenize_rows(rows, src, tokenizer, template, data_cfg)
+    lengths = np.fromiter((len(ids) for ids, _ in out), dtype=np.int64, count=len(out))
+    flat = lambda k: np.fromiter((t for s in out for t in s[k]), dtype=np.int32, count=int(lengths.sum()))  # noqa: E731
+    return flat(0), flat(1), lengths, st
+
+
+def write_source(writer, src, chunks) -> dict:
+    """Append the tokenized chunks of one source (in row order) to the ShardWriter; its counts."""
+    st = new_source_stats(src)
+    for ids, labels, lengths, part in chunks:
+        writer.add(ids, labels, lengths)
+        st = merge_stats(src, [st, part])
+    if st["rows"] == 0:
+        raise DataError(f"{src.path}: no rows")
+    return st
+
+
+class SerialTokenizer:
+    """Tokenizes a source in this process, chunk by chunk, into a ShardWriter (prepare.py's
+    ParallelTokenizer does the same on a pool of processes)."""
+
+    def __init__(self, tokenizer, template, data_cfg):
+        self.tokenizer, self.template, self.data_cfg = tokenizer, template, data_cfg
+
+    def __call__(self, src, writer) -> dict:
+        check_columns(src.format, src.columns, f"data source {src.path}")
+        chunks = (tokenize_chunk(rows, src, self.tokenizer, self.template, self.data_cfg)
+                  for rows in row_chunks(src, CHUNK_ROWS))
+        return write_source(writer, src, chunks)
