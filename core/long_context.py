@@ -73,7 +73,7 @@ def sp_memory(w: Workload, st: Strategy, sp: int, packed: bool = False, attn: st
     m = estimate_memory(replace(w, seq_len=local), st)
     act = dtype_bytes(w.dtype)
     tokens = w.micro_batch_size * local
-    kept = s["layers"] * s["d"] * act * tokens if st.grad_ckpt else 0.0
+    kept = m["kept"]                 # 0 when offloaded to the CPU
     working = m["activations"] - kept
     q = s["heads"] * s["head_dim"]
     kv = (max(s["kv_heads"], sp) if sp > 1 else s["kv_heads"]) * s["head_dim"]

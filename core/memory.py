@@ -70,6 +70,7 @@ RESERVED = 2.5 * GIB               # CUDA context, NCCL buffers, allocator fragm
 LOGIT_BYTES = 12                   # per logit element, see the module docstring
 FUSED_CHUNK = 4096                 # tokens per chunk of the chunked loss (training/loss.py CHUNK_TOKENS)
 FUSED_LOSS_SPEED = 0.96            # its tokens/s relative to the plain loss (measured 0.94-0.97, H200)
+OFFLOAD_ACTIVATIONS_SPEED = 0.9    # train.offload_activations: ASSUMED (not measured), a copy each way per layer
 PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "l40s": 362.0, "a10g": 125.0}
 
 # MFU per strategy on one GPU, zerotune's own path through `zerotune train` (benchmarks/bench.py,
@@ -145,6 +146,7 @@ class Estimate:
     mfu: float
     mfu_source: str
     fused_loss: bool = False    # the chunked loss (set by the launcher's auto choice)
+    offload_activations: bool = False   # checkpointed layer inputs in CPU memory (idem)
     hours: Optional[float] = None
     gpu_hours: Optional[float] = None
     cost: Optional[float] = None
@@ -171,8 +173,9 @@ class Workload:
     trainer: str = "zerotune"    # whose training path: "zerotune" or "hf-trainer" (the peer; module docstring)
     fused_loss: bool = False     # the chunked loss: the full logits are never held
     sequence_parallel: int = 1   # GPUs sharing one sequence: each holds seq_len / N tokens (core/long_context.py)
-    packed: bool = False         # data.packing (with sdpa, SP's estimate counts the per-row mask)
-    attn: str = "sdpa"           # model.attn_implementation
+    tiled_mlp: bool = False      # train.tiled_mlp: the MLP's intermediates exist for one tile of tokens
+    offload_activations: bool = False   # train.offload_activations: checkpointed layer inputs in CPU memory
+    packed: bool = False; attn: str = "sdpa"   # data.packing, model.attn_implementation: sdpa's packed-row mask
 
     @property
     def world(self) -> int:
@@ -229,6 +232,26 @@ def loss_bytes(w: Workload, tokens: int, vocab: int, d: int, act: int) -> float:
     return 8 * min(tokens, FUSED_CHUNK) * vocab + vocab * d * (4 + act) + tokens * d * act
 
 
+def activation_bytes(w: Workload, st: Strategy, act: int) -> tuple[float, float, float]:
+    """(kept on the GPU, kept in CPU memory, working set) of the activations, bytes per GPU.
+    Kept: each layer's input under gradient checkpointing (train.offload_activations moves it
+    to the CPU). Working: one layer's backward with checkpointing, every layer's without; with
+    train.tiled_mlp the MLP's intermediates exist for one tile of ~d tokens per row only."""
+    s = shape(w.model)
+    tokens = w.micro_batch_size * w.seq_len
+    kept = (s["layers"] * s["d"] * act * tokens) if st.grad_ckpt else 0.0
+    per_token = layer_working_bytes(w, st.method, act)
+    mlp = 4 * s["ff"] * act              # gate, up, act(gate) and their product, per token
+    tile = 0.0
+    if w.tiled_mlp:
+        per_token -= mlp
+        tile = mlp * min(tokens, w.micro_batch_size * s["d"])
+    working = per_token * tokens * (1 if st.grad_ckpt else s["layers"]) + tile
+    if w.offload_activations:
+        return 0.0, kept, working
+    return kept, 0.0, working
+
+
 def estimate_memory(w: Workload, st: Strategy) -> dict:
     s = shape(w.model)
     n, W, d, V = num_params(w.model), w.world, s["d"], s["vocab"]
@@ -270,8 +293,8 @@ def estimate_memory(w: Workload, st: Strategy) -> dict:
         params += ab * trainable
         grads = ab * trainable
         optim = (master + (2 if eight_bit else 8)) * trainable
-    kept = (s["layers"] * d * act * tokens) if st.grad_ckpt else 0.0
-    working = layer_working_bytes(w, st.method, act) * tokens * (1 if st.grad_ckpt else s["layers"])
+    kept, offloaded, working = activation_bytes(w, st, act)
+    cpu += offloaded
     if st.method == "qlora":  # the largest 4-bit weight, dequantised to bf16 for its matmul
         working += 2 * max(i * o for i, o in linear_shapes(w.model))
     logits = loss_bytes(w, tokens, V, d, act)
@@ -279,7 +302,7 @@ def estimate_memory(w: Workload, st: Strategy) -> dict:
         total = params + grads + optim + temp + kept + max(logits, working)
     else:
         total = params + grads + optim + temp + working + logits
-    return {"params": params, "grads": grads, "optimizer": optim, "activations": kept + working,
+    return {"params": params, "grads": grads, "optimizer": optim, "activations": kept + working, "kept": kept,
             "logits": logits, "temporary": temp, "total": total,
             "cpu_per_node": cpu * w.gpus_per_node, "trainable": trainable}
 
@@ -311,6 +334,7 @@ def workload_of(recipe, gpus_per_node: int, nodes: int = 1, train_tokens: Option
                     train_tokens=train_tokens, data_note=data_note,
                     fused_loss=recipe.train.fused_loss and m.kind in ("full", "lora", "qlora"),
                     sequence_parallel=recipe.distributed.sequence_parallel, packed=recipe.data.packing,
+                    tiled_mlp=recipe.uses_tiled_mlp(), offload_activations=recipe.train.offload_activations is True,
                     attn=recipe.model.attn_implementation)
 
 

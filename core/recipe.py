@@ -92,6 +92,9 @@ class BatchGeometry:
         return self.micro_batch_size * self.grad_accum * self.world_size
 
 
+LONG_TOKENS = 16384   # train.tiled_mlp auto: on from this many tokens of a sequence per GPU
+
+
 class TrainConfig(_Section):
     epochs: Optional[float] = Field(1.0, gt=0, description="Passes over the data (ignored if max_steps is set).")
     max_steps: Optional[int] = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
@@ -118,6 +121,13 @@ class TrainConfig(_Section):
                             "(training/loss.py; ~4% slower than the plain loss). auto: the planner keeps the plain "
                             "loss when its logits fit the GPU, else the chunked one. Heads it does not cover use the "
                             "plain loss.")
+    tiled_mlp: Union[bool, Literal["auto"]] = Field(
+        "auto", description="Run each layer's MLP over the sequence in tiles of hidden_size tokens (forward and "
+                            "recomputed backward), so its intermediate activations exist for one tile at a time "
+                            "(training/long_sequence.py). auto: on when a GPU holds 16k+ tokens of a sequence.")
+    offload_activations: Union[bool, Literal["auto"]] = Field(
+        "auto", description="With gradient checkpointing, keep each layer's checkpointed input in CPU memory until "
+                            "its backward. auto: the planner turns it on only when nothing fits without it.")
     compile: Union[bool, Literal["auto"]] = Field(
         "auto", description="torch.compile each decoder layer (fuses norms, activations and rotary embeddings: "
                             "~1.25x measured; the first step compiles for ~1 min). full/lora at ZeRO 0-2 only. "
@@ -139,6 +149,9 @@ class TrainConfig(_Section):
             raise ValueError("set train.grad_accum or train.global_batch_size, not both")
         if any(not p.strip() for p in self.eval_prompts):
             raise ValueError("eval_prompts: a prompt is empty")
+        if self.offload_activations is True and self.gradient_checkpointing is False:
+            raise ValueError("offload_activations: true offloads the inputs gradient checkpointing keeps: "
+                             "set train.gradient_checkpointing: true (or auto)")
         return self
 
     def geometry(self, world_size: int) -> "BatchGeometry":
@@ -287,6 +300,13 @@ class Recipe(_Section):
         if z == "auto":
             return 3 if not self.method.is_peft else 0
         return z
+
+    def uses_tiled_mlp(self) -> bool:
+        """train.tiled_mlp with auto decided: on when one GPU holds LONG_TOKENS or more tokens of a
+        sequence (max_len / sequence_parallel), where the MLP's intermediates dominate a layer."""
+        if self.train.tiled_mlp == "auto":
+            return self.data.max_len / self.distributed.sequence_parallel >= LONG_TOKENS
+        return bool(self.train.tiled_mlp)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

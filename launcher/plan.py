@@ -13,7 +13,8 @@ from typing import Optional
 from zerotune.core.flops import flops_per_token, num_params, shape
 from zerotune.core.io import GIB, parse_size  # noqa: F401  (parse_size: tests)
 from zerotune.core.long_context import gpu_memory_of, sp_candidates
-from zerotune.core.memory import (DEFAULT_CPU_MEMORY, DEFAULT_GPU_MEMORY, FUSED_LOSS_SPEED, PEAK_TFLOPS, RESERVED, Estimate,  # noqa: F401
+from zerotune.core.memory import (DEFAULT_CPU_MEMORY, DEFAULT_GPU_MEMORY, FUSED_LOSS_SPEED, OFFLOAD_ACTIVATIONS_SPEED,  # noqa: F401
+                                  PEAK_TFLOPS, RESERVED, Estimate,
                                   Strategy, Workload, efficiency, estimate_memory, workload_of)
 from zerotune.core.recipe import Recipe, RecipeError, load_recipe
 
@@ -140,7 +141,8 @@ def workload(recipe: Recipe, gpus_per_node: int, nodes: int) -> Workload:
 def candidates(recipe: Recipe, w: Workload, gpu_memory: float, cpu_memory: float) -> list[Estimate]:
     """Every estimate `auto` may pick: the recipe's method; its offload flags stay on; a fixed
     ZeRO stage, checkpointing or loss stays as given. Rows with the chunked loss carry
-    FUSED_LOSS_SPEED in their tokens/s (it is that much slower than the plain loss)."""
+    FUSED_LOSS_SPEED in their tokens/s (it is that much slower than the plain loss), rows with
+    offloaded activations OFFLOAD_ACTIVATIONS_SPEED (so auto offloads only what cannot fit)."""
     d, t, method = recipe.distributed, recipe.train, recipe.method.kind
     fused_choices = [False, True] if t.fused_loss == "auto" else [bool(t.fused_loss)]
     if method not in ("full", "lora", "qlora"):
@@ -151,12 +153,15 @@ def candidates(recipe: Recipe, w: Workload, gpu_memory: float, cpu_memory: float
                and (s.offload_params or not d.offload_params)]
     else:
         sts = [Strategy(method, d.zero, d.offload_optimizer, d.offload_params, gc) for gc in gcs]
+    offload_choices = [False, True] if t.offload_activations == "auto" else [t.offload_activations]
     rows = []
     for fused in fused_choices:
-        for r in plan(replace(w, fused_loss=fused), method, gpu_memory, cpu_memory, only=sts):
-            r.fused_loss = fused
-            r.tokens_per_s *= FUSED_LOSS_SPEED if fused else 1.0
-            rows.append(r)
+        for offload in offload_choices:
+            w_ = replace(w, fused_loss=fused, offload_activations=offload)
+            for r in plan(w_, method, gpu_memory, cpu_memory, only=[s for s in sts if s.grad_ckpt or not offload]):
+                r.fused_loss, r.offload_activations = fused, offload
+                r.tokens_per_s *= (FUSED_LOSS_SPEED if fused else 1.0) * (OFFLOAD_ACTIVATIONS_SPEED if offload else 1.0)
+                rows.append(r)
     return rows
 
 
@@ -170,7 +175,7 @@ def choose(recipe: Recipe, gpus_per_node: int, nodes: int = 1, gpu_memory: float
     rows = candidates(recipe, w, gpu_memory, cpu_memory)
     best = recommend(rows, method)
     if best is None and recipe.distributed.zero != "auto" and recipe.train.gradient_checkpointing != "auto":
-        return max(rows, key=lambda r: r.fused_loss)   # only the loss was left to choose: the smaller one
+        return min(rows, key=lambda r: r.total)   # only the loss / offload was left to choose: the smaller one
     if best is None:
         smallest = min(rows, key=lambda r: r.total)
         keys = [k for k, v in (("distributed.zero", recipe.distributed.zero),

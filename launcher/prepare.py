@@ -32,13 +32,14 @@ def resolve(recipe: Recipe, world_size: int, nodes: int = 1) -> Recipe:
     decided on each rank: it needs to know the rank has a GPU.)"""
     data = recipe.model_dump(mode="json")
     t = recipe.train
-    if "auto" in (recipe.distributed.zero, t.gradient_checkpointing, t.fused_loss):
+    if "auto" in (recipe.distributed.zero, t.gradient_checkpointing, t.fused_loss, t.offload_activations):
         from .plan import choose
         per_node = max(1, world_size // max(1, nodes))
         best = choose(recipe, gpus_per_node=per_node, nodes=nodes)
         st = best.strategy
         data["distributed"].update(zero=st.zero, offload_optimizer=st.offload_optimizer, offload_params=st.offload_params)
-        data["train"].update(gradient_checkpointing=st.grad_ckpt, fused_loss=best.fused_loss)
+        data["train"].update(gradient_checkpointing=st.grad_ckpt, fused_loss=best.fused_loss,
+                             offload_activations=best.offload_activations)
     return validate_recipe(data, source="resolved recipe")
 
 

@@ -32,7 +32,7 @@ from zerotune.core.io import atomic_write
 from zerotune.core.layout import BAD_LOSS_EXIT_CODE, DS_CONFIG_FILE, FINAL_DIR, PREEMPT_MARKER, check_fresh_start
 from zerotune.core.recipe import BatchGeometry, load_run_recipe
 
-from . import checkpoint, diagnostics, failure, sequence_parallel, signals
+from . import checkpoint, diagnostics, failure, long_sequence, sequence_parallel, signals
 from . import step as steps
 from .data import ResumableSampler, batches, build_data
 from .engine import build_engine
@@ -166,8 +166,9 @@ def setup(run_dir: Path, stop: StopRequest, started: float) -> Run:
     run.last_saved = state["step"] if resume_from is not None else -1
     run.log = Metrics(run_dir, rank, total_steps, state["step"], recipe, world_size=world)
     run.guard = diagnostics.NanGuard(recipe.train.max_bad_steps, state)
+    long = ", ".join(long_sequence.options(recipe))   # sequence parallel, tiled MLP, activations on CPU
     run.log.say(f"zerotune: {recipe.name}: {len(data.train)} train / {len(data.eval)} eval samples, "
-                f"{world} process(es){f' (sequence parallel {sp.size})' if sp else ''}, "
+                f"{world} process(es){f' ({long})' if long else ''}, "
                 f"ZeRO-{ds_config['zero_optimization']['stage']}, "
                 f"{trainable:,} / {total:,} parameters trainable ({100 * trainable / total:.2f}%), "
                 f"{total_steps} steps of {geometry.global_batch_size} samples" +

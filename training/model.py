@@ -20,6 +20,8 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from zerotune.core.recipe import RecipeError
 
+from . import long_sequence
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PEFT_KINDS = ("lora", "qlora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning")  # built by HF peft
 
@@ -148,18 +150,20 @@ def build_model(recipe, ds_config: dict):
     if recipe.train.fused_loss is True and kind in ("full", "lora", "qlora"):   # "auto" was resolved by the launcher
         from .loss import enable
         enable(model)   # the logits are never materialised whole (training/loss.py)
-    if wants_compile(recipe.train.compile, kind, stage, recipe.distributed.sequence_parallel):
+    long_sequence.enable(model, recipe)   # tiled MLP, offloaded checkpoints (training/long_sequence.py)
+    if wants_compile(recipe.train.compile, kind, stage, long_sequence.options(recipe)):
         compile_layers(model, kind, stage)
     return apply_method(model, recipe)
 
 
-def wants_compile(setting, kind: str, stage: int, sequence_parallel: int = 1) -> bool:
+def wants_compile(setting, kind: str, stage: int, long: list[str] | None = None) -> bool:
     """train.compile: true / false as given; auto: on a CUDA GPU for full and LoRA at ZeRO 0-2,
-    without sequence parallelism (its attention exchanges data inside the layer: not compiled)."""
+    unless a long-sequence option reshapes the layer (sequence parallelism's exchanges inside
+    attention, tiled MLP, offloaded checkpoints: not compiled)."""
     if setting == "auto":
-        return torch.cuda.is_available() and stage < 3 and kind in ("full", "lora") and sequence_parallel == 1
-    if setting and sequence_parallel > 1:
-        raise RecipeError("train.compile: true does not run with distributed.sequence_parallel > 1 "
+        return torch.cuda.is_available() and stage < 3 and kind in ("full", "lora") and not long
+    if setting and long:
+        raise RecipeError(f"train.compile: true does not run with {', '.join(long)} "
                           "(use train.compile: auto or false)")
     return bool(setting)
 
