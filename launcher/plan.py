@@ -189,17 +189,23 @@ def choose(recipe: Recipe, gpus_per_node: int, nodes: int = 1, gpu_memory: float
 
 
 def sp_hint(w: Workload, method: str, gpu_memory: float, cpu_memory: float) -> str:
-    """What a sequence too long for the workload's SP degree needs: the smallest larger degree
-    (dividing the GPUs of a node and the attention heads) with a strategy that fits, or why none."""
-    for n in sp_candidates(w):
-        if n <= w.sequence_parallel:
-            continue
-        best = recommend(plan(replace(w, sequence_parallel=n), method, gpu_memory, cpu_memory), method)
-        if best is not None:
-            return (f"with --set distributed.sequence_parallel={n} (each GPU holds {w.seq_len // n:,} of the "
+    """What a sequence too long for the workload's settings needs: the smallest larger SP degree
+    (dividing the GPUs of a node and the attention heads) with a strategy that fits, else the
+    same with the checkpointed activations in CPU memory, or why none does."""
+    for offload in sorted({w.offload_activations, True}):
+        for n in sp_candidates(w):
+            if n < w.sequence_parallel or (n == w.sequence_parallel and offload == w.offload_activations):
+                continue
+            best = recommend(plan(replace(w, sequence_parallel=n, offload_activations=offload), method,
+                                  gpu_memory, cpu_memory), method)
+            if best is None:
+                continue
+            sets = ([f"distributed.sequence_parallel={n}"] if n != w.sequence_parallel else []) + \
+                (["train.offload_activations=true"] if offload and not w.offload_activations else [])
+            return (f"with {' '.join('--set ' + x for x in sets)} (each GPU holds {w.seq_len // n:,} of the "
                     f"{w.seq_len:,} tokens) {best.strategy.label} fits at {best.total / GIB:.1f} GiB per GPU")
-    return (f"no sequence-parallel degree up to the {w.gpus_per_node} GPUs of a node fits {w.seq_len:,} tokens: "
-            "lower data.max_len, or add GPUs per node")
+    return (f"no sequence-parallel degree up to the {w.gpus_per_node} GPUs of a node fits {w.seq_len:,} tokens, "
+            "even with train.offload_activations: lower data.max_len, or add GPUs per node")
 
 
 def check_fits(recipe: Recipe, gpus_per_node: int, nodes: int = 1, gpu_memory: float = DEFAULT_GPU_MEMORY,
