@@ -20,11 +20,11 @@ Loading never unpickles arbitrary objects: DeepSpeed's files are read with
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import random
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -260,35 +260,28 @@ def needs_universal(ckpt: Path, world: int) -> bool:
     return read_state(ckpt)["world_size"] != world
 
 
-def to_universal(ckpt: Path, rank: int) -> Path:
-    """Convert a ZeRO checkpoint to DeepSpeed's universal format (world-size independent).
-    Rank 0 converts once into `<ckpt>/universal/`; the other ranks wait."""
-    out_root = ckpt / "universal"
-    done = out_root / MARKER
-    if rank == 0 and not done.is_file():
-        shutil.rmtree(out_root, ignore_errors=True)
-        out_root.mkdir()
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
-               "--output_folder", str(out_root / ckpt.name), "--num_extract_workers", "1", "--num_merge_workers", "1"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise CheckpointError(f"converting {ckpt} for a new world size failed:\n{proc.stderr[-2000:]}")
-        shutil.copy(ckpt / STATE_FILE, out_root / ckpt.name / STATE_FILE)
-        atomic_write(done, "{}\n")
-    dist.barrier()
-    return out_root / ckpt.name
+def to_universal(ckpt: Path, rank: int, world: int = 1) -> Path:
+    """DeepSpeed's universal (world-size independent) form of `ckpt`, converted once into
+    `<ckpt>/universal/` by the ranks together and reused by later resumes (training/reshard.py)."""
+    from .reshard import to_universal as convert
+    return convert(ckpt, rank, world)
 
 
-def load(engine, ckpt: Path, rank: int, world: int, frozen_params: bool) -> dict:
+def load(engine, ckpt: Path, rank: int, world: int, frozen_params: bool, replicas: int | None = None) -> dict:
     """Restore model, optimizer, LR scheduler and RNG; return the saved zerotune state with
-    `sampler` already translated for this rank (and this world size)."""
+    `sampler` already translated for this rank and this run's data-parallel `replicas` (the world
+    size unless sequence parallelism groups ranks; it may differ from the checkpoint's)."""
     _safe_deepspeed_loads(engine)
     state = read_state(ckpt)
     saved_world = state["world_size"]
-    ckpt_to_load = to_universal(ckpt, rank) if saved_world != world else ckpt
+    ckpt_to_load = to_universal(ckpt, rank, world) if saved_world != world else ckpt
+    from .export import weights_only_loads
+    # a universal load reads its files with torch.load directly, not through the checkpoint engine
+    safe = weights_only_loads() if ckpt_to_load != ckpt else contextlib.nullcontext()
     try:
-        loaded, _ = engine.load_checkpoint(str(ckpt_to_load.parent), tag=ckpt_to_load.name,
-                                           load_module_strict=not frozen_params)
+        with safe:
+            loaded, _ = engine.load_checkpoint(str(ckpt_to_load.parent), tag=ckpt_to_load.name,
+                                               load_module_strict=not frozen_params)
     except (OSError, RuntimeError, KeyError, ValueError) as e:
         raise CheckpointError(f"cannot load {ckpt} ({type(e).__name__}: {(str(e).strip() or '-').splitlines()[0][:200]}); "
                               "resume from an older checkpoint with checkpoint.resume: <its path>") from e
@@ -298,11 +291,12 @@ def load(engine, ckpt: Path, rank: int, world: int, frozen_params: bool) -> dict
     rng = ckpt / f"rng-rank{rank}.safetensors"
     if saved_world == world and rng.is_file():
         _set_rng_state(rng)
-    samplers = state["sampler"]
-    if saved_world == world:
-        state["sampler"] = samplers[rank]
+    samplers, replicas = state["sampler"], replicas or world
+    saved_replicas = int(samplers[0].get("world_size", saved_world))
+    if saved_replicas == replicas:
+        state["sampler"] = samplers[rank] if saved_world == world else dict(samplers[0])
     else:
-        # All ranks consume in lockstep: continue after the same number of samples of the epoch.
-        consumed_global = samplers[0]["consumed"] * saved_world
-        state["sampler"] = {"epoch": samplers[0]["epoch"], "consumed": consumed_global // world}
+        # All replicas consume in lockstep: continue after the same number of samples of the epoch.
+        consumed_global = samplers[0]["consumed"] * saved_replicas
+        state["sampler"] = {"epoch": samplers[0]["epoch"], "consumed": consumed_global // replicas}
     return state

@@ -18,7 +18,6 @@ and what an existing --out may hold for it to be replaced: training/export_folde
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 from pathlib import Path
 
@@ -109,15 +108,16 @@ def weights_only_loads():
     allowing only DeepSpeed's own plain checkpoint types."""
     import torch
     from .checkpoint import deepspeed_safe_types
-    original = torch.load
+    original, allowed = torch.load, deepspeed_safe_types()
 
     def load(*a, **kw):
         kw["weights_only"] = True
-        return original(*a, **kw)
+        # per call: a nested safe_globals (the checkpoint engine's) removes the list when it exits
+        with torch.serialization.safe_globals(allowed):
+            return original(*a, **kw)
     torch.load = load
     try:
-        with torch.serialization.safe_globals(deepspeed_safe_types()):
-            yield
+        yield
     finally:
         torch.load = original
 
@@ -173,38 +173,18 @@ def meta_model(recipe):
 
 def write_hf_weights(tensors: dict, model, out: Path, dtype, max_shard_size: int) -> None:
     """Stream `tensors` (lazy or real) into safetensors shards named as Hugging Face names them,
-    converting floats to `dtype`; drops tied copies and checks every weight is there."""
-    from safetensors.torch import save_file
-    expected = list(model.state_dict().keys())
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {}) if model.config.get_text_config().tie_word_embeddings else set()
-    wanted = [k for k in expected if k not in tied]
+    converting floats to `dtype`, one tensor in memory at a time besides the pending shard
+    (export_stream.ShardWriter); drops tied copies and checks every weight is there."""
+    from .export_stream import ShardWriter, saved_names
+    wanted = saved_names(model)
     missing = [k for k in wanted if k not in tensors]
     if missing:
         raise ExportError(f"checkpoint lacks {len(missing)} weight(s) of the model, e.g. {missing[:3]}")
-    size = {k: tensors[k].shape.numel() * (dtype.itemsize if tensors[k].dtype.is_floating_point else tensors[k].dtype.itemsize)
-            for k in wanted}
-    shards, current, current_size = [], [], 0
+    writer = ShardWriter(out, max_shard_size)
     for k in wanted:
-        if current and current_size + size[k] > max_shard_size:
-            shards.append(current)
-            current, current_size = [], 0
-        current.append(k)
-        current_size += size[k]
-    shards.append(current)
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    weight_map = {}
-    for name, keys in zip(names, shards):
-        part = {}
-        for k in keys:
-            t = materialise(tensors[k])
-            part[k] = (t.to(dtype) if t.is_floating_point() else t).contiguous().clone()
-            weight_map[k] = name
-        save_file(part, str(out / name), metadata={"format": "pt"})
-        del part
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(size.values())}, "weight_map": weight_map}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        t = materialise(tensors[k])
+        writer.add(k, (t.to(dtype) if t.is_floating_point() else t).contiguous().clone())
+    writer.close(total_parameters=sum(p.numel() for p in model.parameters()))
 
 
 # ----------------------------------------------------------------------------- adapters
@@ -309,33 +289,41 @@ def export_checkpoint(recipe, ckpt: Path, out: Path, merge: bool = False, max_sh
 
 
 # ----------------------------------------------------------------------------- end of training
-def save_final(engine, model, recipe, out: Path, rank: int) -> None:
+def save_final(engine, model, recipe, out: Path, rank: int, max_shard_size: int | None = None) -> None:
     """Every rank calls at the end of training: RUN_DIR/final as a Hugging Face folder (full)
-    or an adapter folder (PEFT), with the tokenizer and its chat template. ZeRO-3 parameters
-    are gathered first (all ranks take part); rank 0 writes."""
+    or an adapter folder (PEFT), with the tokenizer and its chat template. A full model is
+    streamed shard by shard from the ranks (export_stream: ZeRO-3 parameters are gathered one at
+    a time, all ranks taking part), so rank 0 never holds the whole model; rank 0 writes."""
     import torch.distributed as dist
+
+    from .export_stream import MAX_SHARD_BYTES, stream_full_model
+    from .model import DTYPES
     out = Path(out)
-    if recipe.method.kind == "full":
-        if engine.zero_optimization_partition_weights():
-            sd = engine._zero3_consolidated_16bit_state_dict()
-        else:
-            sd = {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
-    else:
-        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if engine.zero_optimization_partition_weights():
-            import deepspeed
-            with deepspeed.zero.GatheredParameters([p for _, p in trainable]):
-                sd = {n: p.detach().cpu().clone() for n, p in trainable} if rank == 0 else None
-        else:
-            sd = {n: p.detach().cpu() for n, p in trainable}
-    if rank == 0:
-        tmp = fresh_tmp(out)
+    tmp = fresh_tmp(out) if rank == 0 else None
+    try:
         if recipe.method.kind == "full":
-            model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+            stream_full_model(engine, model, tmp, rank, DTYPES[recipe.model.dtype], max_shard_size or MAX_SHARD_BYTES)
         else:
-            save_adapter_folder(model, recipe, tmp, state_dict=sd)
-        save_side_files(recipe, tmp)
-        finish(tmp, out.parent, "end of training",
-               "Hugging Face model" if recipe.method.kind == "full" else f"{recipe.method.kind} adapter")
-        replace_dir(tmp, out)
+            sd = _trainable_state(engine, model, rank)
+            if rank == 0:
+                save_adapter_folder(model, recipe, tmp, state_dict=sd)
+        if rank == 0:
+            save_side_files(recipe, tmp)
+            finish(tmp, out.parent, "end of training",
+                   "Hugging Face model" if recipe.method.kind == "full" else f"{recipe.method.kind} adapter")
+            replace_dir(tmp, out)
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)   # a failed save leaves nothing behind; the old final stays
+        raise
     dist.barrier()
+
+
+def _trainable_state(engine, model, rank: int) -> dict | None:
+    """The trainable (adapter) weights on CPU, on rank 0; ZeRO-3 gathers them (every rank calls)."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if engine.zero_optimization_partition_weights():
+        import deepspeed
+        with deepspeed.zero.GatheredParameters([p for _, p in trainable]):
+            return {n: p.detach().cpu().clone() for n, p in trainable} if rank == 0 else None
+    return {n: p.detach().cpu() for n, p in trainable}
