@@ -27,6 +27,7 @@ import math
 from dataclasses import replace
 from typing import Optional
 
+from .checkpoint_cost import snapshot_bytes_per_node
 from .flops import shape
 from .memory import RESERVED, DEFAULT_GPU_MEMORY, Strategy, Workload, dtype_bytes, estimate_memory
 
@@ -91,8 +92,12 @@ def sp_memory(w: Workload, st: Strategy, sp: int, packed: bool = False, attn: st
 
 def gpu_memory_of(w: Workload, st: Strategy) -> dict:
     """Per-GPU memory of `st` at the workload's own SP degree: what the planner shows and checks.
-    At N = 1 without packing it is core.memory.estimate_memory's; packed rows with sdpa add the mask."""
-    return sp_memory(w, st, w.sequence_parallel, w.packed, w.attn)
+    At N = 1 without packing it is core.memory.estimate_memory's; packed rows with sdpa add the
+    mask. CPU memory per node also holds a background save's snapshot (checkpoint.async_save)."""
+    m = sp_memory(w, st, w.sequence_parallel, w.packed, w.attn)
+    if w.async_save:
+        m["cpu_per_node"] += snapshot_bytes_per_node(w, st)
+    return m
 
 
 def sp_candidates(w: Workload) -> list[int]:

@@ -175,6 +175,7 @@ class Workload:
     sequence_parallel: int = 1   # GPUs sharing one sequence: each holds seq_len / N tokens (core/long_context.py)
     tiled_mlp: bool = False      # train.tiled_mlp: the MLP's intermediates exist for one tile of tokens
     offload_activations: bool = False   # train.offload_activations: checkpointed layer inputs in CPU memory
+    async_save: bool = False     # checkpoint.async_save: a save's snapshot waits in CPU memory (core/checkpoint_cost.py)
     packed: bool = False; attn: str = "sdpa"   # data.packing, model.attn_implementation: sdpa's packed-row mask
 
     @property
@@ -335,16 +336,5 @@ def workload_of(recipe, gpus_per_node: int, nodes: int = 1, train_tokens: Option
                     fused_loss=recipe.train.fused_loss and m.kind in ("full", "lora", "qlora"),
                     sequence_parallel=recipe.distributed.sequence_parallel, packed=recipe.data.packing,
                     tiled_mlp=recipe.uses_tiled_mlp(), offload_activations=recipe.train.offload_activations is True,
+                    async_save=recipe.checkpoint.async_save,
                     attn=recipe.model.attn_implementation)
-
-
-def save_seconds(w: Workload, st: Strategy, bytes_per_s: float = 2 ** 30) -> float:
-    """Seconds to write one checkpoint (the grace a stop signal needs: launcher/submit.py
-    grace_seconds, job.sbatch's --signal lead time): the trainable parameters in working
-    precision plus the optimizer's fp32 master copy and AdamW moments (8 bytes, 2 for 8-bit
-    optimizers), split over the nodes, at an assumed 1 GiB/s per node, plus 10 s for the
-    barriers, small files and fsyncs. An 8B full fine-tune (~112 GB) comes to ~114 s; one H200
-    node measured 50-87 s (1.3-2.2 GB/s), so the estimate errs long, as a grace should."""
-    trainable = estimate_memory(w, st)["trainable"]
-    optimizer = (0 if w.dtype == "fp32" else 4) + (2 if w.optimizer in ("adamw_8bit", "paged_adamw_8bit") else 8)
-    return 10.0 + trainable * (dtype_bytes(w.dtype) + optimizer) / max(1, w.nodes) / bytes_per_s

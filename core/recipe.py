@@ -214,6 +214,8 @@ class CheckpointConfig(_Section):
     overwrite: bool = Field(False, description="With resume: never, allow a run dir that holds checkpoints "
                                                "(they are replaced as new ones are saved).")
     save_final: bool = Field(True, description="Write RUN_DIR/final in Hugging Face format at the end.")
+    async_save: bool = Field(True, description="Write checkpoints from a background thread: training waits only "
+                                               "while each rank copies its part to CPU memory (training/async_save.py).")
     allow_recipe_change: bool = Field(
         False, description="Resume a run whose checkpoints were trained with a recipe that differs in keys that "
                            "change the training (model, method, data, batch, optimizer, ...); the earlier recipe is "

@@ -283,7 +283,8 @@ def format_table(rows: list[Estimate], w: Workload, best: Optional[Estimate], gp
         out += ["", "why NO:"] + [f"  {r.strategy.label.ljust(width)}  {r.why_not}" for r in misfits]
     out.append("")
     out.append("GPU GiB = params + grads + optim + temp + kept activations + max(logits, one layer's recompute);"
-               f" fits leaves {RESERVED / GIB:.1f} GiB for CUDA/NCCL.")
+               f" fits leaves {RESERVED / GIB:.1f} GiB for CUDA/NCCL." +
+               (" CPU GiB/node includes a background save's snapshot (checkpoint.async_save)." if w.async_save else ""))
     out.append("Speed from MFUs zerotune measured on one H200 (core/memory.py MEASURED, benchmarks/results/);"
                " rows without a measurement use the older peer calibration or assumed values.")
     if best is not None:

@@ -32,13 +32,14 @@ def visible_gpus() -> int:
 
 def grace_seconds(recipe, gpus_per_node: int, nodes: int = 1) -> int:
     """How long a stop signal may take before SIGKILL: the planner's save-time estimate
-    (core/memory.py: save_seconds) plus STOP_MARGIN_S."""
+    (core/checkpoint_cost.py: save_seconds) plus STOP_MARGIN_S."""
     from zerotune.core import memory
+    from zerotune.core.checkpoint_cost import save_seconds
     try:
         w = memory.workload_of(recipe, max(1, gpus_per_node), nodes)
         st = memory.Strategy(recipe.method.kind, recipe.zero_stage(), recipe.distributed.offload_optimizer,
                              recipe.distributed.offload_params, recipe.train.gradient_checkpointing)
-        return int(STOP_MARGIN_S + memory.save_seconds(w, st))
+        return int(STOP_MARGIN_S + save_seconds(w, st))
     except Exception:  # the estimate is a convenience: never a reason not to run
         return DEFAULT_GRACE_S
 

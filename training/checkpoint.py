@@ -26,6 +26,7 @@ import json
 import random
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -94,12 +95,16 @@ def _safe_deepspeed_loads(engine) -> None:
 
 
 # ----------------------------------------------------------------------------- save
-def save(engine, run_dir: Path, step: int, state: dict, sampler_state: dict, *, keep: int,
-         rank: int, world: int, eval_loss: float | None, recipe_digest: str, frozen_params: bool) -> Path:
-    """Every rank calls. Returns the checkpoint folder, complete when this returns."""
+def save(engine, run_dir: Path, step: int, state: dict, sampler_state: dict, *, keep: int, rank: int, world: int,
+         eval_loss: float | None, recipe_digest: str, frozen_params: bool, writer=None) -> Path:
+    """Every rank calls. Returns the checkpoint folder: complete when this returns, or, with a
+    background `writer` (training/async_save.py, checkpoint.async_save), once the writer has
+    written every rank's files (the training goes on meanwhile)."""
     root = checkpoints_dir(run_dir)
     path = root / tag(step)
     try:
+        if writer is not None:
+            writer.wait()  # one save in flight at a time
         if rank == 0:
             if path.exists():  # a partial save of this step from a crashed run, or a stale one
                 shutil.rmtree(path)
@@ -108,24 +113,66 @@ def save(engine, run_dir: Path, step: int, state: dict, sampler_state: dict, *, 
         dist.all_gather_object(samplers, sampler_state)
         dist.barrier()
         write_shards(engine, path, step=step, rank=rank, frozen_params=frozen_params)
+        meta = {"step": step, "loop": dict(state), "sampler": samplers, "world_size": world,
+                "eval_loss": eval_loss, "recipe_digest": recipe_digest}
+        if writer is not None:
+            writer.then(lambda: complete_later(run_dir, path, meta, keep, rank, world, engine),
+                        on_error=lambda e: out_of_space(run_dir, path, engine) if disk_full(e, root) else e)
+            return path
         dist.barrier()  # every rank has written its shards
         if rank == 0:
-            atomic_write(path / STATE_FILE, json.dumps({
-                "step": step, "loop": state, "sampler": samplers, "world_size": world,
-                "eval_loss": eval_loss, "recipe_digest": recipe_digest}, indent=1))
-            manifest.write(path)
-            write_marker(path, step=step)
+            complete(path, meta)
     except Exception as e:
-        if not disk_full(e, root):
-            raise
-        shutil.rmtree(path, ignore_errors=True)  # the partial save gives its space back; it never counted
-        raise CheckpointError(f"no space left on the device of {root}: a checkpoint needs ~{_size(needed_bytes(run_dir, engine))} "
-                              f"there, {_size(shutil.disk_usage(root).free)} is free; free some space (or lower "
-                              "checkpoint.keep) and run the same command to resume") from e
+        if disk_full(e, root):
+            raise out_of_space(run_dir, path, engine) from e
+        raise
     if rank == 0:
         prune(run_dir, keep)
     dist.barrier()
     return path
+
+
+def complete(path: Path, meta: dict) -> None:
+    """Rank 0, once every rank's shards are on disk: the loop state, the manifest, COMPLETE last."""
+    atomic_write(path / STATE_FILE, json.dumps(meta, indent=1))
+    manifest.write(path)
+    write_marker(path, step=meta["step"])
+
+
+def complete_later(run_dir: Path, path: Path, meta: dict, keep: int, rank: int, world: int, engine,
+                   timeout: float = 3600.0) -> None:
+    """The end of an asynchronous save, in the writer thread after this rank's files: say so on
+    the file system; rank 0 waits there for every rank's (not on a collective: the training's
+    collectives run meanwhile), then completes the checkpoint and prunes."""
+    try:
+        atomic_write(path / f"written-rank{rank}", "")
+        if rank != 0:
+            return
+        flags = [path / f"written-rank{r}" for r in range(world)]
+        deadline = time.monotonic() + timeout
+        while not all(f.is_file() for f in flags):
+            if time.monotonic() > deadline:
+                missing = [r for r, f in enumerate(flags) if not f.is_file()]
+                raise CheckpointError(f"{path}: rank(s) {missing} did not finish writing their shards in {timeout:.0f}s")
+            time.sleep(0.2)
+        for f in flags:
+            f.unlink()
+        complete(path, meta)
+        prune(run_dir, keep)
+    except Exception as e:
+        if disk_full(e, path.parent):
+            raise out_of_space(run_dir, path, engine) from e
+        raise
+
+
+def out_of_space(run_dir: Path, path: Path, engine) -> CheckpointError:
+    """A save that filled the disk gives its space back (the partial save never counted); one
+    line says what a checkpoint needs."""
+    root = checkpoints_dir(run_dir)
+    shutil.rmtree(path, ignore_errors=True)
+    return CheckpointError(f"no space left on the device of {root}: a checkpoint needs ~{_size(needed_bytes(run_dir, engine))} "
+                           f"there, {_size(shutil.disk_usage(root).free)} is free; free some space (or lower "
+                           "checkpoint.keep) and run the same command to resume")
 
 
 def disk_full(e: BaseException, folder: Path) -> bool:

@@ -32,7 +32,7 @@ from zerotune.core.io import atomic_write
 from zerotune.core.layout import BAD_LOSS_EXIT_CODE, DS_CONFIG_FILE, FINAL_DIR, PREEMPT_MARKER, check_fresh_start
 from zerotune.core.recipe import BatchGeometry, load_run_recipe
 
-from . import checkpoint, diagnostics, failure, long_sequence, sequence_parallel, signals
+from . import async_save, checkpoint, diagnostics, failure, long_sequence, sequence_parallel, signals
 from . import step as steps
 from .data import ResumableSampler, batches, build_data
 from .engine import build_engine
@@ -68,6 +68,7 @@ class Run:
     stop: StopRequest
     beat: Heartbeat | None       # rank 0 only
     sp: object = None            # sequence_parallel.SequenceParallel when N ranks share a sequence
+    writer: object = None        # async_save.Writer: checkpoints written in the background
     start_step: int = 0          # the step this attempt resumed at
     last_saved: int = -1         # the newest step with a checkpoint (the resume point counts)
     last_eval: float | None = None
@@ -160,7 +161,8 @@ def setup(run_dir: Path, stop: StopRequest, started: float) -> Run:
 
     run = Run(run_dir, recipe, rank, world, geometry, total_steps, tokenizer, data, model, engine,
               frozen=trainable < total, sampler=ResumableSampler(len(data.train), replica, replicas, recipe.train.seed),
-              state=state, log=None, guard=None, stop=stop, beat=beat, sp=sp)
+              state=state, log=None, guard=None, stop=stop, beat=beat, sp=sp,
+              writer=async_save.Writer(engine) if recipe.checkpoint.async_save else None)
     loaded_in = restore(run, resume_from) if resume_from is not None else None
     run.start_step = state["step"]
     run.last_saved = state["step"] if resume_from is not None else -1
@@ -236,6 +238,8 @@ def run_steps(run: Run) -> str:
                 log.say(f"step {step}: early stopping after {run.state['evals_without_improvement']} "
                         "evals without improvement")
                 return EARLY_STOP
+            if run.writer:
+                run.writer.raise_error()   # a background save that failed (a full disk) stops the run here
             if between(step, run.recipe.checkpoint.every, run.total_steps):
                 save(run, step)
     return DONE
@@ -272,9 +276,9 @@ def save(run: Run, step: int) -> None:
     t0 = time.perf_counter()
     path = checkpoint.save(run.engine, run.run_dir, step, run.state, run.sampler.state_dict(),
                            keep=run.recipe.checkpoint.keep, rank=run.rank, world=run.world, eval_loss=run.last_eval,
-                           recipe_digest=run.recipe.digest(), frozen_params=run.frozen)
+                           recipe_digest=run.recipe.digest(), frozen_params=run.frozen, writer=run.writer)
     run.last_saved = step
-    run.log.saved(step, path, time.perf_counter() - t0)
+    run.log.saved(step, path, time.perf_counter() - t0, background=run.writer is not None)
     if run.beat:
         run.beat.write(RUNNING)  # status sees the step of the newest checkpoint without waiting for a beat
 
@@ -326,6 +330,8 @@ def stopped(run: Run, kind: str) -> int:
 
 
 def close(run: Run, code: int, outcome: str, signal: str | None = None, **summary) -> int:
+    if run.writer:
+        run.writer.wait()   # the last checkpoint is complete before the exit code says so
     run.log.close(**summary)
     if run.beat:
         run.beat.stop(outcome, exit_code=code, **({"signal": signal} if signal else {}))

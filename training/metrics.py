@@ -204,11 +204,12 @@ class Metrics:
         for p, c in pairs:
             self.say(f"step {step} | sample | {p[:60]!r} -> {c[:200]!r}")
 
-    def saved(self, step: int, path: Path, seconds: float | None = None) -> None:
+    def saved(self, step: int, path: Path, seconds: float | None = None, background: bool = False) -> None:
         if self.rank != 0:
             return
-        took = f" in {seconds:.1f}s" if seconds is not None else ""
-        self._record({"step": step, "event": "checkpoint", "path": str(path)})
+        took = (f" in {seconds:.1f}s" if seconds is not None else "") + (" (written in the background)" if background else "")
+        self._record({"step": step, "event": "checkpoint", "path": str(path), "blocked_s": seconds,
+                      "background": background})
         self.say(self.console.summary(step, f"saved {Path(path).name}{took}", self.last_train))
         self._flush()
 

@@ -1,0 +1,102 @@
+"""Checkpoints written in the background (checkpoint.async_save, training/async_save.py): the
+snapshot is a copy that later training does not change, files are written in order and what a
+save runs after them comes last, an error in the writer reaches the training thread, and rank 0
+completes a checkpoint only once every rank's files are on disk. The crash tests of
+tests/test_checkpoint.py and tests/test_interrupt.py run with it on (the default)."""
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from zerotune.core.layout import MARKER, STATE_FILE
+from zerotune.training import async_save, checkpoint
+
+
+class FakeCheckpointEngine:
+    def __init__(self, slow: float = 0.0, fail: bool = False):
+        self.written, self.slow, self.fail = [], slow, fail
+
+    def save(self, state_dict, path):
+        time.sleep(self.slow)
+        if self.fail:
+            raise OSError(28, "No space left on device", path)
+        torch.save(state_dict, path)
+        self.written.append(path)
+
+
+def test_the_snapshot_is_a_copy_written_in_order(tmp_path):
+    ce = FakeCheckpointEngine(slow=0.2)
+    writer = async_save.Writer(SimpleNamespace(checkpoint_engine=ce))
+    w = torch.ones(4)
+    state = {"module": {"w": w}, "optimizer": {"state": [w * 2], "param_groups": [{"lr": 1.0}]}}
+    t0 = time.perf_counter()
+    ce.save(state, str(tmp_path / "a.pt"))          # DeepSpeed calls the engine's save: now a snapshot
+    ce.save({"x": w}, str(tmp_path / "b.pt"))
+    order = []
+    writer.then(lambda: order.append(list(ce.written)))
+    assert time.perf_counter() - t0 < 0.15          # the writes run in the thread
+    w.add_(100)                                      # training goes on: the snapshot keeps the old values
+    assert writer.busy()
+    writer.wait()
+    assert not writer.busy() and order == [[str(tmp_path / "a.pt"), str(tmp_path / "b.pt")]]
+    saved = torch.load(tmp_path / "a.pt")
+    assert torch.equal(saved["module"]["w"], torch.ones(4)) and torch.equal(saved["optimizer"]["state"][0], 2 * torch.ones(4))
+    assert saved["optimizer"]["param_groups"] == [{"lr": 1.0}]
+    assert torch.equal(torch.load(tmp_path / "b.pt")["x"], torch.ones(4))
+
+
+def test_an_error_in_the_writer_reaches_the_training_thread_and_skips_the_rest(tmp_path):
+    ce = FakeCheckpointEngine(fail=True)
+    writer = async_save.Writer(SimpleNamespace(checkpoint_engine=ce))
+    ce.save({"x": torch.ones(1)}, str(tmp_path / "a.pt"))
+    ran = []
+    writer.then(lambda: ran.append(1))              # the save's completion: skipped after the failure
+    deadline = time.time() + 10
+    while writer.busy() and time.time() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(OSError, match="No space left"):
+        writer.raise_error()
+    writer.raise_error()                             # raised once
+    assert ran == [] and not (tmp_path / "a.pt").exists()
+    ce.save({"x": torch.ones(1)}, str(tmp_path / "c.pt"))   # a save that says what went wrong
+    writer.then(lambda: ran.append(2), on_error=lambda e: RuntimeError(f"the save failed: {e.strerror}"))
+    with pytest.raises(RuntimeError, match="the save failed: No space left on device"):
+        writer.wait()
+    ce.fail = False                                  # the next save runs
+    ce.save({"x": torch.ones(1)}, str(tmp_path / "b.pt"))
+    writer.wait()
+    assert (tmp_path / "b.pt").is_file() and ran == []
+
+
+def test_rank_0_completes_only_after_every_rank_has_written(tmp_path):
+    run_dir = tmp_path / "run"
+    path = run_dir / "checkpoints" / "step-000002"
+    path.mkdir(parents=True)
+    (path / "shard-rank0.pt").write_bytes(b"0")
+    meta = {"step": 2, "loop": {"step": 2}, "sampler": [{}, {}], "world_size": 2}
+    done = threading.Event()
+
+    def rank0():
+        checkpoint.complete_later(run_dir, path, meta, keep=2, rank=0, world=2, engine=None)
+        done.set()
+    threading.Thread(target=rank0, daemon=True).start()
+    time.sleep(0.5)
+    assert not done.is_set() and not (path / MARKER).exists()      # rank 1 has not finished writing
+    (path / "shard-rank1.pt").write_bytes(b"1")
+    checkpoint.complete_later(run_dir, path, meta, keep=2, rank=1, world=2, engine=None)
+    assert done.wait(10)
+    assert (path / MARKER).is_file() and (path / STATE_FILE).is_file()
+    assert not list(path.glob("written-rank*"))                     # the flags are not part of the checkpoint
+
+
+def test_a_rank_that_never_finishes_is_named(tmp_path):
+    path = tmp_path / "run" / "checkpoints" / "step-000001"
+    path.mkdir(parents=True)
+    with pytest.raises(checkpoint.CheckpointError, match=r"rank\(s\) \[1, 2\] did not finish writing"):
+        checkpoint.complete_later(tmp_path / "run", path, {"step": 1}, keep=2, rank=0, world=3, engine=None,
+                                  timeout=0.5)
+    assert not (path / MARKER).exists()
