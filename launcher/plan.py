@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from zerotune.core.flops import flops_per_token, num_params, shape
+from zerotune.core.checkpoint_cost import WRITE_BYTES_PER_S, checkpoint_bytes, save_seconds
 from zerotune.core.io import GIB, parse_size  # noqa: F401  (parse_size: tests)
 from zerotune.core.long_context import gpu_memory_of, sp_candidates
 from zerotune.core.memory import (DEFAULT_CPU_MEMORY, DEFAULT_GPU_MEMORY, FUSED_LOSS_SPEED, OFFLOAD_ACTIVATIONS_SPEED,  # noqa: F401
@@ -295,6 +296,15 @@ def format_table(rows: list[Estimate], w: Workload, best: Optional[Estimate], gp
     return "\n".join(out)
 
 
+def checkpoint_line(w: Workload, st: Strategy) -> str:
+    """What a save of the recommended strategy costs, and the stop-signal lead time it sets."""
+    from .submit import STOP_MARGIN_S
+    seconds = save_seconds(w, st)
+    return (f"checkpoint: ~{checkpoint_bytes(w, st) / GIB:,.1f} GiB a save, ~{seconds:,.0f} s to write at "
+            f"{WRITE_BYTES_PER_S / GIB:.0f} GiB/s per node (assumed); a Slurm job gets its stop signal "
+            f"{int(STOP_MARGIN_S + seconds)} s before its time limit (that + {STOP_MARGIN_S} s)")
+
+
 def run(args) -> int:
     recipe = load_recipe(args.recipe, args.set)
     gpus = args.gpus or recipe.cluster.gpus_per_node or 1
@@ -314,4 +324,6 @@ def run(args) -> int:
         print(format_table(rows, w, best, gpu_memory))
         if best is None:
             print(f"long sequences: {sp_hint(w, recipe.method.kind, gpu_memory, cpu_memory)}")
+        else:
+            print(checkpoint_line(w, best.strategy))
     return 0 if best is not None else 1
