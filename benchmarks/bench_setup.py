@@ -40,6 +40,13 @@ WORKLOADS = {
     "qlora-8b": dict(size="8b", method="qlora", mbs=4, gpus=1, zero=0),
     "chat-alpaca": dict(size="1b", method="full", mbs=8, gpus=1, zero=3, data=(ALPACA, "alpaca")),
     "chat-sharegpt": dict(size="1b", method="full", mbs=8, gpus=1, zero=3, data=(SHAREGPT, "sharegpt")),
+    # long context (issue 15), run with --only: full 8B, sequences split over sp GPUs of the machine
+    # (distributed.sequence_parallel); the peer trains the same length without sequence parallelism
+    "long-8b-32k": dict(size="8b", method="full", mbs=1, gpus="all", min_gpus=4, zero=3, seq=32768, sp=4, hidden=True),
+    "long-8b-128k": dict(size="8b", method="full", mbs=1, gpus="all", min_gpus=4, zero=3, seq=131072, sp=4,
+                         hidden=True),
+    "long-lora-8b-32k": dict(size="8b", method="lora", mbs=1, gpus="all", min_gpus=4, zero=3, seq=32768, sp=4,
+                             hidden=True),
     # a CPU smoke test of bench.py (tests/test_bench.py); no peer (it needs CUDA); not in the default set
     "tiny": dict(size="tiny", method="full", mbs=2, gpus=1, zero=3, seq=128, dtype="fp32", peer=False, hidden=True),
 }
@@ -62,6 +69,9 @@ VARIANTS = {
     "chat-sharegpt": {"default": [], "unfused-loss": UNFUSED, "no-gc": NO_GC,
                       "flex": ["model.attn_implementation=flex_attention"]},
     "tiny": {"default": [], "no-gc": NO_GC},
+    "long-8b-32k": {"default": [], "sp2": ["distributed.sequence_parallel=2"]},
+    "long-8b-128k": {"default": [], "offload-activations": ["train.offload_activations=true"]},
+    "long-lora-8b-32k": {"default": []},
 }
 # peer settings: name -> extra peer_hf.py arguments. "Best peer" = the fastest that ran.
 PEER_SETTINGS = {"default": [], "no-gc": ["--no-gc"], "liger": ["--liger"], "liger-no-gc": ["--liger", "--no-gc"]}
@@ -176,7 +186,7 @@ class Plan:
             "train": {"max_steps": self.a.steps, "micro_batch_size": w["mbs"], "grad_accum": 1, "lr": 1e-5,
                       "warmup_steps": 0, "gradient_checkpointing": True},
             "distributed": {"zero": w["zero"], "offload_optimizer": bool(w.get("offload")),
-                            "offload_params": bool(w.get("offload"))},
+                            "offload_params": bool(w.get("offload")), "sequence_parallel": w.get("sp", 1)},
             "checkpoint": {"save_final": False, "keep": 1},
             "logging": {"progress": False, "every": 1},
         }
