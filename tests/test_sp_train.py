@@ -143,3 +143,16 @@ def test_plan_finds_the_smallest_degree_that_fits_a_long_sequence(tmp_path):
     too_long = zerotune("plan", str(long_recipe(tmp_path, 1)), "--gpus", "4", "--gpu-memory", "80GB",
                         "--set", "data.max_len=4194304", check=False)
     assert "no sequence-parallel degree up to the 4 GPUs of a node fits 4,194,304 tokens" in too_long.stdout
+
+
+def test_lora_with_sequence_parallelism_trains_like_one_process(tmp_path):
+    def run(name, nproc, sp):
+        r = sp_recipe(tmp_path, name, sp, max_steps=2)
+        r["method"] = {"kind": "lora", "lora": {"r": 4, "dropout": 0.0}}
+        r["checkpoint"] = {"save_final": False}
+        zerotune("train", str(write_recipe(tmp_path, r, f"{name}.yaml")), "--nproc", str(nproc))
+        return train_losses(tmp_path / "runs" / name)
+    ref, got = run("lora1", 1, 1), run("lora2", 2, 2)
+    assert sorted(got) == sorted(ref) == [1, 2]
+    for s in ref:
+        assert got[s] == pytest.approx(ref[s], rel=1e-5), (s, got[s], ref[s])
