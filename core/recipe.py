@@ -236,6 +236,10 @@ class LoggingConfig(_Section):
     project: Optional[str] = Field(None, description="wandb project and MLflow experiment; default WANDB_PROJECT / "
                                                      "MLFLOW_EXPERIMENT_NAME, else zerotune.")
     every: int = Field(1, gt=0, description="Log train scalars every N steps.")
+    profile_start: Optional[int] = Field(None, gt=0, description="Profile optimizer steps from this one "
+                                         "(torch.profiler): RUN_DIR/profile/ gets rank 0's trace and a summary of "
+                                         "where the time went (attention, matmul, loss, optimizer, communication).")
+    profile_steps: int = Field(3, gt=0, description="Steps in the profile window.")
     progress: bool = Field(True, description="Progress bar on rank 0.")
 
     @field_validator("report_to", mode="before")

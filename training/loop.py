@@ -32,7 +32,7 @@ from zerotune.core.io import atomic_write
 from zerotune.core.layout import BAD_LOSS_EXIT_CODE, DS_CONFIG_FILE, FINAL_DIR, PREEMPT_MARKER, check_fresh_start
 from zerotune.core.recipe import BatchGeometry, load_run_recipe
 
-from . import async_save, checkpoint, diagnostics, failure, long_sequence, sequence_parallel, signals
+from . import async_save, checkpoint, diagnostics, failure, long_sequence, profile, sequence_parallel, signals
 from . import step as steps
 from .data import ResumableSampler, batches, build_data
 from .engine import build_engine
@@ -199,9 +199,11 @@ def run_steps(run: Run) -> str:
         torch.cuda.reset_peak_memory_stats()  # the peak reported is training's, not the model load's
     stream = batches(run.data.train, run.sampler, g.micro_batch_size, run.tokenizer.pad_token_id)
     place = run.sp.shard if run.sp else steps.to_device   # SP: this rank's part of each sequence
+    window = profile.Window(run.recipe.logging, run.run_dir, run.rank)   # logging.profile_start
     with diagnostics.oom_guard(run.run_dir, run.recipe, run.state, run.total_steps, run.world, run.rank):
         while run.state["step"] < run.total_steps:
             t0 = time.perf_counter()
+            window.before(run.state["step"] + 1)
             sampler_before = run.sampler.state_dict()
             with log.time("data"):
                 micro = [next(stream) for _ in range(g.grad_accum)]
@@ -223,6 +225,7 @@ def run_steps(run: Run) -> str:
             run.state["step"] += 1
             run.state["tokens_seen"] += int(real)
             step = run.state["step"]
+            log.profiled(window.after(step), step)
             if run.guard.update(finite):
                 log.skipped(step, step_loss.item(), run.guard.in_a_row, t.max_bad_steps, run.guard.total)
                 if run.guard.should_stop:

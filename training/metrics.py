@@ -114,6 +114,13 @@ class Metrics:
         for t in self.trackers:
             t.text(tag, value, step)
 
+    def profiled(self, summary: str | None, step: int) -> None:
+        """The profile window's summary (training/profile.py), when it just ended: printed and
+        logged as text to every tracker."""
+        if summary and self.rank == 0:
+            self.say(summary)
+            self.text("profile", f"```\n{summary}\n```", step)
+
     def say(self, msg: str) -> None:
         self.console.say(msg)
 
