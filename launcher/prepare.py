@@ -54,10 +54,13 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def recipe_changes(old: Recipe, new: Recipe) -> list[tuple[str, Any, Any]]:
-    """(dotted key, old value, new value) of every key that differs."""
+    """(dotted key, old value, new value) of every key that differs. An `auto` in the old recipe
+    matches what it resolves to now: RUN_DIR/recipe.yaml holds auto only for keys the zerotune
+    that wrote it did not resolve (or did not have: their default is auto)."""
     a, b = _flatten(old.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
     keys = dict.fromkeys([*a, *b])
-    return [(k, a.get(k, _NONE), b.get(k, _NONE)) for k in keys if a.get(k, _NONE) != b.get(k, _NONE)]
+    return [(k, a.get(k, _NONE), b.get(k, _NONE)) for k in keys
+            if a.get(k, _NONE) != b.get(k, _NONE) and a.get(k) != "auto"]
 
 
 def is_resume_safe(key: str) -> bool:

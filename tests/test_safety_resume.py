@@ -102,3 +102,17 @@ def test_which_keys_change_the_training(tmp_path):
     training = ["train.lr", "train.seed", "data.max_len", "data.train.0.path", "model.path", "method.lora.r",
                 "distributed.zero", "train.micro_batch_size", "train.warmup_steps"]
     assert all(map(is_resume_safe, safe)) and not any(map(is_resume_safe, training))
+
+
+def test_an_auto_the_old_recipe_did_not_resolve_is_no_change(tmp_path):
+    """RUN_DIR/recipe.yaml of an older zerotune has no train.offload_activations (its default is
+    auto); the resolved value of today's launcher is not a change of the training."""
+    from zerotune.core.recipe import validate_recipe
+    from zerotune.launcher.prepare import recipe_changes
+    gc = {"gradient_checkpointing": True}
+    old = validate_recipe(base_recipe(tmp_path, train=gc))
+    assert old.train.offload_activations == "auto"
+    new = validate_recipe(base_recipe(tmp_path, train={**gc, "offload_activations": False}))
+    assert recipe_changes(old, new) == []
+    newer = validate_recipe(base_recipe(tmp_path, train={**gc, "offload_activations": True}))
+    assert recipe_changes(new, newer) == [("train.offload_activations", False, True)]

@@ -304,14 +304,8 @@ def set_aside(ckpt: Path, why: str) -> None:
 
 
 def needs_universal(ckpt: Path, world: int) -> bool:
-    return read_state(ckpt)["world_size"] != world
-
-
-def to_universal(ckpt: Path, rank: int, world: int = 1) -> Path:
-    """DeepSpeed's universal (world-size independent) form of `ckpt`, converted once into
-    `<ckpt>/universal/` by the ranks together and reused by later resumes (training/reshard.py)."""
-    from .reshard import to_universal as convert
-    return convert(ckpt, rank, world)
+    """Another world size's ZeRO 1-3 checkpoint (ZeRO-0's holds everything whole: it loads as it is)."""
+    return read_state(ckpt)["world_size"] != world and any(Path(ckpt).glob("*_optim_states.pt"))
 
 
 def load(engine, ckpt: Path, rank: int, world: int, frozen_params: bool, replicas: int | None = None) -> dict:
@@ -321,8 +315,9 @@ def load(engine, ckpt: Path, rank: int, world: int, frozen_params: bool, replica
     _safe_deepspeed_loads(engine)
     state = read_state(ckpt)
     saved_world = state["world_size"]
-    ckpt_to_load = to_universal(ckpt, rank, world) if saved_world != world else ckpt
     from .export import weights_only_loads
+    from .reshard import to_universal   # converted once into <ckpt>/universal/, by all ranks together
+    ckpt_to_load = to_universal(ckpt, rank, world) if needs_universal(ckpt, world) else ckpt
     # a universal load reads its files with torch.load directly, not through the checkpoint engine
     safe = weights_only_loads() if ckpt_to_load != ckpt else contextlib.nullcontext()
     try:
