@@ -27,8 +27,8 @@ def test_categories_of_real_names(name, cat):
 
 @pytest.mark.slow
 def test_a_profile_window_through_zerotune_train(tmp_path):
-    recipe = write_recipe(tmp_path, base_recipe(tmp_path, train={"max_steps": 4},
-                                                logging={"progress": False, "profile_start": 2, "profile_steps": 2}))
+    recipe = write_recipe(tmp_path, base_recipe(tmp_path, train={"max_steps": 3},   # the window ends with the run
+                                                logging={"progress": False, "profile_start": 2, "profile_steps": 5}))
     out = zerotune("train", str(recipe), "--nproc", "2").stdout
     run = tmp_path / "runs" / "t"
     summary = (run / "profile" / "summary.txt").read_text()

@@ -199,7 +199,7 @@ def run_steps(run: Run) -> str:
         torch.cuda.reset_peak_memory_stats()  # the peak reported is training's, not the model load's
     stream = batches(run.data.train, run.sampler, g.micro_batch_size, run.tokenizer.pad_token_id)
     place = run.sp.shard if run.sp else steps.to_device   # SP: this rank's part of each sequence
-    window = profile.Window(run.recipe.logging, run.run_dir, run.rank)   # logging.profile_start
+    window = profile.Window(run.recipe.logging, run.run_dir, run.rank, run.total_steps)   # logging.profile_start
     with diagnostics.oom_guard(run.run_dir, run.recipe, run.state, run.total_steps, run.world, run.rank):
         while run.state["step"] < run.total_steps:
             t0 = time.perf_counter()

@@ -8,7 +8,7 @@ category, from each op's or kernel's self time (GPU kernels on CUDA, CPU ops oth
 GPU's idle time (the window's wall time minus kernel time) and the ten largest entries. The
 summary is also printed and logged as text to the trackers.
 
-    window = Window(recipe.logging, run_dir, rank)
+    window = Window(recipe.logging, run_dir, rank, total_steps)
     window.before(step)              # the step about to run (1-based)
     summary = window.after(step)     # the step just taken: the summary text when the window ends
 """
@@ -40,8 +40,8 @@ def category(name: str) -> str:
 
 
 class Window:
-    def __init__(self, logging, run_dir: Path, rank: int):
-        self.start, self.steps = logging.profile_start, logging.profile_steps
+    def __init__(self, logging, run_dir: Path, rank: int, total_steps: int):
+        self.start, self.steps, self.total = logging.profile_start, logging.profile_steps, total_steps
         self.folder, self.rank = Path(run_dir) / "profile", rank
         self.prof, self.t0 = None, 0.0
 
@@ -57,7 +57,7 @@ class Window:
         self.t0 = time.perf_counter()
 
     def after(self, step: int) -> str | None:
-        if self.prof is None or step != self.start + self.steps - 1:
+        if self.prof is None or step not in (self.start + self.steps - 1, self.total):   # the run may end first
             return None
         if torch.cuda.is_available():
             torch.cuda.synchronize()
