@@ -83,15 +83,16 @@ def deepspeed_safe_types() -> list:
     return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
-def _safe_deepspeed_loads(engine) -> None:
-    """Make DeepSpeed read its checkpoint files with torch.load(weights_only=True)."""
-    allowed = deepspeed_safe_types()
-    ce = engine.checkpoint_engine
+def safe_load(path, map_location=None, mmap: bool = False):
+    """torch.load(weights_only=True), allowing only DeepSpeed's plain checkpoint types: how every
+    checkpoint file is read (DeepSpeed's engine here, training/reshard.py's conversion)."""
+    with torch.serialization.safe_globals(deepspeed_safe_types()):
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
 
-    def load(path, map_location=None):
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    ce.load = load
+
+def _safe_deepspeed_loads(engine) -> None:
+    """Make DeepSpeed read its checkpoint files with safe_load."""
+    engine.checkpoint_engine.load = safe_load
 
 
 # ----------------------------------------------------------------------------- save

@@ -91,11 +91,8 @@ def worker_count(local_world: int, largest_bytes: int, tasks: int) -> int:
 
 # ----------------------------------------------------------------------------- loading, safely
 def safe_load(path: Path, mmap: bool = False):
-    import torch
-
-    from .checkpoint import deepspeed_safe_types
-    with torch.serialization.safe_globals(deepspeed_safe_types()):
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    from .checkpoint import safe_load as load   # imported here: this module starts without torch
+    return load(path, map_location="cpu", mmap=mmap)
 
 
 # ----------------------------------------------------------------------------- the ZeRO-3 pass
