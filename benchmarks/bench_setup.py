@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -116,6 +117,22 @@ def make_model(size: str, path: Path) -> None:
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     model.save_pretrained(path)
     (path / ".done").touch()
+
+
+def random_llama(folder: Path, hidden: int, layers: int, intermediate: int, **config) -> int:
+    """A random fp32 Llama (seed 0, heads of 64) with examples/stories260K's tokenizer and its
+    512-token vocabulary, for CPU measurements through `zerotune train`; returns its parameters."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, **config)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(folder)
+    for f in (REPO / "examples" / "stories260K").iterdir():
+        if "token" in f.name:
+            shutil.copy(f, folder / f.name)
+    return sum(p.numel() for p in model.parameters())
 
 
 def random_words_file(folder: Path, rows: int, seq: int) -> Path:

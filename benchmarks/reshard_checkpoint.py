@@ -1,27 +1,18 @@
 """Issue 13 item 1, step 1: a ZeRO-3 checkpoint of a 2-process `zerotune train` run of a random Llama.
-usage: python benchmarks/reshard_checkpoint.py WORKDIR HIDDEN LAYERS INTER   (e.g. 512 12 1376: 57M parameters)
+usage: python benchmarks/reshard_checkpoint.py WORKDIR HIDDEN LAYERS INTER   (e.g. 512 12 1376: 38.5M parameters)
 then: python benchmarks/reshard_time.py WORKDIR/runs/b/checkpoints/step-000002"""
-import json, os, shutil, subprocess, sys, time
+import json, sys, time
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from conftest import STORIES, ALPACA, base_recipe, write_recipe, zerotune
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import ALPACA, base_recipe, write_recipe, zerotune
+from bench_setup import random_llama
 
 work, hidden, layers, inter = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 work.mkdir(parents=True, exist_ok=True)
 model = work / "model"
 if not model.is_dir():
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, max_position_embeddings=256,
-                      bos_token_id=1, eos_token_id=2)
-    m = LlamaForCausalLM(cfg)
-    print("params", sum(p.numel() for p in m.parameters()))
-    m.save_pretrained(model)
-    for f in STORIES.iterdir():
-        if "token" in f.name:
-            shutil.copy(f, model / f.name)
+    print("params", random_llama(model, hidden, layers, inter, max_position_embeddings=256, bos_token_id=1, eos_token_id=2))
 data = json.loads(ALPACA.read_text())
 short = [r for r in data if len(r["instruction"]) + len(r["input"]) < 200][:16]
 (work / "a.json").write_text(json.dumps(short))

@@ -12,27 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def make_model(folder: Path, layers: int, hidden: int) -> int:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
-                      num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, max_position_embeddings=512)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    model.save_pretrained(folder)
-    for f in (ROOT / "examples" / "stories260K").iterdir():
-        if "token" in f.name:
-            shutil.copy(f, folder / f.name)
-    return sum(p.numel() for p in model.parameters())
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_setup import REPO as ROOT, random_llama  # noqa: E402
 
 
 def run(work: Path, model: Path, async_save: bool, steps: int, nproc: int) -> dict:
@@ -66,7 +52,7 @@ def main() -> None:
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        n = make_model(work / "model", a.layers, a.hidden)
+        n = random_llama(work / "model", a.hidden, a.layers, a.hidden * 8 // 3, max_position_embeddings=512)
         for async_save in (False, True):
             print(json.dumps({"parameters": n, "nproc": a.nproc, **run(work, work / "model", async_save, a.steps, a.nproc)}),
                   flush=True)
