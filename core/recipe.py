@@ -307,11 +307,15 @@ class Recipe(_Section):
             return 3 if not self.method.is_peft else 0
         return z
 
+    def tokens_per_gpu(self) -> int:
+        """The most tokens of one sequence a GPU holds: max_len over the sequence-parallel degree."""
+        return -(-self.data.max_len // self.distributed.sequence_parallel)
+
     def uses_tiled_mlp(self) -> bool:
         """train.tiled_mlp with auto decided: on when one GPU holds LONG_TOKENS or more tokens of a
-        sequence (max_len / sequence_parallel), where the MLP's intermediates dominate a layer."""
+        sequence (tokens_per_gpu), where the MLP's intermediates dominate a layer."""
         if self.train.tiled_mlp == "auto":
-            return self.data.max_len / self.distributed.sequence_parallel >= LONG_TOKENS
+            return self.tokens_per_gpu() >= LONG_TOKENS
         return bool(self.train.tiled_mlp)
 
     def to_yaml(self) -> str:

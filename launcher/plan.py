@@ -118,7 +118,7 @@ def estimate_train_tokens(recipe: Recipe, world: int) -> tuple[Optional[float], 
         rows += counted[0]
         chars += counted[1]
     per_sample = min(d.max_len, chars / 3.6 / rows) if rows else d.max_len
-    replicas = max(1, world // recipe.distributed.sequence_parallel)   # N GPUs share a sequence
+    replicas = recipe.distributed.replicas(world)   # N GPUs share a sequence
     try:
         gas = t.accumulation(replicas)
     except RecipeError:

@@ -308,6 +308,8 @@ ZERO3_SCRIPT = textwrap.dedent("""
     pairs = eval_samples(engine, load_tokenizer(recipe), recipe)
     with open(f"{sys.argv[2]}/result-{os.environ['RANK']}.json", "w") as f:
         json.dump({"pairs": pairs, "zero3": is_zero3(engine.module), "training": engine.module.training}, f)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 """)
 
 

@@ -103,7 +103,7 @@ def save(engine, run_dir: Path, step: int, state: dict, sampler_state: dict, *, 
     written every rank's files (the training goes on meanwhile)."""
     root = checkpoints_dir(run_dir)
     path = root / tag(step)
-    try:
+    with full_disk_said(run_dir, path, engine):
         if writer is not None:
             writer.wait()  # one save in flight at a time
         if rank == 0:
@@ -123,10 +123,6 @@ def save(engine, run_dir: Path, step: int, state: dict, sampler_state: dict, *, 
         dist.barrier()  # every rank has written its shards
         if rank == 0:
             complete(path, meta)
-    except Exception as e:
-        if disk_full(e, root):
-            raise out_of_space(run_dir, path, engine) from e
-        raise
     if rank == 0:
         prune(run_dir, keep)
     dist.barrier()
@@ -145,7 +141,7 @@ def complete_later(run_dir: Path, path: Path, meta: dict, keep: int, rank: int, 
     """The end of an asynchronous save, in the writer thread after this rank's files: say so on
     the file system; rank 0 waits there for every rank's (not on a collective: the training's
     collectives run meanwhile), then completes the checkpoint and prunes."""
-    try:
+    with full_disk_said(run_dir, path, engine):
         atomic_write(path / f"written-rank{rank}", "")
         if rank != 0:
             return
@@ -160,6 +156,13 @@ def complete_later(run_dir: Path, path: Path, meta: dict, keep: int, rank: int, 
             f.unlink()
         complete(path, meta)
         prune(run_dir, keep)
+
+
+@contextlib.contextmanager
+def full_disk_said(run_dir: Path, path: Path, engine):
+    """Errors inside pass as they are, except a full disk: out_of_space()'s one line instead."""
+    try:
+        yield
     except Exception as e:
         if disk_full(e, path.parent):
             raise out_of_space(run_dir, path, engine) from e

@@ -30,8 +30,7 @@ from zerotune.core.recipe import RecipeError
 def tiles_for(recipe, hidden_size: int) -> int:
     """Tiles of about hidden_size tokens over the longest sequence one GPU holds (ALST's choice:
     a tile's intermediate is then ~4 x intermediate_size x hidden_size values)."""
-    local = math.ceil(recipe.data.max_len / recipe.distributed.sequence_parallel)
-    return max(1, math.ceil(local / hidden_size))
+    return max(1, math.ceil(recipe.tokens_per_gpu() / hidden_size))
 
 
 def decoder_layers(model):
