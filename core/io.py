@@ -1,5 +1,6 @@
 """Small torch-free file helpers both sides share: one atomic write, one size parser, one
-reader of a model's config.json, and the rules for telling a local path from a hub id."""
+reader of a model's config.json, the rules for telling a local path from a hub id, and whether a
+process of this host exists."""
 from __future__ import annotations
 
 import json
@@ -28,6 +29,37 @@ def atomic_write(path: Path, text: str, executable: bool = False) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def umask() -> int:
+    """This process's umask, read without setting it (os.umask sets it: a race with other threads
+    creating files, such as the background checkpoint writer)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def usual_mode(path: Path) -> None:
+    """Give a file or folder the mode it would get from open()/mkdir() (0666 / 0777 less the
+    umask): safetensors writes 0600 files and mkdtemp 0700 folders."""
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask())
+
+
+def process_exists(pid: int) -> bool:
+    """A process with that pid exists on this host (perhaps another user's, perhaps a zombie)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def parse_size(text: str) -> float:

@@ -7,12 +7,14 @@ later steps agree to ~1e-7 relative (see same_curve for why).
 from __future__ import annotations
 
 import json
+import stat
 from pathlib import Path
 
 import pytest
 
 from conftest import train_losses, ALPACA, base_recipe, write_recipe, zerotune
 from zerotune.core.layout import MARKER, PREEMPT_MARKER, complete_checkpoints, read_state
+from zerotune.core.io import umask
 from zerotune.core.layout import REQUEUE_EXIT_CODE
 
 pytestmark = pytest.mark.slow
@@ -96,6 +98,10 @@ def test_preemption_signal_saves_and_requeue_code_then_exact_resume(tmp_path, da
     zerotune("train", str(pre), "--nproc", "2")
     same_curve(train_losses(run), want, resumed_at=3)
     assert not (run / PREEMPT_MARKER).exists()
+    # every file of a checkpoint gets the usual mode (safetensors alone would write rng-rank*.safetensors 0600)
+    files = [f for f in complete_checkpoints(run)[-1].rglob("*") if f.is_file()]
+    assert any(f.name.startswith("rng-rank") for f in files)
+    assert {oct(stat.S_IMODE(f.stat().st_mode)) for f in files} == {oct(0o666 & ~umask())}
 
 
 @pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])

@@ -78,3 +78,26 @@ def test_prepare_and_validate_from_the_command_line(tmp_path, capsys, small_chun
     assert re.match(r"cache +ready: ", capsys.readouterr().out)
     assert main(["data", "preview", str(recipe), "--n", "1"]) == 0
     assert re.search(r"cache +hit", capsys.readouterr().out)
+
+
+def test_a_killed_build_leaves_no_staging_folder_behind(tmp_path):
+    """A build killed by SIGKILL (out of memory, scancel) cannot clean up: the next build on this
+    host removes its staging folder; a live process's and another host's are left alone."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    r = recipe_for(tmp_path, [{"path": str(ALPACA), "format": "alpaca"}])
+    root = tmp_path / "runs" / ".zerotune-cache"
+    killed = subprocess.run([sys.executable, "-c", "import os, signal; from pathlib import Path; "
+                             "from zerotune.training.data import cache; "
+                             f"t = cache.staging(Path({str(root / 'abc')!r})); (t / 'tokens').mkdir(); "
+                             "os.kill(os.getpid(), signal.SIGKILL)"])
+    assert killed.returncode == -9
+    host = socket.gethostname()
+    [left] = root.glob(f"abc.tmp-{host}-*")   # the killed build's, with its pid
+    alive, other_host = root / f"def.tmp-{host}-{os.getpid()}", root / "abc.tmp-elsewhere-1"
+    alive.mkdir(), other_host.mkdir()
+    data = build_data(r, load_tokenizer(r))
+    assert data.stats["cache"] == "miss" and not left.exists() and alive.is_dir() and other_host.is_dir()
+    assert sorted(p.name for p in root.iterdir() if ".tmp-" in p.name) == sorted([alive.name, other_host.name])

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from zerotune.core.errors import UserError
-from zerotune.core.io import atomic_write
+from zerotune.core.io import atomic_write, usual_mode
 from zerotune.core.layout import (DAMAGED_MARKER, MARKER, STATE_FILE, checkpoints_dir, complete_checkpoints,
                                   latest_complete, partial_checkpoints, read_state, step_of, tag)
 
@@ -216,6 +216,7 @@ def write_shards(engine, path: Path, *, step: int, rank: int, frozen_params: boo
     engine.save_checkpoint(str(path.parent), tag=path.name, save_latest=False, exclude_frozen_parameters=frozen_params)
     tensors, meta = _rng_state()
     save_file(tensors, str(path / f"rng-rank{rank}.safetensors"), metadata=meta)
+    usual_mode(path / f"rng-rank{rank}.safetensors")   # safetensors writes 0600
 
 
 def write_marker(path: Path, *, step: int) -> None:

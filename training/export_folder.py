@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from zerotune.core.errors import UserError
+from zerotune.core.io import usual_mode
 from zerotune.core.layout import EXPORT_MARKER, FINAL_DIR
 
 
@@ -139,13 +140,11 @@ def _use_cache_on(config_file: Path) -> None:
 
 def _normal_permissions(folder: Path) -> None:
     """mkdtemp makes 0700 folders and safetensors writes 0600 files: give them the modes any file
-    gets (0666 / 0777 less the umask), so an export can be shared like the rest of the disk."""
-    umask = os.umask(0)
-    os.umask(umask)
+    gets, so an export can be shared like the rest of the disk."""
     for root, dirs, files in os.walk(folder):
-        os.chmod(root, 0o777 & ~umask)
+        usual_mode(root)
         for name in files:
-            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+            usual_mode(os.path.join(root, name))
 
 
 def finish(folder: Path, run_dir: Path, checkpoint: str, what: str) -> None:

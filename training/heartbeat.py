@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from zerotune.core.io import atomic_write
+from zerotune.core.io import atomic_write, process_exists
 from zerotune.core.layout import HEARTBEAT_FILE
 
 HEARTBEAT_EVERY_S = 30.0
@@ -67,12 +67,8 @@ def read(run_dir: Path) -> dict | None:
 
 def pid_alive(pid: int) -> bool:
     """A live process with that pid that is a zerotune training (not a reused pid)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not process_exists(pid):
         return False
-    except PermissionError:
-        return True
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         stat = Path(f"/proc/{pid}/stat").read_text()

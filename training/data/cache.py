@@ -19,8 +19,11 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
+
+from zerotune.core.io import process_exists
 
 from .dataset import SampleStore, TokenDataset
 from .sources import content_hash
@@ -54,8 +57,15 @@ def cache_root(recipe) -> Path:
 
 
 def staging(folder: Path) -> Path:
-    """An empty folder beside `folder` that only this process writes (then commit() renames it)."""
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    """An empty folder beside `folder` that only this process writes (then commit() renames it).
+    Staging folders that a killed build of this host left behind (SIGKILL, out of memory: its
+    process is gone) are removed first; other hosts' are left to them (a shared file system)."""
+    host = socket.gethostname()
+    for old in folder.parent.glob(f"*.tmp-{host}-*") if folder.parent.is_dir() else []:
+        pid = old.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not process_exists(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    tmp = folder.with_name(f"{folder.name}.tmp-{host}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
