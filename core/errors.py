@@ -10,3 +10,7 @@ class UserError(Exception):
 
 class RecipeError(UserError, ValueError):
     """A recipe that cannot run. The message names the file and key(s); print it as is."""
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be used (missing, incomplete, from another run), or a save that failed."""

@@ -46,5 +46,28 @@ def main() -> int:
         return failure.report(run_dir, rank, e, started)
 
 
+def leave(code) -> None:
+    """Exit with `code`. A rank that ends on an error (or the OOM guard's exit) still holds its
+    process group, and the interpreter's teardown of it can abort inside torch ("terminate called
+    without an active exception": SIGABRT, exit 134 instead of 2); such a rank leaves at once
+    instead, its output flushed (the loop has closed the trackers). A run that ended normally
+    has destroyed its group (loop.close) and exits the usual way."""
+    if code is None:                 # SystemExit()
+        code = 0
+    elif not isinstance(code, int):  # SystemExit("message")
+        print(code, file=sys.stderr)
+        code = 1
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        exit_code = main()
+    except SystemExit as e:
+        exit_code = e.code
+    leave(exit_code)

@@ -21,7 +21,6 @@ Loading never unpickles arbitrary objects: DeepSpeed's files are read with
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import random
 import shutil
@@ -34,18 +33,15 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from zerotune.core.errors import UserError
+from zerotune.core.errors import CheckpointError
 from zerotune.core.io import atomic_write, usual_mode
 from zerotune.core.layout import (DAMAGED_MARKER, MARKER, STATE_FILE, checkpoints_dir, complete_checkpoints,
                                   latest_complete, partial_checkpoints, read_state, step_of, tag)
 
 from . import manifest
+from .disk_space import disk_full, full_disk_said, out_of_space
 
 __all__ = ["save", "load", "resolve_resume", "needs_universal", "latest_complete", "complete_checkpoints"]
-
-
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint that cannot be used (missing, incomplete, from another run)."""
 
 
 # ----------------------------------------------------------------------------- RNG
@@ -156,59 +152,6 @@ def complete_later(run_dir: Path, path: Path, meta: dict, keep: int, rank: int, 
             f.unlink()
         complete(path, meta)
         prune(run_dir, keep)
-
-
-@contextlib.contextmanager
-def full_disk_said(run_dir: Path, path: Path, engine):
-    """Errors inside pass as they are, except a full disk: out_of_space()'s one line instead."""
-    try:
-        yield
-    except Exception as e:
-        if disk_full(e, path.parent):
-            raise out_of_space(run_dir, path, engine) from e
-        raise
-
-
-def out_of_space(run_dir: Path, path: Path, engine) -> CheckpointError:
-    """A save that filled the disk gives its space back (the partial save never counted); one
-    line says what a checkpoint needs."""
-    root = checkpoints_dir(run_dir)
-    shutil.rmtree(path, ignore_errors=True)
-    return CheckpointError(f"no space left on the device of {root}: a checkpoint needs ~{_size(needed_bytes(run_dir, engine))} "
-                           f"there, {_size(shutil.disk_usage(root).free)} is free; free some space (or lower "
-                           "checkpoint.keep) and run the same command to resume")
-
-
-def disk_full(e: BaseException, folder: Path) -> bool:
-    """ENOSPC, however it surfaced: an OSError, or torch's zip writer / safetensors wrapping it in
-    a RuntimeError ("unexpected pos", "file write failed") on a device with no room left."""
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(e)
-    if "No space left" in text or "os error 28" in text or "Disk quota exceeded" in text:
-        return True
-    try:
-        return shutil.disk_usage(folder).free < (1 << 20)
-    except OSError:
-        return False
-
-
-def needed_bytes(run_dir: Path, engine) -> float:
-    """A checkpoint's size: the newest complete one's, else the trainable parameters' bytes plus
-    fp32 master weights and two Adam moments (12 bytes each)."""
-    newest = latest_complete(run_dir)
-    known = manifest.total_bytes(newest) if newest else None
-    if known:
-        return known
-    params = [p for p in engine.module.parameters() if p.requires_grad]
-    return sum(getattr(p, "ds_numel", p.numel()) * (p.element_size() + 12) for p in params)
-
-
-def _size(n: float) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{int(n)} bytes"
 
 
 def write_shards(engine, path: Path, *, step: int, rank: int, frozen_params: bool) -> None:

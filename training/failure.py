@@ -92,8 +92,18 @@ def report(run_dir: Path, rank: int, e: BaseException, started: float) -> int:
         reason, code = one_line(e), USER_ERROR_EXIT_CODE
     else:
         reason, code = f"rank {rank}: {type(e).__name__}: {one_line(e)} (traceback in {shown})", 1
-    if not exists or claim(run_dir, reason, started):
-        if code != USER_ERROR_EXIT_CODE:
-            traceback.print_exception(e, file=sys.stderr)
-        print(f"zerotune: error: {reason}", file=sys.stderr, flush=True)
+    if not getattr(e, "said", False):
+        say_first(run_dir, reason, started, traceback_of=None if code == USER_ERROR_EXIT_CODE else e)
     return code
+
+
+def say_first(run_dir: Path, reason: str, started: float, traceback_of: BaseException | None = None) -> bool:
+    """Claim RUN_DIR/FAILED for this attempt and, when first, print the one line (after the
+    traceback of a bug). A rank whose failure will make its peers fail (it removes files they
+    write) says its reason at once, marks the error `said`, and report() does not say it again."""
+    if Path(run_dir).is_dir() and not claim(run_dir, reason, started):
+        return False
+    if traceback_of is not None:
+        traceback.print_exception(traceback_of, file=sys.stderr)
+    print(f"zerotune: error: {reason}", file=sys.stderr, flush=True)
+    return True

@@ -15,6 +15,7 @@ checkpoints are training/checkpoint.py; what is logged is training/metrics.py.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -82,6 +83,8 @@ def train(run_dir: Path, stop: StopRequest | None = None, started: float | None 
     except BaseException:
         if run.beat:
             run.beat.stop("failed")
+        with contextlib.suppress(Exception):
+            run.log.close(finished=False)   # trackers flushed and closed: the rank exits at once (__main__)
         raise
 
 
