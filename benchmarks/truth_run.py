@@ -23,7 +23,6 @@ import json
 import os
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -31,10 +30,11 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_results import last_step, parse_metrics, train_records  # noqa: E402
 from bench_setup import REPO, TOKENIZER, child_env, make_model, make_package, model_dir, random_words_file  # noqa: E402
 
 
-def recipe(a, name: str, nproc: int, data: Path, global_batch: int | None = None, **checkpoint) -> Path:
+def recipe(a, name: str, data: Path, global_batch: int | None = None, **checkpoint) -> Path:
     import yaml
     r = {"name": name, "output_dir": str(a.work / "runs"),
          "model": {"path": str(model_dir(a.work / "models", a.size)), "tokenizer": str(REPO / TOKENIZER),
@@ -52,17 +52,15 @@ def recipe(a, name: str, nproc: int, data: Path, global_batch: int | None = None
     return path
 
 
-def train(a, path: Path, nproc: int, *sets: str, stop_at: int | None = None) -> dict:
+def train(a, path: Path, nproc: int, stop_at: int | None = None) -> dict:
     """`zerotune train`; with stop_at, SIGUSR1 to its process group once that step is logged."""
     cmd = [sys.executable, "-m", "zerotune.launcher.cli", "train", str(path), "--nproc", str(nproc)]
-    for s in sets:
-        cmd += ["--set", s]
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=a.env,
                             start_new_session=True)
     if stop_at is not None:
         metrics = a.work / "runs" / path.stem / "metrics.jsonl"
-        while proc.poll() is None and max(losses(metrics), default=0) < stop_at:
+        while proc.poll() is None and last_step(metrics) < stop_at:
             time.sleep(0.1)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGUSR1)
@@ -72,19 +70,9 @@ def train(a, path: Path, nproc: int, *sets: str, stop_at: int | None = None) -> 
             "loaded_s": float(loaded.group(1)) if loaded else None}
 
 
-def events(metrics: Path) -> list[dict]:
-    return [json.loads(ln) for ln in metrics.read_text().splitlines()] if metrics.is_file() else []
-
-
 def losses(metrics: Path) -> dict[int, float]:
-    return {e["step"]: e["train/loss"] for e in events(metrics) if "train/loss" in e}
-
-
-def speed(a, run: Path) -> dict:
-    steps = [e for e in events(run / "metrics.jsonl") if "train/tokens_per_sec" in e and e["step"] > a.warmup]
-    peak = max((e.get("train/gpu_mem_peak_gb") or 0 for e in steps), default=None)
-    return {"tok_s_gpu": statistics.median(e["train/tokens_per_sec"] for e in steps) / a.nproc if steps else None,
-            "peak_gib": peak}
+    """step -> train loss (the last record of each step; none when the run wrote no metrics)."""
+    return {r["step"]: r["train/loss"] for r in train_records(metrics)[0]} if metrics.is_file() else {}
 
 
 def worst_rel(ref: dict[int, float], got: dict[int, float], steps) -> float | None:
@@ -135,20 +123,19 @@ def main() -> None:
 
     base = {}
     for n in counts:                                     # 1. scaling (and the runs the others compare with)
-        a.nproc = n
-        r = train(a, recipe(a, f"scale-{n}", n, data), n)
-        base[n] = losses(a.work / "runs" / f"scale-{n}" / "metrics.jsonl")
+        r = train(a, recipe(a, f"scale-{n}", data), n)
+        metrics = a.work / "runs" / f"scale-{n}" / "metrics.jsonl"
+        base[n] = losses(metrics) if r["rc"] == 0 else {}
         record({"check": "scaling", "gpus": n, "rc": r["rc"], "seconds": r["seconds"],
-                **speed(a, a.work / "runs" / f"scale-{n}"), **({"tail": r["tail"]} if r["rc"] else {})})
+                **({"tail": r["tail"]} if r["rc"] else parse_metrics(metrics, a.warmup))})
     ckpt = a.work / "runs" / f"scale-{large}" / "checkpoints" / f"step-{a.steps // 2:06d}"
     for n in dict.fromkeys([small, large]):              # 2. resume the largest count's checkpoint
-        path = recipe(a, f"resume-{large}-on-{n}", n, data, global_batch=a.mbs * large, resume=str(ckpt))
+        path = recipe(a, f"resume-{large}-on-{n}", data, global_batch=a.mbs * large, resume=str(ckpt))
         r = train(a, path, n)
         got = losses(a.work / "runs" / path.stem / "metrics.jsonl")
         record({"check": "resume", "saved_on": large, "resumed_on": n, "rc": r["rc"], "loaded_s": r["loaded_s"],
                 "worst_rel_loss_diff": worst_rel(base[large], got, range(a.steps // 2 + 1, a.steps + 1))})
-    a.nproc = large                                      # 3. preemption drill
-    path = recipe(a, "drill", large, data)
+    path = recipe(a, "drill", data)                      # 3. preemption drill
     first = train(a, path, large, stop_at=a.steps // 2 + 1)
     second = train(a, path, large)
     got = losses(a.work / "runs" / "drill" / "metrics.jsonl")

@@ -39,7 +39,7 @@ from zerotune.core.layout import (DAMAGED_MARKER, MARKER, STATE_FILE, checkpoint
                                   latest_complete, partial_checkpoints, read_state, step_of, tag)
 
 from . import manifest
-from .disk_space import disk_full, full_disk_said, out_of_space
+from .disk_space import as_said, full_disk_said
 
 __all__ = ["save", "load", "resolve_resume", "needs_universal", "latest_complete", "complete_checkpoints"]
 
@@ -114,7 +114,7 @@ def save(engine, run_dir: Path, step: int, state: dict, sampler_state: dict, *, 
                 "eval_loss": eval_loss, "recipe_digest": recipe_digest}
         if writer is not None:
             writer.then(lambda: complete_later(run_dir, path, meta, keep, rank, world, engine),
-                        on_error=lambda e: out_of_space(run_dir, path, engine) if disk_full(e, root) else e)
+                        on_error=lambda e: as_said(e, run_dir, path, engine))
             return path
         dist.barrier()  # every rank has written its shards
         if rank == 0:

@@ -3,6 +3,7 @@ checkpoint needs, what is free), and its partial files removed so the space come
 
     with full_disk_said(run_dir, path, engine):   # around a save's writes
         ...
+    writer.then(..., on_error=lambda e: as_said(e, run_dir, path, engine))   # a background save's
 """
 from __future__ import annotations
 
@@ -23,9 +24,16 @@ def full_disk_said(run_dir: Path, path: Path, engine):
     try:
         yield
     except Exception as e:
-        if disk_full(e, path.parent):
-            raise out_of_space(run_dir, path, engine) from e
-        raise
+        err = as_said(e, run_dir, path, engine)
+        if err is e:
+            raise
+        raise err from e
+
+
+def as_said(e: BaseException, run_dir: Path, path: Path, engine) -> BaseException:
+    """The error a failed save of `path` ends with: out_of_space()'s when the disk is full, else `e`
+    (also the background writer's error hook)."""
+    return out_of_space(run_dir, path, engine) if disk_full(e, path.parent) else e
 
 
 def out_of_space(run_dir: Path, path: Path, engine) -> CheckpointError:
