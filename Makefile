@@ -37,7 +37,8 @@ wheel-check: install
 	$(WHEEL_VENV)/bin/python -m pip install -q dist/zerotune-*.whl
 	d=$$(mktemp -d) && cd $$d && ! $(CURDIR)/$(WHEEL_VENV)/bin/python -c "import training" 2>/dev/null \
 	  && $(CURDIR)/$(WHEEL_VENV)/bin/zerotune train $(CURDIR)/recipes/demo.yaml \
-	  --set train.max_steps=4 --set train.eval_every=2 --set output_dir=$$d/runs && test -f $$d/runs/demo/final/config.json
+	  --set train.max_steps=4 --set train.eval_every=2 --set output_dir=$$d/runs && test -f $$d/runs/demo/final/config.json \
+	  && rm -rf $$d
 
 clean:
 	rm -rf $(VENV) $(WHEEL_VENV) dist runs

@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,6 +71,11 @@ def train(a, path: Path, nproc: int, stop_at: int | None = None) -> dict:
             "loaded_s": float(loaded.group(1)) if loaded else None}
 
 
+def drop_checkpoints(a, name: str) -> None:
+    """A run's checkpoints once no later check reads them (an 8B one is ~130 GB)."""
+    shutil.rmtree(a.work / "runs" / name / "checkpoints", ignore_errors=True)
+
+
 def losses(metrics: Path) -> dict[int, float]:
     """step -> train loss (the last record of each step; none when the run wrote no metrics)."""
     return {r["step"]: r["train/loss"] for r in train_records(metrics)[0]} if metrics.is_file() else {}
@@ -92,7 +98,7 @@ def same_tensors(x: Path, y: Path) -> dict:
     return {"tensors": len(a), "equal": not differ and a.keys() == b.keys(), "differ": differ[:5]}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="8b")
     p.add_argument("--gpus", default="2,4", help="GPU counts, smallest first")
@@ -102,7 +108,11 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--work", type=Path, default=Path("/tmp/truth"))
     p.add_argument("--out", type=Path, default=None)
-    a = p.parse_args()
+    return p.parse_args()
+
+
+def main() -> None:
+    a = parse_args()
     a.work = a.work.resolve()
     counts = [int(g) for g in a.gpus.split(",")]
     small, large = counts[0], counts[-1]
@@ -128,21 +138,27 @@ def main() -> None:
         base[n] = losses(metrics) if r["rc"] == 0 else {}
         record({"check": "scaling", "gpus": n, "rc": r["rc"], "seconds": r["seconds"],
                 **({"tail": r["tail"]} if r["rc"] else parse_metrics(metrics, a.warmup))})
+        if n != large:
+            drop_checkpoints(a, f"scale-{n}")
     ckpt = a.work / "runs" / f"scale-{large}" / "checkpoints" / f"step-{a.steps // 2:06d}"
     for n in dict.fromkeys([small, large]):              # 2. resume the largest count's checkpoint
         path = recipe(a, f"resume-{large}-on-{n}", data, global_batch=a.mbs * large, resume=str(ckpt))
         r = train(a, path, n)
         got = losses(a.work / "runs" / path.stem / "metrics.jsonl")
+        drop_checkpoints(a, path.stem)
         record({"check": "resume", "saved_on": large, "resumed_on": n, "rc": r["rc"], "loaded_s": r["loaded_s"],
-                "worst_rel_loss_diff": worst_rel(base[large], got, range(a.steps // 2 + 1, a.steps + 1))})
+                "worst_rel_loss_diff": worst_rel(base[large], got, range(a.steps // 2 + 1, a.steps + 1)),
+                **({"tail": r["tail"]} if r["rc"] else {})})
     path = recipe(a, "drill", data)                      # 3. preemption drill
     first = train(a, path, large, stop_at=a.steps // 2 + 1)
     second = train(a, path, large)
     got = losses(a.work / "runs" / "drill" / "metrics.jsonl")
+    drop_checkpoints(a, "drill")
     record({"check": "preemption", "gpus": large, "first_rc": first["rc"], "stopped_with_85": first["rc"] == 85,
             "second_rc": second["rc"],
             "resumed": "resumed from" in second["tail"] or second["loaded_s"] is not None,
-            "worst_rel_loss_diff": worst_rel(base[large], got, range(1, a.steps + 1))})
+            "worst_rel_loss_diff": worst_rel(base[large], got, range(1, a.steps + 1)),
+            **({"tail": second["tail"]} if second["rc"] else {})})
     run = a.work / "runs" / f"scale-{large}"            # 4. streamed final export vs the offline export
     exported = a.work / "exported"
     proc = subprocess.run([sys.executable, "-m", "zerotune.launcher.cli", "export", str(run), "--out", str(exported),

@@ -351,6 +351,7 @@ def test_real_cuda_oom_message_names_peak_memory(tmp_path, capsys):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     recipe = validate_recipe(base_recipe(tmp_path))
+    torch.cuda.empty_cache()   # a cached block from an earlier test would serve the allocation under any cap
     torch.cuda.set_per_process_memory_fraction(2 ** 30 / torch.cuda.get_device_properties(0).total_memory)
     try:
         keep = torch.empty(2 ** 27, device="cuda")  # 0.5 GiB of fp32 in use when the OOM comes

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import ROOT  # noqa: E402
@@ -165,3 +166,22 @@ def test_waiting_ranks_fail_with_one_message_naming_the_folder(tmp_path, monkeyp
 
 if __name__ == "__main__":
     _worker(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+
+
+def test_after_a_universal_load_adam_steps_sit_where_fused_adamw_needs_them():
+    """DeepSpeed's universal load leaves each `step` on the CPU; torch's fused/capturable AdamW
+    refuses a step whose device differs from the parameter's (seen on GPUs resuming 4 on 2; the
+    gpu test in test_training.py runs it for real). Here the parameter's device is `meta`."""
+    from types import SimpleNamespace
+    from zerotune.training.reshard import place_step_counts
+    param = torch.empty(3, device="meta")
+
+    def wrapped(**defaults):
+        inner = SimpleNamespace(defaults=defaults, state={param: {"step": torch.tensor(7, dtype=torch.int64)}})
+        return SimpleNamespace(optimizer=inner), inner.state[param]
+    zero, state = wrapped(fused=True, capturable=False)
+    assert place_step_counts(zero) == 1
+    assert state["step"].device.type == "meta" and state["step"].dtype == torch.float32
+    zero, state = wrapped(fused=None, capturable=False)     # the plain AdamW keeps its step on the CPU
+    assert place_step_counts(zero) == 0 and state["step"].device.type == "cpu"
+    assert place_step_counts(None) == 0                      # engines without an optimizer

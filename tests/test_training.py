@@ -94,3 +94,34 @@ def test_final_export_matches_the_trained_engine(runs):
         out = final.generate(ids, max_new_tokens=12, do_sample=False)
     assert out.shape[1] > ids.shape[1]
     assert tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_each_rank_makes_its_gpu_current_before_the_process_group(monkeypatch):
+    """NCCL binds a group to LOCAL_RANK's GPU; a collective before deepspeed.initialize (the resume
+    decision's broadcast) used cuda:0 on every rank until the device was set first (4xH200:
+    "Tensor found on device cuda:0 but backend constrained to cuda:3"). The GPU test below runs it."""
+    import deepspeed
+    from datetime import timedelta
+    from zerotune.training import engine
+    calls = []
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda timeout: calls.append(("init", timeout)))
+    engine.init_distributed(7)
+    assert calls == [("set_device", 3), ("init", timedelta(minutes=7))]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_two_gpus_train_and_resume_through_zerotune_train(tmp_path):
+    """`zerotune train --nproc 2` on CUDA with NCCL (torch's fused AdamW): trains and saves; a longer
+    run resumes on 2 GPUs, and a longer one on 1 GPU (a universal checkpoint: the Adam steps must
+    land on the GPU, reshard.place_step_counts)."""
+    r = base_recipe(tmp_path, checkpoint={"every": 2}, train={"global_batch_size": 8})
+    zerotune("train", str(write_recipe(tmp_path, r)), "--nproc", "2")
+    for nproc, steps in ((2, 6), (1, 8)):
+        r["train"]["max_steps"] = steps
+        proc = zerotune("train", str(write_recipe(tmp_path, r)), "--nproc", str(nproc))
+        assert f"resumed from step-{steps - 2:06d}" in proc.stdout + proc.stderr
+    assert sorted(train_losses(tmp_path / "runs" / "t")) == list(range(1, 9))

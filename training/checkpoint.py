@@ -264,7 +264,7 @@ def load(engine, ckpt: Path, rank: int, world: int, frozen_params: bool, replica
     state = read_state(ckpt)
     saved_world = state["world_size"]
     from .export import weights_only_loads
-    from .reshard import to_universal   # converted once into <ckpt>/universal/, by all ranks together
+    from .reshard import place_step_counts, to_universal   # converted once into <ckpt>/universal/, by all ranks
     ckpt_to_load = to_universal(ckpt, rank, world) if needs_universal(ckpt, world) else ckpt
     # a universal load reads its files with torch.load directly, not through the checkpoint engine
     safe = weights_only_loads() if ckpt_to_load != ckpt else contextlib.nullcontext()
@@ -278,6 +278,8 @@ def load(engine, ckpt: Path, rank: int, world: int, frozen_params: bool, replica
     if loaded is None:  # DeepSpeed warns and returns None when it finds no files to load
         raise CheckpointError(f"cannot load {ckpt}: DeepSpeed found no checkpoint files in it; "
                               "resume from an older checkpoint with checkpoint.resume: <its path>")
+    if ckpt_to_load != ckpt:
+        place_step_counts(engine.optimizer)
     rng = ckpt / f"rng-rank{rank}.safetensors"
     if saved_world == world and rng.is_file():
         _set_rng_state(rng)

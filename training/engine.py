@@ -2,9 +2,21 @@
 from __future__ import annotations
 
 import math
+import os
+from datetime import timedelta
 
 import deepspeed
 import torch
+
+
+def init_distributed(timeout_minutes: int) -> None:
+    """The process group, with this rank's GPU made the current device first: NCCL groups are
+    bound to LOCAL_RANK's GPU, and a collective before deepspeed.initialize (which sets the device
+    itself) would otherwise put its tensors on cuda:0 ("Tensor found on device cuda:0 but backend
+    constrained to cuda:3", seen on 4 GPUs in resolve_resume's broadcast)."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes))
 
 
 def lr_lambda(train, total_steps: int):

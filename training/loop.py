@@ -22,7 +22,6 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +35,7 @@ from zerotune.core.recipe import BatchGeometry, load_run_recipe
 from . import async_save, checkpoint, diagnostics, failure, long_sequence, profile, sequence_parallel, signals
 from . import step as steps
 from .data import ResumableSampler, batches, build_data
-from .engine import build_engine
+from .engine import build_engine, init_distributed
 from .export import save_final
 from .metrics import Metrics
 from .samples import eval_samples
@@ -140,8 +139,7 @@ def start_attempt(run_dir: Path, rank: int, state: dict, started: float) -> Hear
 def setup(run_dir: Path, stop: StopRequest, started: float) -> Run:
     recipe = load_run_recipe(run_dir)
     ds_config = json.loads((run_dir / DS_CONFIG_FILE).read_text())
-    import deepspeed
-    deepspeed.init_distributed(timeout=timedelta(minutes=recipe.distributed.timeout_minutes))
+    init_distributed(recipe.distributed.timeout_minutes)
     rank, world = dist.get_rank(), dist.get_world_size()
     sp = sequence_parallel.init(recipe)   # None unless distributed.sequence_parallel > 1
     replica, replicas = (sp.dp_rank, sp.dp_world) if sp else (rank, world)   # what the data sees

@@ -274,6 +274,26 @@ def _saved_world(ckpt: Path) -> str:
         return "the saved number of"
 
 
+def place_step_counts(optimizer) -> int:
+    """After a universal load: DeepSpeed sets each parameter's Adam `step` to the tensor of
+    zero/optimizer_state.pt as it was read (on the CPU). torch's fused and capturable AdamW need it on
+    the parameter's device, where their own load_state_dict puts it, and refuse the step otherwise
+    ("state_steps is on cpu, different from other tensors on cuda:0", seen resuming 4 GPUs on 2).
+    Moves those steps; returns how many."""
+    import torch
+    inner = getattr(optimizer, "optimizer", optimizer)   # a ZeRO optimizer wraps the torch one
+    defaults = getattr(inner, "defaults", {})
+    if not (defaults.get("fused") or defaults.get("capturable")):
+        return 0
+    moved = 0
+    for param, state in inner.state.items():
+        step = state.get("step")
+        if torch.is_tensor(step) and step.device != param.device:
+            state["step"] = step.to(device=param.device, dtype=torch.float32)
+            moved += 1
+    return moved
+
+
 # ----------------------------------------------------------------------------- the subprocess
 def main(argv: list[str] | None = None) -> int:
     import math
