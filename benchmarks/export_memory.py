@@ -34,7 +34,7 @@ import deepspeed, torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from conftest import STORIES, base_recipe
-from zerotune.core.recipe import validate_recipe
+from zerotune.core.recipe_load import validate_recipe
 if "RANK" not in os.environ:   # one process; under torchrun: every rank gathers, rank 0 writes and measures
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29600 + os.getpid() % 1000))
 rank = int(os.environ["RANK"])
@@ -63,11 +63,11 @@ if mode == "old":
             model.save_pretrained(out, state_dict=sd, safe_serialization=True)
         del sd
 elif mode == "new":
-    from zerotune.training.export import save_final
+    from zerotune.training.export.write import save_final
     with Peak():
         save_final(engine, model, recipe, out, rank, max_shard_size=shard)
 else:
-    from zerotune.training.export import export_checkpoint
+    from zerotune.training.export.write import export_checkpoint
     run = work / "runs" / "t"
     ck = run / "checkpoints"
     if not (ck / "step-000001").is_dir():

@@ -2,9 +2,9 @@
 
 Runs the workloads of ../shared/bench/README.md on one GPU with random-initialised
 Llama-3-shaped models (built from a config, saved once under --models) and random tokens
-(no padding): the model and engine come from zerotune.training.model.build_model and
+(no padding): the model and engine come from zerotune.training.model.build.build_model and
 training.engine.build_engine with the ds_config launcher/ds_config.py renders, and each
-step is the loop's own (training/step.py forward_backward + diagnostics.optimizer_step).
+step is the loop's own (training/run/step.py forward_backward + diagnostics.optimizer_step).
 Every workload runs in a fresh process; one JSON line per workload:
 
     {"workload": "full-1b-zero3", "peak_gib": 43.9, "estimate_gib": 43.9, "error_pct": 0.1,
@@ -57,7 +57,7 @@ def make_model(size: str, models: Path) -> Path:
 
 
 def recipe_for(name: str, model_path: Path):
-    from zerotune.core.recipe import validate_recipe
+    from zerotune.core.recipe_load import validate_recipe
     w = {**WORKLOADS, **SMOKE}[name]
     return validate_recipe({
         "name": name, "output_dir": "/tmp/zerotune-measure",
@@ -78,10 +78,10 @@ def measure(name: str, models: Path, steps: int, warmup: int) -> dict:
 
     from zerotune.launcher import ds_config as dsc
     from zerotune.launcher import plan
-    from zerotune.training.diagnostics import optimizer_step
-    from zerotune.training.engine import build_engine
-    from zerotune.training.model import build_model
-    from zerotune.training.step import forward_backward
+    from zerotune.training.run.diagnostics import optimizer_step
+    from zerotune.training.run.engine import build_engine
+    from zerotune.training.model.build import build_model
+    from zerotune.training.run.step import forward_backward
 
     w = {**WORKLOADS, **SMOKE}[name]
     recipe = recipe_for(name, make_model(w["size"], models))
@@ -104,7 +104,7 @@ def measure(name: str, models: Path, steps: int, warmup: int) -> dict:
     for step in range(steps):
         sync()
         t0 = time.perf_counter()
-        loss = forward_backward(engine, [batch], n_target, world=1)   # the loop's own step (training/step.py)
+        loss = forward_backward(engine, [batch], n_target, world=1)   # the loop's own step (training/run/step.py)
         optimizer_step(engine, skip=False)
         sync()
         if step >= warmup:

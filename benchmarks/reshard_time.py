@@ -13,7 +13,7 @@ t = time.perf_counter(); subprocess.run(cmd, check=True, capture_output=True); t
 print(f"old (ds_to_universal 1/1 workers, subprocess): {t_old:.1f}s")
 shutil.rmtree(ckpt / "universal", ignore_errors=True)
 dist.init_process_group("gloo", init_method=f"file://{ckpt.parent}/pg-{os.getpid()}", rank=0, world_size=1)
-from zerotune.training.reshard import to_universal
+from zerotune.training.checkpoint.reshard import to_universal
 t = time.perf_counter(); new = to_universal(ckpt, 0, 1, 1); t_new = time.perf_counter() - t
 print(f"new (reshard.to_universal, 1 rank): {t_new:.1f}s")
 t = time.perf_counter(); to_universal(ckpt, 0, 1, 1); print(f"second call (cached): {time.perf_counter() - t:.3f}s")

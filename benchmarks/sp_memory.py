@@ -51,7 +51,8 @@ def main() -> None:
     from zerotune.core.memory import Strategy, Workload
     from zerotune.core.recipe import Recipe
     from zerotune.launcher.ds_config import render
-    from zerotune.training import sequence_parallel, step as steps
+    from zerotune.training.long_context import sequence_parallel
+    from zerotune.training.run import step as steps
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     deepspeed.init_distributed("nccl")
     world = dist.get_world_size()
@@ -65,8 +66,8 @@ def main() -> None:
         "distributed": {"zero": 3, "sequence_parallel": a.sp}})
     sp = sequence_parallel.init(recipe)
     ds_config = render(recipe, world, hidden_size=cfg["hidden_size"])
-    from zerotune.training.engine import build_engine
-    from zerotune.training.model import build_model
+    from zerotune.training.run.engine import build_engine
+    from zerotune.training.model.build import build_model
     model = build_model(recipe, ds_config)
     model.config.use_cache = False
     if sp:

@@ -1,6 +1,6 @@
 """What a checkpoint costs, for the planner and the launcher (torch-free): its bytes, the
 seconds a save takes (the grace a stop signal needs) and, with checkpoint.async_save, the host
-memory its snapshot holds while the background thread writes it (training/async_save.py).
+memory its snapshot holds while the background thread writes it (training/checkpoint/async_save.py).
 
 Bytes: the trainable parameters in working precision plus the optimizer's fp32 master copy
 (not for fp32 training) and the AdamW moments (8 bytes; 2 for 8-bit optimizers).

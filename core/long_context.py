@@ -1,6 +1,6 @@
 """Long context with sequence parallelism (`distributed.sequence_parallel: N`): the checks a
 recipe must pass before any GPU time, and the per-GPU memory of one strategy at SP degree N.
-Torch-free (the launcher and the planner import it; training/sequence_parallel.py too).
+Torch-free (the launcher and the planner import it; training/long_context/sequence_parallel.py too).
 
 Memory with SP degree N (B x S tokens per micro-batch, each GPU of a group holds S/N of them):
   parameters, gradients, optimizer states: as without SP. ZeRO shards them over all GPUs (the
@@ -32,7 +32,7 @@ from .flops import shape
 from .memory import RESERVED, DEFAULT_GPU_MEMORY, Strategy, Workload, dtype_bytes, estimate_memory
 
 SP_METHODS = ("full", "lora", "qlora", "ia3", "adapter")         # methods that keep the sequence as it is
-SP_ATTENTION = ("sdpa", "flash_attention_2")                       # kernels training/sp_attention.py drives
+SP_ATTENTION = ("sdpa", "flash_attention_2")                       # kernels training/long_context/sp_attention.py drives
 
 
 def heads_problem(model_config: dict, n: int) -> Optional[str]:

@@ -1,5 +1,5 @@
 """The memory and speed model: bytes per GPU and tokens/s of one strategy for one workload.
-Torch-free: the planner (launcher/plan.py) and the OOM advice (training/diagnostics.py) use it.
+Torch-free: the planner (launcher/plan.py) and the OOM advice (training/run/diagnostics.py) use it.
 
 The memory model (bytes, per GPU; N parameters, W GPUs, B x S tokens per micro-batch):
 
@@ -15,7 +15,7 @@ The memory model (bytes, per GPU; N parameters, W GPUs, B x S tokens per micro-b
                (saved by lora_A, in the adapter's dtype) and the 1-byte dropout mask.
   logits       B S V x 12 bytes at the loss backward: fp32 log-probs saved by log_softmax, the
                gradient coming in and the gradient going out (all fp32). With the chunked loss
-               (train.fused_loss, training/loss.py) the logits of one chunk of at most
+               (train.fused_loss, training/model/loss.py) the logits of one chunk of at most
                FUSED_CHUNK tokens (fp32, plus their bf16 matmul output and gradient: 8 bytes a
                logit), the head's fp32 gradient V d x 4 and its cast V d x act bytes, and the
                hidden states' gradient B S d x act bytes.
@@ -26,7 +26,7 @@ The memory model (bytes, per GPU; N parameters, W GPUs, B x S tokens per micro-b
           + max(logits, one layer's working set)   (the loss and a layer's recomputation
                                                      never hold memory at the same time)
 
-LoRA / QLoRA on zerotune's path (training/model.py + training/engine.py, bf16 recipe). peft
+LoRA / QLoRA on zerotune's path (training/model/build.py + training/run/engine.py, bf16 recipe). peft
 creates the adapters in fp32, and for QLoRA peft's prepare_model_for_kbit_training upcasts every
 non-quantised parameter (embeddings, LM head, norms) to fp32; then deepspeed.initialize with
 bf16 enabled casts every floating-point parameter back to bf16 (engine._cast_module_mixed_
@@ -68,7 +68,7 @@ DEFAULT_GPU_MEMORY = 80 * GIB      # an 80 GB A100/H100 (nvidia-smi's 80 GB are 
 DEFAULT_CPU_MEMORY = 512 * GIB     # per node
 RESERVED = 2.5 * GIB               # CUDA context, NCCL buffers, allocator fragmentation
 LOGIT_BYTES = 12                   # per logit element, see the module docstring
-FUSED_CHUNK = 4096                 # tokens per chunk of the chunked loss (training/loss.py CHUNK_TOKENS)
+FUSED_CHUNK = 4096                 # tokens per chunk of the chunked loss (training/model/loss.py CHUNK_TOKENS)
 FUSED_LOSS_SPEED = 0.96            # its tokens/s relative to the plain loss (measured 0.94-0.97, H200)
 OFFLOAD_ACTIVATIONS_SPEED = 0.9    # train.offload_activations: ASSUMED (not measured), a copy each way per layer
 PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "l40s": 362.0, "a10g": 125.0}

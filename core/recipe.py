@@ -118,13 +118,13 @@ class TrainConfig(_Section):
                           "(faster), on otherwise; RUN_DIR/recipe.yaml records the choice.")
     fused_loss: Union[bool, Literal["auto"]] = Field(
         "auto", description="Cross entropy through the LM head in chunks, never holding the full logits "
-                            "(training/loss.py; ~4% slower than the plain loss). auto: the planner keeps the plain "
+                            "(training/model/loss.py; ~4% slower than the plain loss). auto: the planner keeps the plain "
                             "loss when its logits fit the GPU, else the chunked one. Heads it does not cover use the "
                             "plain loss.")
     tiled_mlp: Union[bool, Literal["auto"]] = Field(
         "auto", description="Run each layer's MLP over the sequence in tiles of hidden_size tokens (forward and "
                             "recomputed backward), so its intermediate activations exist for one tile at a time "
-                            "(training/long_sequence.py). auto: on when a GPU holds 16k+ tokens of a sequence.")
+                            "(training/model/long_sequence.py). auto: on when a GPU holds 16k+ tokens of a sequence.")
     offload_activations: Union[bool, Literal["auto"]] = Field(
         "auto", description="With gradient checkpointing, keep each layer's checkpointed input in CPU memory until "
                             "its backward. auto: the planner turns it on only when nothing fits without it.")
@@ -215,7 +215,7 @@ class CheckpointConfig(_Section):
                                                "(they are replaced as new ones are saved).")
     save_final: bool = Field(True, description="Write RUN_DIR/final in Hugging Face format at the end.")
     async_save: bool = Field(True, description="Write checkpoints from a background thread: training waits only "
-                                               "while each rank copies its part to CPU memory (training/async_save.py).")
+                                               "while each rank copies its part to CPU memory (training/checkpoint/async_save.py).")
     allow_recipe_change: bool = Field(
         False, description="Resume a run whose checkpoints were trained with a recipe that differs in keys that "
                            "change the training (model, method, data, batch, optimizer, ...); the earlier recipe is "
@@ -324,9 +324,3 @@ class Recipe(_Section):
     def digest(self) -> str:
         """Hash of the resolved recipe (stored in checkpoints)."""
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
-
-
-# Loading, overrides and error formatting live in recipe_load.py; re-exported here so that
-# `from zerotune.core.recipe import load_recipe` keeps working.
-from .recipe_load import apply_override, load_recipe, load_run_recipe, read_recipe_file, validate_recipe  # noqa: E402,F401
-

@@ -5,14 +5,14 @@ its own process; RUN_DIR/launch.sh and each node of RUN_DIR/job.sbatch run
 
 - SIGINT, SIGTERM and SIGUSR1 reach this process only (torchrun starts each worker in its own
   session, so a terminal's Ctrl-C never reaches the workers directly); it forwards the signal
-  to every worker, which saves at the next step boundary and exits (training/signals.py).
+  to every worker, which saves at the next step boundary and exits (training/run/signals.py).
   torchrun's own handlers for these three are kept out, so no worker gets a signal twice.
 - A second SIGINT (Ctrl-C) stops at once: SIGKILL to the workers and everything they started.
   So does the grace running out: `--grace` comes from the planner's save-time estimate
   (launcher/submit.py: grace_seconds), and is also torchrun's --shutdown-timeout.
 - The exit code is the first failing worker's own (2 a user error, 3 bad loss, 4 out of GPU
   memory, 85 saved for a requeue, 130 saved after Ctrl-C), not torchrun's 1, and torchrun's
-  failure box and traceback are not shown: the worker printed its one line (training/failure.py).
+  failure box and traceback are not shown: the worker printed its one line (core/failure.py).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from zerotune.core.layout import (BAD_LOSS_EXIT_CODE, INTERRUPT_EXIT_CODE, OOM_EXIT_CODE, REQUEUE_EXIT_CODE,
                                   USER_ERROR_EXIT_CODE, latest_complete)
-from zerotune.training.failure import ATTEMPT_ENV
+from zerotune.core.failure import ATTEMPT_ENV
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 KILLED_EXIT_CODE = 128 + signal.SIGKILL

@@ -19,8 +19,8 @@ COMMANDS = {
     "status": "zerotune.launcher.status",
     "report": "zerotune.launcher.report",
     "data": "zerotune.training.data.preview",
-    "export": "zerotune.training.export",
-    "generate": "zerotune.training.generate",
+    "export": "zerotune.training.export.write",
+    "generate": "zerotune.training.model.generate",
 }
 
 

@@ -39,7 +39,7 @@ def render(recipe: Recipe, world_size: int, stage: Optional[int] = None,
            hidden_size: Optional[int] = None) -> dict[str, Any]:
     """The DeepSpeed config for this recipe on `world_size` processes. With sequence parallelism
     (N ranks share a sequence) the batch is counted over world / N replicas, and
-    "sequence_parallel_size" tells DeepSpeed's batch check so (training/sequence_parallel.py)."""
+    "sequence_parallel_size" tells DeepSpeed's batch check so (training/long_context/sequence_parallel.py)."""
     stage = recipe.zero_stage() if stage is None else stage
     d, t = recipe.distributed, recipe.train
     cfg = json.loads((TEMPLATES / template_name(stage, d.offload_optimizer, d.offload_params)).read_text())
@@ -64,7 +64,7 @@ def render(recipe: Recipe, world_size: int, stage: Optional[int] = None,
     if t.optimizer == "adamw":
         cfg["optimizer"]["params"] = {"lr": t.lr, "betas": list(t.betas), "eps": t.eps,
                                       "weight_decay": t.weight_decay}
-    else:  # bitsandbytes optimizers are built in training/engine.py and handed to DeepSpeed
+    else:  # bitsandbytes optimizers are built in training/run/engine.py and handed to DeepSpeed
         cfg.pop("optimizer")
     if zero.get("stage3_param_persistence_threshold") == "auto":
         # parameters smaller than this stay whole on every rank (norms, biases): HF's 10 x hidden

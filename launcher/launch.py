@@ -50,7 +50,8 @@ def _has_gpus() -> bool:
 
 
 def run(args) -> int:
-    from zerotune.core.recipe import RecipeError, load_recipe
+    from zerotune.core.recipe import RecipeError
+    from zerotune.core.recipe_load import load_recipe
 
     from . import scripts, submit
     from .prepare import prepare_run, resolve

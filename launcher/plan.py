@@ -17,7 +17,8 @@ from zerotune.core.long_context import gpu_memory_of, sp_candidates
 from zerotune.core.memory import (DEFAULT_CPU_MEMORY, DEFAULT_GPU_MEMORY, FUSED_LOSS_SPEED, OFFLOAD_ACTIVATIONS_SPEED,  # noqa: F401
                                   PEAK_TFLOPS, RESERVED, Estimate,
                                   Strategy, Workload, efficiency, estimate_memory, workload_of)
-from zerotune.core.recipe import Recipe, RecipeError, load_recipe
+from zerotune.core.recipe import Recipe, RecipeError
+from zerotune.core.recipe_load import load_recipe
 
 HELP = "estimate memory, speed and cost of each strategy and recommend the fastest that fits"
 DESCRIPTION = """\

@@ -133,7 +133,7 @@ def check_inputs(recipe: Recipe, folder: Path) -> tuple[dict, object]:
     and the tokenizer (prepare_data tokenizes with it once everything else passed)."""
     config = check_model(recipe, folder)
     from zerotune.training.data import prepare_tokenizer
-    from zerotune.training.model import load_tokenizer
+    from zerotune.training.data import load_tokenizer
     tokenizer = load_tokenizer(recipe)
     _, added = prepare_tokenizer(recipe, tokenizer)
     check_vocab(recipe, tokenizer, added, config)

@@ -17,10 +17,11 @@ from typing import Any, Optional
 from zerotune.core.io import atomic_write
 from zerotune.core.layout import DS_CONFIG_FILE, RECIPE_FILE, check_fresh_start, latest_complete, read_state, step_of
 from zerotune.core.long_context import check_sequence_parallel
-from zerotune.core.recipe import RESUME_SAFE_KEYS, Recipe, RecipeError, load_recipe, load_run_recipe, validate_recipe
+from zerotune.core.recipe import RESUME_SAFE_KEYS, Recipe, RecipeError
+from zerotune.core.recipe_load import load_recipe, load_run_recipe, validate_recipe
 
 from . import ds_config, preflight
-from zerotune.training.tracking import check_trackers
+from zerotune.training.monitoring.tracker_setup import check_trackers
 
 _NONE = object()
 

@@ -2,8 +2,8 @@
 while the job runs elsewhere): the Slurm job state if it was submitted, the last step, loss,
 eval loss, tokens/s, ETA, and the newest complete checkpoint and its age.
 
-It reads RUN_DIR/metrics.jsonl (written by training/metrics.py on rank 0), the checkpoint
-markers, RUN_DIR/FAILED, RUN_DIR/PREEMPTED and RUN_DIR/HEARTBEAT (training/heartbeat.py: a
+It reads RUN_DIR/metrics.jsonl (written by training/monitoring/metrics.py on rank 0), the checkpoint
+markers, RUN_DIR/FAILED, RUN_DIR/PREEMPTED and RUN_DIR/HEARTBEAT (training/run/heartbeat.py: a
 run whose process is gone is "stopped" at once on its host, after STALE_AFTER_S elsewhere);
 it never imports torch.
 """
@@ -50,7 +50,7 @@ def read_records(path: Path, tail_bytes: int = TAIL_BYTES) -> list[dict]:
 
 
 def ago(seconds: float) -> str:
-    from zerotune.training.metrics import format_duration
+    from zerotune.training.monitoring.metrics import format_duration
     return format_duration(max(0.0, seconds)) + " ago"
 
 
@@ -111,7 +111,7 @@ def state_of(run_dir: Path, s: dict, last: dict | None, now: float) -> str:
     """The run's state, most specific first: RUN_DIR/FAILED, then rank 0's heartbeat (the newest
     attempt's own word, or its process found gone), then what metrics.jsonl and Slurm say."""
     from zerotune.core.layout import FAILED_FILE, PREEMPT_MARKER
-    from zerotune.training import heartbeat
+    from zerotune.training.run import heartbeat
     failed, preempted = run_dir / FAILED_FILE, run_dir / PREEMPT_MARKER
     if failed.is_file():
         s["failure"] = failed.read_text().strip()
@@ -138,7 +138,7 @@ def state_of(run_dir: Path, s: dict, last: dict | None, now: float) -> str:
 
 def from_heartbeat(beat: dict, s: dict, now: float) -> str | None:
     """What the heartbeat says, or None to let the other files decide (a finished run)."""
-    from zerotune.training import heartbeat
+    from zerotune.training.run import heartbeat
     step, sig = beat.get("step"), beat.get("signal") or "a signal"
     s["heartbeat"] = beat
     if beat.get("state") == heartbeat.RUNNING:
@@ -156,7 +156,7 @@ def from_heartbeat(beat: dict, s: dict, now: float) -> str | None:
 
 
 def render(s: dict) -> str:
-    from zerotune.training.metrics import format_duration
+    from zerotune.training.monitoring.metrics import format_duration
     rows = [("run", s["run_dir"] + (f" ({s['name']})" if s["name"] else ""))]
     j = s["job"]
     if j:

@@ -2,8 +2,8 @@
 
     python -m torch.distributed.run --nproc_per_node N tests/sp_worker.py OUT_DIR CASES_JSON
 
-For each case: the real model (training/model.py build_model) wrapped for sequence parallelism,
-a real DeepSpeed engine (no mpu: plain data parallel to DeepSpeed), the step of training/step.py on this rank's shards;
+For each case: the real model (training/model/build.py build_model) wrapped for sequence parallelism,
+a real DeepSpeed engine (no mpu: plain data parallel to DeepSpeed), the step of training/run/step.py on this rank's shards;
 then the same micro-batches through a plain copy of the model on one process (packed rows:
 each sample on its own, unpacked). Writes OUT_DIR/rank<r>.json with the loss and the largest
 relative gradient difference of each case.
@@ -60,7 +60,7 @@ def micro_batches(case: dict, seed: int):
 
 def build_engine(recipe, ds_config: dict, sp):
     import deepspeed
-    from zerotune.training.model import build_model
+    from zerotune.training.model.build import build_model
     torch.manual_seed(0)                       # LoRA's random init: the same in the reference
     model = build_model(recipe, ds_config)
     model.config.use_cache = False
@@ -94,7 +94,7 @@ def trainable_values(module) -> dict:
 
 def reference(case: dict, held, n_target: float, device, values: dict):
     """Loss and gradients of the plain model, every sample unpacked, loss / n_target summed."""
-    from zerotune.training.model import build_model
+    from zerotune.training.model.build import build_model
     torch.manual_seed(0)
     model = build_model(recipe_for(case, 1), {"zero_optimization": {"stage": 0}}).to(device)
     model.config.use_cache = False
@@ -117,7 +117,7 @@ def run_case(case: dict, sp, world: int, device) -> dict:
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_grad
     from zerotune.launcher.ds_config import render
-    from zerotune.training import step as steps
+    from zerotune.training.run import step as steps
     recipe = recipe_for(case, sp.size)
     ds_config = render(recipe, world)                     # what the launcher writes
     assert ds_config["sequence_parallel_size"] == sp.size
@@ -151,7 +151,7 @@ def run_case(case: dict, sp, world: int, device) -> dict:
 def main(out_dir: str, cases_json: str) -> None:
     import deepspeed
     import torch.distributed as dist
-    from zerotune.training import sequence_parallel
+    from zerotune.training.long_context import sequence_parallel
     backend = os.environ.get("ZT_BACKEND", "gloo")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if backend == "nccl" else torch.device("cpu")
     if backend == "nccl":

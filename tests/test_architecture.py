@@ -17,7 +17,7 @@ LONG_FUNCTIONS: dict[str, str] = {}
 
 
 def modules() -> dict[str, Path]:
-    """'zerotune.training.loop' -> path, for every module of the three packages."""
+    """'zerotune.training.run.loop' -> path, for every module of the three packages."""
     out = {}
     for folder, pkg in PACKAGES.items():
         for path in sorted((ROOT / folder).rglob("*.py")):
@@ -68,22 +68,97 @@ def test_core_imports_only_core_and_no_heavy_package():
         assert not heavy, f"{path.relative_to(ROOT)} imports {heavy} at module level: core is torch-free"
 
 
-def test_no_import_cycles():
-    mods = modules()
-    graph = {n: {m for m in imports(n, p, module_level_only=True) if m in mods and m != n} for n, p in mods.items()}
-
+def find_cycle(graph: dict[str, set[str]], mods: dict[str, Path]) -> list[str] | None:
+    """An import cycle in `graph` (module -> modules it imports), or None."""
     def visit(node, stack, done):
         if node in stack:
-            raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(node):] + [node]))
+            return stack[stack.index(node):] + [node]
         if node in done:
-            return
+            return None
         for nxt in sorted(graph[node]):
             if not mods[nxt].name == "__init__.py" or not node.startswith(nxt + "."):  # a package's own modules
-                visit(nxt, stack + [node], done)
+                cycle = visit(nxt, stack + [node], done)
+                if cycle:
+                    return cycle
         done.add(node)
+        return None
     done: set = set()
     for n in sorted(graph):
-        visit(n, [], done)
+        cycle = visit(n, [], done)
+        if cycle:
+            return cycle
+    return None
+
+
+def import_graph(mods: dict[str, Path], module_level_only: bool) -> dict[str, set[str]]:
+    return {n: {m for m in imports(n, p, module_level_only) if m in mods and m != n} for n, p in mods.items()}
+
+
+def test_no_import_cycles_at_any_level():
+    """Imports inside functions count too: a circle through a function-level import is still a
+    circle a reader has to untangle (and an import-order trap the day it moves to the top)."""
+    mods = modules()
+    for level in (True, False):
+        cycle = find_cycle(import_graph(mods, module_level_only=level), mods)
+        assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# The rooms of training/ and what each may import (besides core and itself). run/ is the top.
+ROOMS = ("run", "checkpoint", "export", "monitoring", "model", "long_context", "data")
+MAY_IMPORT = {
+    "data": set(),
+    "model": {"data"},
+    "long_context": {"model", "data"},
+    "checkpoint": set(),
+    "export": {"checkpoint", "model", "data"},
+    "monitoring": set(),
+    "run": set(ROOMS),
+}
+
+
+def room_of(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 and parts[:2] == ["zerotune", "training"] and parts[2] in ROOMS else None
+
+
+def direction_errors(mods: dict[str, Path]) -> list[str]:
+    errors = []
+    for name, path in mods.items():
+        room = room_of(name)
+        if room is None:
+            continue
+        for m in sorted(imports(name, path, module_level_only=False)):
+            target = room_of(m)
+            if target and target != room and target not in MAY_IMPORT[room]:
+                errors.append(f"{path.relative_to(ROOT)} imports {m}: {room}/ may import "
+                              f"{', '.join(sorted(MAY_IMPORT[room])) or 'only core'}")
+    return errors
+
+
+def test_rooms_import_one_way():
+    assert set(MAY_IMPORT) == set(ROOMS)
+    assert sorted(p.name for p in (ROOT / "training").iterdir() if p.suffix == ".py") == ["__init__.py", "__main__.py"]
+    assert {p.name for p in (ROOT / "training").iterdir() if p.is_dir() and p.name != "__pycache__"} == set(ROOMS)
+    errors = direction_errors(modules())
+    assert not errors, "\n".join(errors)
+
+
+def test_the_checks_catch_what_they_forbid(tmp_path, monkeypatch):
+    """A planted circle through function-level imports and a planted import against the
+    direction are both found (so the two tests above can fail)."""
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_text("def f():\n    from zerotune.training.checkpoint import b\n")
+    b.write_text("import os\n\ndef g():\n    from zerotune.training.checkpoint import a\n")
+    mods = {"zerotune.training.checkpoint.a": a, "zerotune.training.checkpoint.b": b}
+    assert find_cycle(import_graph(mods, module_level_only=True), mods) is None
+    assert find_cycle(import_graph(mods, module_level_only=False), mods) == [
+        "zerotune.training.checkpoint.a", "zerotune.training.checkpoint.b", "zerotune.training.checkpoint.a"]
+    c = tmp_path / "c.py"
+    c.write_text("def h():\n    from zerotune.training.run.loop import train\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    assert direction_errors({"zerotune.training.checkpoint.c": c}) == [
+        "c.py imports zerotune.training.run.loop: checkpoint/ may import only core",
+        "c.py imports zerotune.training.run.loop.train: checkpoint/ may import only core"]
 
 
 def test_cli_starts_without_torch():

@@ -1,4 +1,4 @@
-"""Checkpoints written in the background (checkpoint.async_save, training/async_save.py): the
+"""Checkpoints written in the background (checkpoint.async_save, training/checkpoint/async_save.py): the
 snapshot is a copy that later training does not change, files are written in order and what a
 save runs after them comes last, an error in the writer reaches the training thread, and rank 0
 completes a checkpoint only once every rank's files are on disk. The crash tests of
@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from zerotune.core.layout import MARKER, STATE_FILE
-from zerotune.training import async_save, checkpoint
+from zerotune.training.checkpoint import async_save
+from zerotune.core.errors import CheckpointError
+from zerotune.training.checkpoint import save as checkpoint
 
 
 class FakeCheckpointEngine:
@@ -96,7 +98,7 @@ def test_rank_0_completes_only_after_every_rank_has_written(tmp_path):
 def test_a_rank_that_never_finishes_is_named(tmp_path):
     path = tmp_path / "run" / "checkpoints" / "step-000001"
     path.mkdir(parents=True)
-    with pytest.raises(checkpoint.CheckpointError, match=r"rank\(s\) \[1, 2\] did not finish writing"):
+    with pytest.raises(CheckpointError, match=r"rank\(s\) \[1, 2\] did not finish writing"):
         checkpoint.complete_later(tmp_path / "run", path, {"step": 1}, keep=2, rank=0, world=3, engine=None,
                                   timeout=0.5)
     assert not (path / MARKER).exists()

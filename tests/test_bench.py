@@ -99,7 +99,7 @@ def test_dry_run_filters_and_extra_settings():
 
 def test_recipes_and_variants_validate(tmp_path):
     """Every workload's recipe, with each of its variants' overrides, is a valid recipe."""
-    from zerotune.core.recipe import load_recipe
+    from zerotune.core.recipe_load import load_recipe
     a = bench.parser().parse_args(["--work-dir", str(tmp_path)])
     a.variant, a.peer_setting = {}, {}
     plan = bench.Plan(a, 4)

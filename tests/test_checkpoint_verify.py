@@ -15,8 +15,9 @@ import pytest
 from conftest import train_losses, zerotune
 from test_checkpoint import data24, recipe, same_curve  # noqa: F401  (data24 is a fixture)
 from zerotune.core.layout import DAMAGED_MARKER, MANIFEST_FILE, MARKER, STATE_FILE, complete_checkpoints
-from zerotune.training import manifest
-from zerotune.training.checkpoint import CheckpointError, resolve_resume
+from zerotune.training.checkpoint import manifest
+from zerotune.core.errors import CheckpointError
+from zerotune.training.checkpoint.resume import resolve_resume
 
 
 def make(run: Path, step: int, shard: bytes = b"w" * 1000) -> Path:

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from conftest import base_recipe
-from zerotune.core.recipe import RecipeError, validate_recipe
-from zerotune.training.model import build_model
+from zerotune.core.recipe import RecipeError
+from zerotune.core.recipe_load import validate_recipe
+from zerotune.training.model.build import build_model
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +36,7 @@ def test_compiled_layers_match_eager(tmp_path):
 
 
 def test_compile_refuses_zero3_and_qlora(tmp_path):
-    from zerotune.training.model import compile_layers
+    from zerotune.training.model.build import compile_layers
     with pytest.raises(RecipeError, match=r"^train.compile: true works with method.kind full or lora at "
                                           r"distributed.zero 0-2 \(this run: full, ZeRO-3\)$"):
         compile_layers(torch.nn.Module(), "full", 3)

@@ -11,10 +11,11 @@ from conftest import PHI3_TOKENIZER, STORIES, base_recipe, write_recipe
 from transformers import AutoTokenizer
 
 from zerotune.launcher.cli import main
-from zerotune.core.recipe import DataConfig, DataSource, validate_recipe
+from zerotune.core.recipe import DataConfig, DataSource
+from zerotune.core.recipe_load import validate_recipe
 from zerotune.training.data import DataError, build_data, tokenize_source
 from zerotune.training.data.templates import BUILTIN
-from zerotune.training.model import load_tokenizer
+from zerotune.training.data import load_tokenizer
 
 BAD = Path(__file__).parent / "fixtures" / "data"
 

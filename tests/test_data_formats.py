@@ -9,12 +9,13 @@ import pytest
 from conftest import ALPACA, MESSAGES, PHI3_TOKENIZER, SHAREGPT, STORIES, base_recipe
 from transformers import AutoTokenizer
 
-from zerotune.core.recipe import DataConfig, DataSource, validate_recipe
+from zerotune.core.recipe import DataConfig, DataSource
+from zerotune.core.recipe_load import validate_recipe
 from zerotune.training.data import IGNORE, build_data, tokenize_source
 from zerotune.training.data.formats import to_conversation
 from zerotune.training.data.templates import BUILTIN
 from zerotune.training.data.tokenize import add_template_tokens, resolve_template, tokenize_conversation
-from zerotune.training.model import load_tokenizer
+from zerotune.training.data import load_tokenizer
 
 
 @pytest.fixture(scope="module")

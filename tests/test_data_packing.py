@@ -12,9 +12,9 @@ import torch
 from conftest import STORIES, base_recipe
 from transformers import AutoModelForCausalLM
 
-from zerotune.core.recipe import validate_recipe
+from zerotune.core.recipe_load import validate_recipe
 from zerotune.training.data import IGNORE, build_data, collate, pack, real_tokens, target_tokens
-from zerotune.training.model import load_tokenizer
+from zerotune.training.data import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ import pytest
 from conftest import ALPACA, base_recipe, write_recipe
 from test_data_tools import TOOLS
 
-from zerotune.core.recipe import validate_recipe
+from zerotune.core.recipe_load import validate_recipe
 from zerotune.launcher.cli import main
 from zerotune.training.data import DataError, build_data, prepare
 from zerotune.training.data.prepare import prepare_data
-from zerotune.training.model import load_tokenizer
+from zerotune.training.data import load_tokenizer
 
 
 @pytest.fixture

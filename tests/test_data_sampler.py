@@ -59,9 +59,9 @@ def worker(out_dir: str, recipe_path: str) -> None:
     """Runs on each rank under torchrun (see the test below)."""
     import torch.distributed as dist
 
-    from zerotune.core.recipe import load_recipe
+    from zerotune.core.recipe_load import load_recipe
     from zerotune.training.data import build_data
-    from zerotune.training.model import load_tokenizer
+    from zerotune.training.data import load_tokenizer
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     recipe = load_recipe(recipe_path)

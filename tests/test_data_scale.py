@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 from conftest import ALPACA, MESSAGES, ROOT, base_recipe
 
-from zerotune.core.recipe import validate_recipe
+from zerotune.core.recipe_load import validate_recipe
 from zerotune.training.data import ResumableSampler, batches, build_data, dataset, samples
 from zerotune.training.data.loader import pack
 from zerotune.training.data.prepare import prepare_data
-from zerotune.training.model import load_tokenizer
+from zerotune.training.data import load_tokenizer
 
 CASES = {
     "plain": {"train": [{"path": str(ALPACA), "format": "alpaca"}], "max_len": 128, "eval_split": 0.05},
@@ -96,11 +96,11 @@ import json, resource, sys, time
 sys.path.insert(0, {tests!r})
 from pathlib import Path
 from conftest import base_recipe
-from zerotune.core.recipe import validate_recipe
+from zerotune.core.recipe_load import validate_recipe
 from zerotune.training.data import ResumableSampler, batches, build_data
 from zerotune.training.data.prepare import prepare_data
 from zerotune.training.data.tokenize import tokenize_text
-from zerotune.training.model import load_tokenizer
+from zerotune.training.data import load_tokenizer
 
 n, tmp = {rows}, Path({tmp!r})
 words = ["cat", "dog", "sun", "tree", "ran", "big", "red", "home", "play", "sky"]
@@ -158,9 +158,9 @@ from datetime import timedelta
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 import torch.distributed as dist
-from zerotune.core.recipe import validate_recipe
+from zerotune.core.recipe_load import validate_recipe
 from zerotune.training.data import DataError, build, build_data
-from zerotune.training.model import load_tokenizer
+from zerotune.training.data import load_tokenizer
 
 rank, out = int(sys.argv[1]), Path({tmp!r})
 # the training group: a 3 s timeout stands for NCCL's, far shorter than rank 0's tokenizing

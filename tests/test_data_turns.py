@@ -10,11 +10,11 @@ from conftest import ALPACA, STORIES, base_recipe, write_recipe
 from test_data_tools import ROWS, TOOLS, chatml_turn, tokenize, trained_runs, with_tokens
 from transformers import AutoTokenizer
 
-from zerotune.core.recipe import validate_recipe
+from zerotune.core.recipe_load import validate_recipe
 from zerotune.launcher.cli import main
 from zerotune.training.data import DataError, build_data
 from zerotune.training.data.templates import BUILTIN
-from zerotune.training.model import load_tokenizer
+from zerotune.training.data import load_tokenizer
 
 U = {"role": "user", "content": "Is 91 prime?"}
 THINKING = {"role": "assistant", "content": "No: 91 = 7 x 13.",

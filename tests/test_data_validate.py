@@ -10,11 +10,11 @@ import pytest
 from conftest import ALPACA, MESSAGES, ROOT, SHAREGPT, base_recipe, write_recipe
 from test_data_tools import TOOLS
 
-from zerotune.core.recipe import validate_recipe
+from zerotune.core.recipe_load import validate_recipe
 from zerotune.launcher.cli import main
 from zerotune.training.data import DataError, build_data
 from zerotune.training.data.validate import validate_sources
-from zerotune.training.model import load_tokenizer
+from zerotune.training.data import load_tokenizer
 
 
 def recipe_for(tmp_path, sources, **data):
@@ -99,7 +99,7 @@ def test_validate_sources_checks_every_row_without_a_model(tmp_path):
 
 
 def test_validate_sources_imports_neither_torch_nor_transformers():
-    code = ("import sys; from zerotune.core.recipe import validate_recipe; "
+    code = ("import sys; from zerotune.core.recipe_load import validate_recipe; "
             "from zerotune.training.data.validate import validate_sources; "
             f"r = validate_recipe({{'name': 'x', 'model': {{'path': 'm'}}, 'data': {{'train': [{{'path': {str(TOOLS)!r}, "
             "'format': 'messages'}]}}); print(validate_sources(r)['rows'], 'torch' in sys.modules, "

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import STORIES, base_recipe
 from zerotune.launcher import ds_config
-from zerotune.core.recipe import RecipeError, validate_recipe
+from zerotune.core.recipe import RecipeError
+from zerotune.core.recipe_load import validate_recipe
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "ds_configs"
 CASES = [(0, False, False), (1, False, False), (1, True, False), (2, False, False), (2, True, False),

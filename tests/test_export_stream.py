@@ -41,9 +41,9 @@ def _worker(model_dir: str, out: str, zero: int, shard: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from zerotune.core.recipe import validate_recipe
-    from zerotune.training.export import save_final
-    from zerotune.training.model import build_model
+    from zerotune.core.recipe_load import validate_recipe
+    from zerotune.training.export.write import save_final
+    from zerotune.training.model.build import build_model
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()
     recipe = validate_recipe(base_recipe(Path(out), model={"path": model_dir, "tokenizer": str(STORIES),
@@ -84,7 +84,7 @@ def test_shard_writer_names_and_index_as_save_pretrained(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from zerotune.training.export_stream import ShardWriter
+    from zerotune.training.export.stream import ShardWriter
     tensors = {"a": torch.ones(10), "b": torch.ones(20), "big": torch.ones(100), "c": torch.ones(15)}
     w = ShardWriter(tmp_path, max_shard_size=160)
     for k, v in tensors.items():

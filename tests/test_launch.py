@@ -17,7 +17,8 @@ import pytest
 from conftest import base_recipe, write_recipe, zerotune
 from zerotune.launcher import scripts, submit
 from zerotune.core.layout import REQUEUE_EXIT_CODE
-from zerotune.core.recipe import RecipeError, validate_recipe
+from zerotune.core.recipe import RecipeError
+from zerotune.core.recipe_load import validate_recipe
 
 SHELLCHECK = shutil.which("shellcheck") or str(Path(os.sys.executable).parent / "shellcheck")
 
@@ -292,7 +293,7 @@ def test_slurm_signal_lead_is_at_least_the_save_grace(tmp_path):
 def test_torch_extensions_live_in_the_environment(tmp_path, monkeypatch, capsys):
     """DeepSpeed's ops are built per environment, and the first build says so (local rank 0)."""
     from deepspeed.ops.op_builder.builder import OpBuilder
-    from zerotune.training import ds_ops
+    from zerotune.training.run import ds_ops
     env = {}
     assert ds_ops.use_environment_cache(env) == str(Path(os.sys.prefix) / ".torch_extensions") == env["TORCH_EXTENSIONS_DIR"]
     assert ds_ops.use_environment_cache({"TORCH_EXTENSIONS_DIR": "/mine"}) == "/mine"

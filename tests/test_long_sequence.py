@@ -1,4 +1,4 @@
-"""Memory options for long sequences (training/long_sequence.py): the tiled MLP and offloaded
+"""Memory options for long sequences (training/model/long_sequence.py): the tiled MLP and offloaded
 checkpoints change no value (loss and gradients as without them, also with LoRA dropout), they
 run inside real ZeRO-3 engines with sequence parallelism through `zerotune train`, and the
 planner counts what they save and turns offloading on only when nothing fits without it."""
@@ -9,7 +9,8 @@ import torch
 
 from conftest import base_recipe, train_losses, write_recipe, zerotune
 from zerotune.core.memory import Strategy, Workload, estimate_memory
-from zerotune.core.recipe import RecipeError, validate_recipe
+from zerotune.core.recipe import RecipeError
+from zerotune.core.recipe_load import validate_recipe
 
 LLAMA3_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
              "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
@@ -23,7 +24,7 @@ def recipe_with(tmp_path, **train):
 
 
 def built(recipe):
-    from zerotune.training.model import build_model
+    from zerotune.training.model.build import build_model
     torch.manual_seed(0)
     model = build_model(recipe, {"zero_optimization": {"stage": 0}})
     model.config.use_cache = False
@@ -68,7 +69,7 @@ def test_options_change_no_value(tmp_path, options):
 def test_tiled_mlp_recomputes_with_the_dropout_masks_of_its_forward():
     """LoRA dropout inside the MLP: the backward's recompute draws the masks the forward drew
     (same RNG state), so the gradient is the gradient of what the forward computed."""
-    from zerotune.training.long_sequence import TiledMLP
+    from zerotune.training.model.long_sequence import TiledMLP
     torch.manual_seed(0)
     mlp = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Dropout(0.5), torch.nn.Linear(32, 8))
     x = torch.randn(2, 40, 8, requires_grad=True)
@@ -89,8 +90,8 @@ def test_tiled_mlp_recomputes_with_the_dropout_masks_of_its_forward():
 def test_offload_needs_checkpointing_and_compile_stays_off(tmp_path):
     with pytest.raises(RecipeError, match="offload_activations: true offloads the inputs"):
         validate_recipe(base_recipe(tmp_path, train={"gradient_checkpointing": False, "offload_activations": True}))
-    from zerotune.training.model import wants_compile
-    from zerotune.training.long_sequence import options
+    from zerotune.training.model.build import wants_compile
+    from zerotune.training.model.long_sequence import options
     r = recipe_with(tmp_path, tiled_mlp=True)
     assert options(r) == ["tiled MLP"] and not wants_compile("auto", "full", 0, options(r))
     with pytest.raises(RecipeError, match="train.compile: true does not run with tiled MLP"):

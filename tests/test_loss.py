@@ -1,4 +1,4 @@
-"""The chunked linear cross entropy (training/loss.py) gives the plain loss and gradients: on its
+"""The chunked linear cross entropy (training/model/loss.py) gives the plain loss and gradients: on its
 own, inside a real model (packed and padded batches), and end to end under ZeRO-3 on 2 ranks,
 where the LM head's weight is partitioned and must be gathered for the chunked loss."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from conftest import STORIES, base_recipe, train_losses, write_recipe, zerotune
-from zerotune.training import loss as L
+from zerotune.training.model import loss as L
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)])

@@ -1,7 +1,7 @@
 """Monitoring: TensorBoard tags read back with EventAccumulator (also across a resume), NaN-loss
 skipping, the out-of-memory message, `zerotune status` and `zerotune report`.
 
-Fast tests drive training/metrics.py and training/diagnostics.py in-process. One module-scoped
+Fast tests drive training/monitoring/metrics.py and training/run/diagnostics.py in-process. One module-scoped
 pair of real `zerotune train` runs (ZeRO-3 on CPU) covers the loop: run A is stopped by an
 injected OOM at step 4 after logging steps 1-3 (checkpoint at 2); run B resumes from step 2
 with NaN losses injected at steps 4, 6 and 7: step 4 is skipped and training goes on, 6 and 7
@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, base_recipe, write_recipe, zerotune
-from zerotune.core.recipe import validate_recipe
+from zerotune.core.recipe_load import validate_recipe
 
 TRAIN_TAGS = ["train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/samples_seen",
               "train/epoch", "data/packing_efficiency", "time/step_s", "time/data_wait_s", "time/fwd_bwd_s",
@@ -62,7 +62,7 @@ def records(run_dir: Path) -> list[dict]:
 
 # ----------------------------------------------------------------------------- Metrics in-process
 def make_metrics(tmp_path: Path, start_step: int = 0, total: int = 6, **sections):
-    from zerotune.training.metrics import Metrics
+    from zerotune.training.monitoring.metrics import Metrics
     recipe = validate_recipe(base_recipe(tmp_path, **sections))
     run_dir = tmp_path / "run"
     run_dir.mkdir(exist_ok=True)
@@ -120,7 +120,7 @@ def test_metrics_tags_resume_without_duplicates_and_hparams(tmp_path):
 
 
 def test_clear_failure_is_the_loops_not_metrics(tmp_path):
-    from zerotune.training.metrics import clear_failure
+    from zerotune.training.monitoring.metrics import clear_failure
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "FAILED").write_text("zerotune: out of GPU memory at step 4/8\n")
@@ -153,21 +153,21 @@ def test_console_summaries_and_warnings(tmp_path, capsys):
 # ----------------------------------------------------------------------------- diagnostics in-process
 def test_nan_guard_and_test_hooks(monkeypatch):
     import torch
-    from zerotune.training import diagnostics
+    from zerotune.training.run import diagnostics
     state = {"step": 0}
     guard = diagnostics.NanGuard(2, state)
     assert [guard.update(f) for f in (True, False, True, False)] == [False, True, False, True]
     assert not guard.should_stop and guard.total == 2
     guard.update(False)
     assert guard.should_stop and state["skipped_steps"] == 3
-    from zerotune.training import faults   # injection itself: the crashed_and_resumed runs
+    from zerotune.training.run import faults   # injection itself: the crashed_and_resumed runs
     assert [s in faults.parse_steps("2,5-6") for s in range(1, 8)] == [False, True, False, False, True, True, False]
     oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by ZEROTUNE_TEST_OOM_STEP=3)")
     assert diagnostics.is_oom(oom) and not diagnostics.is_oom(RuntimeError("shape mismatch"))
 
 
 def test_oom_message_orders_changes_by_cost(tmp_path):
-    from zerotune.training import diagnostics
+    from zerotune.training.run import diagnostics
     recipe = validate_recipe(base_recipe(tmp_path, distributed={"zero": 1}, train={"micro_batch_size": 8, "grad_accum": 2}))
     (tmp_path / "checkpoints" / "step-000010").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step-000010" / "COMPLETE").write_text("{}")
@@ -192,10 +192,10 @@ SKIP_SCRIPT = textwrap.dedent("""
     import json, os, sys
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
     import torch, deepspeed
-    from zerotune.core.recipe import validate_recipe
-    from zerotune.training.model import build_model
-    from zerotune.training.engine import build_engine
-    from zerotune.training.diagnostics import optimizer_step
+    from zerotune.core.recipe_load import validate_recipe
+    from zerotune.training.model.build import build_model
+    from zerotune.training.run.engine import build_engine
+    from zerotune.training.run.diagnostics import optimizer_step
     from zerotune.launcher.ds_config import render
     deepspeed.init_distributed()
     base = json.loads(sys.argv[1])
@@ -347,7 +347,7 @@ def test_real_cuda_oom_message_names_peak_memory(tmp_path, capsys):
     """On the GPU machine: a real CUDA OOM (memory capped to 1 GiB) inside oom_guard.
     Run: python -m pytest tests/test_monitoring.py -m gpu -q"""
     import torch
-    from zerotune.training import diagnostics
+    from zerotune.training.run import diagnostics
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     recipe = validate_recipe(base_recipe(tmp_path))

@@ -63,7 +63,7 @@ def _worker(run_dirs: list[str]) -> int:
     import torch
     from safetensors.torch import save_file
 
-    import zerotune.training.loop as loop
+    import zerotune.training.run.loop as loop
     kept = {}
     build = loop.build_model
 
@@ -136,7 +136,7 @@ def captured(run_dir: Path) -> dict:
 
 
 def run_recipe(run_dir: Path):
-    from zerotune.core.recipe import load_run_recipe
+    from zerotune.core.recipe_load import load_run_recipe
     return load_run_recipe(run_dir)
 
 
@@ -144,7 +144,7 @@ def fresh_model(recipe):
     """The untrained model a run starts from (same seed, same method), on one CPU process."""
     import torch
 
-    from zerotune.training.model import build_model
+    from zerotune.training.model.build import build_model
     torch.manual_seed(recipe.train.seed)
     return build_model(recipe, {})
 
@@ -153,11 +153,11 @@ def load_adapter_model(recipe, folder: Path):
     """Base + exported adapter, loaded the way a user would (PeftModel / zerotune adapters)."""
     from transformers import AutoModelForCausalLM
 
-    from zerotune.training import adapters
-    from zerotune.training.model import DTYPES, keep_4bit_cpu_layout, quantization_config
+    from zerotune.training.model import adapters
+    from zerotune.training.model.build import DTYPES, keep_4bit_cpu_layout, quantization_config
     base = AutoModelForCausalLM.from_pretrained(str(STORIES), dtype=DTYPES[recipe.model.dtype],
                                                 quantization_config=quantization_config(recipe))
-    keep_4bit_cpu_layout(base)   # as zerotune's own loaders do (training/model.py)
+    keep_4bit_cpu_layout(base)   # as zerotune's own loaders do (training/model/build.py)
     if adapters.is_adapter_folder(folder):
         return adapters.load_adapter(base, folder).eval()
     from peft import PeftModel
@@ -202,7 +202,7 @@ def test_only_adapter_parameters_change(runs, method):
 @pytest.mark.parametrize("method", list(METHODS))
 def test_checkpoint_holds_only_trainable_parameters(runs, method):
     from zerotune.core.layout import latest_complete
-    from zerotune.training.export import checkpoint_tensors
+    from zerotune.training.export.write import checkpoint_tensors
     ckpt = latest_complete(runs[method])
     fresh = fresh_model(run_recipe(runs[method]))
     trainable = {n for n, p in fresh.named_parameters() if p.requires_grad}
@@ -227,7 +227,7 @@ def test_adapter_reloads_and_reproduces_trained_logits(runs, method, source, tmp
     import torch
 
     from zerotune.core.layout import latest_complete
-    from zerotune.training.export import export_checkpoint
+    from zerotune.training.export.write import export_checkpoint
     recipe = run_recipe(runs[method])
     if source == "export":
         folder = tmp_path / "adapter"
@@ -248,7 +248,7 @@ def test_merged_model_reproduces_adapter_logits(runs, method, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from zerotune.core.layout import latest_complete
-    from zerotune.training.export import export_checkpoint
+    from zerotune.training.export.write import export_checkpoint
     out = tmp_path / "merged"
     export_checkpoint(run_recipe(runs[method]), latest_complete(runs[method]), out, merge=True)
     merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()
@@ -261,7 +261,7 @@ def test_merged_model_reproduces_adapter_logits(runs, method, tmp_path):
 @pytest.mark.parametrize("method", ["prompt_tuning", "adapter"])
 def test_merge_refuses_methods_that_cannot_merge(runs, method, tmp_path):
     from zerotune.core.layout import latest_complete
-    from zerotune.training.export import ExportError, export_checkpoint
+    from zerotune.training.export.write import ExportError, export_checkpoint
     with pytest.raises(ExportError, match="cannot be merged"):
         export_checkpoint(run_recipe(runs[method]), latest_complete(runs[method]), tmp_path / "m", merge=True)
     assert not (tmp_path / "m").exists()
@@ -292,8 +292,9 @@ def test_lora_resume_is_exact(runs, tmp_path):
 
 
 def test_recipe_errors_are_one_line(tmp_path):
-    from zerotune.core.recipe import RecipeError, validate_recipe
-    from zerotune.training.model import build_model
+    from zerotune.core.recipe import RecipeError
+    from zerotune.core.recipe_load import validate_recipe
+    from zerotune.training.model.build import build_model
     with pytest.raises(RecipeError, match="gradient_checkpointing: false"):  # caught when the recipe loads
         validate_recipe(base_recipe(tmp_path, method={"kind": "prefix_tuning"}, distributed={"zero": 0},
                                     train={"gradient_checkpointing": True}))
@@ -309,8 +310,8 @@ def test_recipe_errors_are_one_line(tmp_path):
 
 
 def test_trainable_report_counts_4bit_weights_at_full_size(tmp_path):
-    from zerotune.core.recipe import validate_recipe
-    from zerotune.training.model import build_model, trainable_report
+    from zerotune.core.recipe_load import validate_recipe
+    from zerotune.training.model.build import build_model, trainable_report
     lora = build_model(validate_recipe(base_recipe(tmp_path, method={"kind": "lora"}, distributed={"zero": 0})), {})
     qlora = build_model(validate_recipe(base_recipe(tmp_path, method={"kind": "qlora", "quant": {"compute_dtype": "fp32"}},
                                                     distributed={"zero": 0})), {})
@@ -325,7 +326,7 @@ RECIPES = ["demo-lora", "demo-qlora", "demo-ia3", "demo-prompt-tuning", "demo-p-
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_method_recipes_are_valid(name):
-    from zerotune.core.recipe import load_recipe
+    from zerotune.core.recipe_load import load_recipe
     recipe = load_recipe(ROOT / "recipes" / f"{name}.yaml")
     assert recipe.method.is_peft and recipe.zero_stage() in (0, 1, 2)
     if recipe.method.kind == "prefix_tuning":

@@ -10,7 +10,8 @@ import yaml
 
 from conftest import base_recipe, write_recipe, zerotune
 from zerotune.launcher import plan as P
-from zerotune.core.recipe import RecipeError, validate_recipe
+from zerotune.core.recipe import RecipeError
+from zerotune.core.recipe_load import validate_recipe
 from zerotune.core.flops import flops_per_token, num_params
 
 GIB = 2 ** 30

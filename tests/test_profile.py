@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import base_recipe, write_recipe, zerotune
-from zerotune.training.profile import category
+from zerotune.training.monitoring.profile import category
 
 
 @pytest.mark.parametrize("name,cat", [

@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from conftest import ROOT, base_recipe, write_recipe, zerotune
-from zerotune.core.recipe import RecipeError, apply_override, load_recipe, validate_recipe
+from zerotune.core.recipe import RecipeError
+from zerotune.core.recipe_load import apply_override, load_recipe, validate_recipe
 
 
 def test_demo_and_shipped_recipes_load():
@@ -199,5 +200,5 @@ def test_hub_ids_stay_and_finished_runs_load_without_their_data(tmp_path):
     run_dir.mkdir(parents=True)
     gone = base_recipe(tmp_path, data={"train": [{"path": str(tmp_path / "deleted.jsonl"), "format": "alpaca"}]})
     write_recipe(run_dir, gone)
-    from zerotune.core.recipe import load_run_recipe
+    from zerotune.core.recipe_load import load_run_recipe
     assert load_run_recipe(run_dir).data.train[0].path == str(tmp_path / "deleted.jsonl")

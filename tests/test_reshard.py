@@ -1,4 +1,4 @@
-"""A ZeRO-3 checkpoint converted for another world size (issue 13, training/reshard.py): the
+"""A ZeRO-3 checkpoint converted for another world size (issue 13, training/checkpoint/reshard.py): the
 direct conversion writes exactly the parameter files deepspeed.checkpoint.ds_to_universal
 writes, is cached in <ckpt>/universal/, never unpickles objects, and waiting ranks fail with
 one message naming the folder instead of sitting in a barrier. The checkpoint comes from a
@@ -79,7 +79,7 @@ def one_rank(tmp_path):
 def test_direct_conversion_equals_ds_to_universal_and_is_cached(ckpt, tmp_path, one_rank):
     import torch
 
-    from zerotune.training.reshard import to_universal
+    from zerotune.training.checkpoint.reshard import to_universal
     reference = tmp_path / "reference" / TAG
     subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
                     "--output_folder", str(reference), "--num_extract_workers", "1", "--num_merge_workers", "1"],
@@ -87,7 +87,7 @@ def test_direct_conversion_equals_ds_to_universal_and_is_cached(ckpt, tmp_path, 
     for parts in (2, 1):   # as two ranks would split it (run one after the other here), then as one
         shutil.rmtree(ckpt / "universal", ignore_errors=True)
         for part in range(parts):
-            subprocess.run([sys.executable, "-m", "zerotune.training.reshard", str(ckpt),
+            subprocess.run([sys.executable, "-m", "zerotune.training.checkpoint.reshard", str(ckpt),
                             str(ckpt / "universal" / TAG), "--part", str(part), "--parts", str(parts)],
                            check=True, capture_output=True)
         ref = sorted(p.relative_to(reference) for p in reference.glob("zero/*/*.pt"))
@@ -113,8 +113,8 @@ def test_direct_conversion_equals_ds_to_universal_and_is_cached(ckpt, tmp_path, 
 def test_conversion_never_unpickles_objects(ckpt, tmp_path, one_rank):
     import torch
 
-    from zerotune.training.checkpoint import CheckpointError
-    from zerotune.training.reshard import to_universal
+    from zerotune.core.errors import CheckpointError
+    from zerotune.training.checkpoint.reshard import to_universal
     bad = tmp_path / TAG
     shutil.copytree(ckpt, bad, ignore=shutil.ignore_patterns("universal"))
     marker = tmp_path / "pwned"
@@ -133,7 +133,7 @@ def test_zero2_goes_through_ds_to_universal_with_workers(tmp_path, one_rank):
     """ZeRO 1-2: DeepSpeed's own converter, in a subprocess, weights-only, with the cores' workers."""
     import torch
 
-    from zerotune.training.reshard import to_universal
+    from zerotune.training.checkpoint.reshard import to_universal
     ckpt = make_checkpoint(tmp_path, stage=2)
     reference = tmp_path / "reference" / TAG   # first: DeepSpeed reads <ckpt>/universal/ too once it is there
     subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
@@ -150,7 +150,7 @@ def test_zero2_goes_through_ds_to_universal_with_workers(tmp_path, one_rank):
 
 
 def test_waiting_ranks_fail_with_one_message_naming_the_folder(tmp_path, monkeypatch):
-    from zerotune.training import reshard
+    from zerotune.training.checkpoint import reshard
     parts = tmp_path / "universal" / "parts"
     parts.mkdir(parents=True)
     (parts / "1.error").write_text("converting X for a new world size failed on rank 1 (exit code 1)")
@@ -173,7 +173,7 @@ def test_after_a_universal_load_adam_steps_sit_where_fused_adamw_needs_them():
     refuses a step whose device differs from the parameter's (seen on GPUs resuming 4 on 2; the
     gpu test in test_training.py runs it for real). Here the parameter's device is `meta`."""
     from types import SimpleNamespace
-    from zerotune.training.reshard import place_step_counts
+    from zerotune.training.checkpoint.reshard import place_step_counts
     param = torch.empty(3, device="meta")
 
     def wrapped(**defaults):

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import json
 
-from zerotune.training.checkpoint import prune, resolve_resume
+from zerotune.training.checkpoint.resume import resolve_resume
+from zerotune.training.checkpoint.save import prune
 from zerotune.core.layout import MARKER, STATE_FILE, complete_checkpoints, latest_complete, partial_checkpoints
 
 
@@ -47,7 +48,7 @@ def test_resume_picks_the_newest_complete_and_ignores_a_partial_one(tmp_path, ca
     assert resolve_resume(tmp_path, "never") is None
     assert resolve_resume(tmp_path, str(tmp_path / "checkpoints" / "step-000010")).name == "step-000010"
     import pytest
-    from zerotune.training.checkpoint import CheckpointError
+    from zerotune.core.errors import CheckpointError
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         resolve_resume(tmp_path, str(tmp_path / "checkpoints" / "step-000020"))
 

@@ -32,7 +32,7 @@ def run(tmp_path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from zerotune.core.recipe import validate_recipe
+    from zerotune.core.recipe_load import validate_recipe
     model_dir = tmp_path / "model"
     shutil.copytree(STORIES, model_dir)
     config = json.loads((model_dir / "config.json").read_text())
@@ -133,8 +133,8 @@ def test_save_final_writes_the_marker_use_cache_and_permissions(tmp_path):
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from zerotune.core.recipe import validate_recipe
-    from zerotune.training.export import save_final
+    from zerotune.core.recipe_load import validate_recipe
+    from zerotune.training.export.write import save_final
     recipe = validate_recipe(base_recipe(tmp_path))
     model = AutoModelForCausalLM.from_pretrained(str(STORIES))
     model.config.use_cache = False   # as the loop sets it for training

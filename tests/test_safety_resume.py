@@ -23,7 +23,7 @@ def launch(capsys, recipe: Path, *sets: str) -> tuple[int, str]:
 @pytest.fixture
 def run(tmp_path, capsys) -> tuple[Path, Path]:
     """(recipe file, RUN_DIR) of a run prepared once and holding a complete checkpoint at step 4."""
-    from zerotune.core.recipe import load_run_recipe
+    from zerotune.core.recipe_load import load_run_recipe
     recipe = write_recipe(tmp_path, base_recipe(tmp_path))
     assert launch(capsys, recipe)[0] == 0
     run_dir = tmp_path / "runs" / "t"
@@ -89,7 +89,7 @@ def test_a_lost_recipe_yaml_is_checked_by_the_checkpoint_digest(run, capsys):
 
 
 def test_which_keys_change_the_training(tmp_path):
-    from zerotune.core.recipe import validate_recipe
+    from zerotune.core.recipe_load import validate_recipe
     from zerotune.launcher.prepare import is_resume_safe, recipe_changes
     a = validate_recipe(base_recipe(tmp_path))
     b = validate_recipe(base_recipe(tmp_path, data={"train": [{"path": "x.jsonl", "format": "messages"}]},
@@ -107,7 +107,7 @@ def test_which_keys_change_the_training(tmp_path):
 def test_an_auto_the_old_recipe_did_not_resolve_is_no_change(tmp_path):
     """RUN_DIR/recipe.yaml of an older zerotune has no train.offload_activations (its default is
     auto); the resolved value of today's launcher is not a change of the training."""
-    from zerotune.core.recipe import validate_recipe
+    from zerotune.core.recipe_load import validate_recipe
     from zerotune.launcher.prepare import recipe_changes
     gc = {"gradient_checkpointing": True}
     old = validate_recipe(base_recipe(tmp_path, train=gc))

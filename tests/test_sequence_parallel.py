@@ -17,10 +17,11 @@ import torch.nn.functional as F
 
 from zerotune.core.long_context import check_sequence_parallel, pick_sequence_parallel, sp_memory
 from zerotune.core.memory import Strategy, Workload
-from zerotune.core.recipe import RecipeError, load_recipe
+from zerotune.core.recipe import RecipeError
+from zerotune.core.recipe_load import load_recipe
 from zerotune.training.data import IGNORE, collate
-from zerotune.training.sequence_parallel import full_sequences
-from zerotune.training.sp_attention import row_segments, segment_attention, segments_of
+from zerotune.training.long_context.sequence_parallel import full_sequences
+from zerotune.training.long_context.sp_attention import row_segments, segment_attention, segments_of
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA3_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,

@@ -22,7 +22,7 @@ import pytest
 from conftest import ROOT, STORIES, base_recipe, write_recipe, zerotune
 from test_monitoring import log_steps, make_metrics, scalars
 from zerotune.core.layout import REQUEUE_EXIT_CODE
-from zerotune.core.recipe import validate_recipe
+from zerotune.core.recipe_load import validate_recipe
 
 ALL = ["tensorboard", "wandb", "mlflow"]
 
@@ -146,7 +146,7 @@ def test_report_to_keys_and_the_older_tensorboard_switch(tmp_path):
 def test_a_missing_tracker_package_is_one_line(tmp_path, monkeypatch):
     import importlib.util
     from zerotune.core.errors import UserError
-    from zerotune.training.tracking import check_trackers
+    from zerotune.training.monitoring.tracker_setup import check_trackers
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     recipe = validate_recipe(base_recipe(tmp_path, logging={"report_to": ["tensorboard", "wandb"]}))
@@ -273,7 +273,7 @@ def test_real_run_reports_to_all_three_and_the_resume_continues_them(tmp_path, m
 # ----------------------------------------------------------------------------- eval prompt samples
 def test_generate_samples_greedy_with_the_recipe_chat_template(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from zerotune.training.samples import eval_samples, generate_samples, render_prompts
+    from zerotune.training.model.samples import eval_samples, generate_samples, render_prompts
     recipe = validate_recipe(base_recipe(tmp_path, data={"system_prompt": "Be brief."},
                                          train={"eval_prompts": ["Tell me a story.", "Name a cat."],
                                                 "eval_max_new_tokens": 12}))
@@ -295,11 +295,12 @@ def test_generate_samples_greedy_with_the_recipe_chat_template(tmp_path):
 ZERO3_SCRIPT = textwrap.dedent("""
     import json, os, sys
     import torch, deepspeed
-    from zerotune.core.recipe import validate_recipe
+    from zerotune.core.recipe_load import validate_recipe
     from zerotune.launcher.ds_config import render
-    from zerotune.training.engine import build_engine
-    from zerotune.training.model import build_model, load_tokenizer
-    from zerotune.training.samples import eval_samples, is_zero3
+    from zerotune.training.run.engine import build_engine
+    from zerotune.training.data import load_tokenizer
+    from zerotune.training.model.build import build_model
+    from zerotune.training.model.samples import eval_samples, is_zero3
     deepspeed.init_distributed()
     recipe = validate_recipe(json.loads(sys.argv[1]))
     ds = render(recipe, 2, stage=3)
@@ -318,7 +319,7 @@ def test_generate_samples_under_zero3_on_two_ranks(tmp_path):
     """Two ranks, parameters partitioned: both run generate with synced_gpus and get the text one
     process gets from the same weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from zerotune.training.samples import generate_samples, render_prompts
+    from zerotune.training.model.samples import generate_samples, render_prompts
     recipe = base_recipe(tmp_path, train={"micro_batch_size": 1, "grad_accum": 1, "eval_max_new_tokens": 10,
                                           "eval_prompts": ["Tell me a story.", "What is the sun?"]})
     (tmp_path / "zero3.py").write_text(ZERO3_SCRIPT)

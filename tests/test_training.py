@@ -102,7 +102,7 @@ def test_each_rank_makes_its_gpu_current_before_the_process_group(monkeypatch):
     "Tensor found on device cuda:0 but backend constrained to cuda:3"). The GPU test below runs it."""
     import deepspeed
     from datetime import timedelta
-    from zerotune.training import engine
+    from zerotune.training.run import engine
     calls = []
     monkeypatch.setenv("LOCAL_RANK", "3")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -1,13 +1,13 @@
 """`python -m zerotune.training RUN_DIR`: what torchrun starts on every rank.
 
-The stop-signal handlers come first (training/signals.py), before the heavy imports; an error
-is printed once as one line, its traceback in RUN_DIR/logs/rank-<N>.log (training/failure.py).
+The stop-signal handlers come first (training/run/signals.py), before the heavy imports; an error
+is printed once as one line, its traceback in RUN_DIR/logs/rank-<N>.log (core/failure.py).
 """
 import os
 import sys
 import time
 
-from .signals import StopRequest
+from zerotune.training.run.signals import StopRequest
 
 STOP = StopRequest().install()   # SIGINT/SIGTERM/SIGUSR1 while torch loads: remembered, not fatal
 STARTED = time.time()
@@ -19,9 +19,9 @@ from pathlib import Path  # noqa: E402
 # silence exactly those, so the console shows the run.
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
+from zerotune.core import failure  # noqa: E402
 from zerotune.core.layout import INTERRUPT_EXIT_CODE, latest_complete  # noqa: E402
-
-from . import ds_ops, failure, faults  # noqa: E402
+from zerotune.training.run import ds_ops, faults  # noqa: E402
 
 
 def main() -> int:
@@ -33,7 +33,7 @@ def main() -> int:
     try:
         ds_ops.use_environment_cache()
         faults.install_from_env()  # tests only: patches nothing unless a ZEROTUNE_TEST_* variable is set
-        from .loop import train
+        from zerotune.training.run.loop import train
         ds_ops.announce_builds(int(os.environ.get("LOCAL_RANK", "0")))
         return train(run_dir, STOP, started)
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once

@@ -23,7 +23,7 @@ tokenizer, the chat template, every data.* setting, the seed.
 """
 from __future__ import annotations
 
-from .build import DataBundle, build_data, prepare_tokenizer
+from .build import DataBundle, build_data, load_tokenizer, prepare_tokenizer
 from .formats import DataError
 from .loader import ResumableSampler, TokenDataset, batches, collate, pack, real_tokens, target_tokens
 from .samples import tokenize_source

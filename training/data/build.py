@@ -58,6 +58,16 @@ class DataBundle:
         return line
 
 
+def load_tokenizer(recipe):
+    """The recipe's tokenizer (model.tokenizer, else the model's), with a pad token."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(recipe.model.tokenizer or recipe.model.path,
+                                        trust_remote_code=recipe.model.trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
 def prepare_tokenizer(recipe, tokenizer) -> tuple[str | None, list[str]]:
     """(template, added tokens): adds the special tokens a built-in template needs to the tokenizer.
     Template is None when every source is raw text."""

@@ -137,13 +137,13 @@ def _source_line(st: dict) -> str:
 
 
 def run_validate(args) -> int:
-    from zerotune.core.recipe import load_recipe
+    from zerotune.core.recipe_load import load_recipe
 
     from .validate import validate_sources
     recipe = load_recipe(args.recipe, args.set)
     tokenizer = None
     if args.tokenize:
-        from zerotune.training.model import load_tokenizer
+        from zerotune.training.data import load_tokenizer
         tokenizer = load_tokenizer(recipe)
     report = validate_sources(recipe, tokenizer)
     print(f"data         {report['rows']:,} rows checked in {report['seconds']:.2f} s"
@@ -153,8 +153,8 @@ def run_validate(args) -> int:
 
 
 def run_prepare(args) -> int:
-    from zerotune.core.recipe import load_recipe
-    from zerotune.training.model import load_tokenizer
+    from zerotune.core.recipe_load import load_recipe
+    from zerotune.training.data import load_tokenizer
 
     from .prepare import prepare_data
     recipe = load_recipe(args.recipe, args.set)
@@ -170,8 +170,8 @@ def run_prepare(args) -> int:
 
 
 def run_preview(args) -> int:
-    from zerotune.core.recipe import load_recipe
-    from zerotune.training.model import load_tokenizer
+    from zerotune.core.recipe_load import load_recipe
+    from zerotune.training.data import load_tokenizer
 
     from . import build_data, prepare_tokenizer, tokenize_source
     from .loader import pack_rows

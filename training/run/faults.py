@@ -58,7 +58,7 @@ def _wrap(module, name: str, make):
 
 
 def _nan_and_oom(nan_steps: set[int], oom_step: int | None) -> None:
-    from . import step as steps
+    from zerotune.training.run import step as steps
 
     def make(original):
         def forward_backward(engine, micro, n_target, world):
@@ -80,7 +80,7 @@ def _nan_and_oom(nan_steps: set[int], oom_step: int | None) -> None:
 
 
 def _signal_after(step: int, rank: int, signame: str) -> None:
-    from . import diagnostics
+    from zerotune.training.run import diagnostics
 
     def make(original):
         def optimizer_step(engine, skip):
@@ -93,7 +93,7 @@ def _signal_after(step: int, rank: int, signame: str) -> None:
 
 
 def _slow_steps(seconds: float) -> None:
-    from . import diagnostics
+    from zerotune.training.run import diagnostics
 
     def make(original):
         def optimizer_step(engine, skip):
@@ -104,7 +104,7 @@ def _slow_steps(seconds: float) -> None:
 
 
 def _disk_full_in_save(at_step: int, rank: int | None) -> None:
-    from . import checkpoint
+    from zerotune.training.checkpoint import save as checkpoint
 
     def make(original):
         def write_shards(engine, path, *, step: int, **kwargs):
@@ -118,7 +118,7 @@ def _disk_full_in_save(at_step: int, rank: int | None) -> None:
 
 def _crash_in_save(point: str, at_step: int, rank: int | None) -> None:
     """Wrap the checkpoint layer's save phases: SIGKILL before/after the chosen one."""
-    from . import checkpoint
+    from zerotune.training.checkpoint import save as checkpoint
 
     def kill():
         if rank is None or _rank() == rank:

@@ -94,8 +94,8 @@ def copy_tokenizer(recipe, out: Path) -> None:
         if (src / name).is_file():
             shutil.copyfile(src / name, out / name)
     if recipe.model.chat_template is not None:
-        from .data.tokenize import resolve_template
-        from .model import load_tokenizer
+        from zerotune.training.data.tokenize import resolve_template
+        from zerotune.training.data import load_tokenizer
         template = resolve_template(load_tokenizer(recipe), recipe.model.chat_template)
         config = json.loads((out / "tokenizer_config.json").read_text())
         config["chat_template"] = template

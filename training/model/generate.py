@@ -92,7 +92,7 @@ def resolve(target: str, adapter_specs: list[str]):
     if not (run / RECIPE_FILE).is_file():
         check_model_target(target)
         return target, adapters, None, None
-    from zerotune.core.recipe import load_run_recipe
+    from zerotune.core.recipe_load import load_run_recipe
     recipe = load_run_recipe(run)
     final = run / FINAL_DIR
     if not final.is_dir():
@@ -110,8 +110,8 @@ def load(target: str, adapter_specs: list[str], dtype_name: str | None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import adapters as bottleneck
-    from .model import DTYPES, keep_4bit_cpu_layout, quantization_config
+    from zerotune.training.model import adapters as bottleneck
+    from zerotune.training.model.build import DTYPES, keep_4bit_cpu_layout, quantization_config
     base_path, adapters, template, recipe = resolve(target, adapter_specs)
     dtype = DTYPES[dtype_name or (recipe.model.dtype if recipe else ("bf16" if torch.cuda.is_available() else "fp32"))]
     quant = quantization_config(recipe) if recipe is not None else None
@@ -148,7 +148,7 @@ def switch(model, kind: str | None, name: str | None):
     """Make adapter `name` the active one (None: the base alone); returns a context manager."""
     import contextlib
 
-    from . import adapters as bottleneck
+    from zerotune.training.model import adapters as bottleneck
     if kind == "bottleneck":
         bottleneck.set_active(model, name)
         return contextlib.nullcontext()
@@ -162,7 +162,7 @@ def switch(model, kind: str | None, name: str | None):
 def prompt_ids(tokenizer, template: str | None, prompt: str, system: str | None):
     if template is None:
         return tokenizer(prompt, return_tensors="pt")["input_ids"]
-    from .data.tokenize import render
+    from zerotune.training.data.tokenize import render
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     text = render(tokenizer, template, messages, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
@@ -187,7 +187,7 @@ def run(args) -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
-    from .data.tokenize import resolve_template
+    from zerotune.training.data.tokenize import resolve_template
     model, tokenizer, template_name, kind, names = load(args.model, args.adapter, args.dtype)
     template = None
     if not args.raw:

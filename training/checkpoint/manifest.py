@@ -1,6 +1,6 @@
 """A checkpoint's MANIFEST.json: every file's size, and the crc32 of the small ones, recorded by
 rank 0 after every rank wrote its shards and before COMPLETE; resume verifies it before it
-trusts the checkpoint (training/checkpoint.py: resolve_resume). Torch-free.
+trusts the checkpoint (training/checkpoint/resume.py: resolve_resume). Torch-free.
 
 What is checked, and why not more: sizes always (a stat per file: catches a missing or
 truncated shard, what a full disk, a killed copy or a quota leaves); crc32 only for files of

@@ -13,7 +13,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from .data import collate, real_tokens, target_tokens
+from zerotune.training.data import collate, real_tokens, target_tokens
 
 
 def to_device(batch: dict, device) -> dict:
@@ -42,7 +42,7 @@ def forward_backward(engine, micro: list[dict], n_target: float, world: int) -> 
 
 def step_counts(micro: list[dict], stop_vote: float, device, copies: int = 1) -> list[float]:
     """One all-reduce per step: global target, real and padded tokens, and the ranks' summed stop
-    votes (training/signals.py: StopRequest.vote, read back with signals.agreed). Counted on the
+    votes (training/run/signals.py: StopRequest.vote, read back with signals.agreed). Counted on the
     host batches (before they move to the GPU, before sequence-parallel sharding), so this costs
     no device sync beyond the all-reduce. `copies`: ranks that hold each micro-batch (the
     sequence-parallel degree); the token sums count each batch once (exact: integer counts over

@@ -20,7 +20,7 @@ so the newest complete checkpoint stays the one a resume uses. The message also 
 RUN_DIR/FAILED, which `zerotune status` shows.
 
 No torch import at module level. Tests inject NaN losses and OOM errors through
-training/faults.py, never through this module.
+training/run/faults.py, never through this module.
 """
 from __future__ import annotations
 

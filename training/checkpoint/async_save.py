@@ -4,7 +4,7 @@ A save has two halves. The snapshot: DeepSpeed gathers this rank's state (module
 partitions, optimizer states) as it always does, and every tensor it hands to its checkpoint
 engine is copied to CPU memory. Training waits only for that (a device-to-host copy, not a disk
 write). The write: one background thread per rank writes the files from the copy, in order,
-then what the save asked to run after them (training/checkpoint.py: this rank's `written-rank<r>`
+then what the save asked to run after them (training/checkpoint/save.py: this rank's `written-rank<r>`
 file; on rank 0, once every rank's is there: zerotune_state.json, the manifest, COMPLETE last,
 then pruning). A crash before COMPLETE leaves an incomplete checkpoint that resume skips, as a
 synchronous save would.

@@ -20,7 +20,7 @@ from zerotune.core.errors import UserError
 from zerotune.core.io import atomic_write
 from zerotune.core.layout import DS_CONFIG_FILE, PLAN_FILE, TRACKERS_FILE
 
-from .timing import time_text
+from zerotune.training.monitoring.timing import time_text
 
 PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}  # report_to name -> the package it needs
 DEFAULT_PROJECT = "zerotune"
@@ -87,7 +87,7 @@ def open_trackers(run_dir: Path, recipe, start_step: int, say) -> list:
     """The sinks of `logging.report_to` (rank 0 only). The ids of the wandb and MLflow runs are
     kept in RUN_DIR/trackers.json, so every attempt of this run (a resume, a requeue) reports to
     the same tracker runs; a fresh start with checkpoint.resume: never starts new ones."""
-    from . import trackers
+    from zerotune.training.monitoring import trackers
     check_trackers(recipe)
     fresh = start_step == 0 and recipe.checkpoint.resume == "never"
     ids = {} if fresh else read_ids(run_dir)

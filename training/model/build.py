@@ -15,25 +15,17 @@ from __future__ import annotations
 import os
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
 from zerotune.core.recipe import RecipeError
 
-from . import long_sequence
+from zerotune.training.model import long_sequence
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PEFT_KINDS = ("lora", "qlora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning")  # built by HF peft
 
 _hf_ds_config = None  # must stay alive while the model is built (transformers holds a weak reference)
-
-
-def load_tokenizer(recipe):
-    tok = AutoTokenizer.from_pretrained(recipe.model.tokenizer or recipe.model.path,
-                                        trust_remote_code=recipe.model.trust_remote_code)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token or tok.unk_token
-    return tok
 
 
 def quantization_config(recipe, zero_stage: int = 0):
@@ -87,7 +79,7 @@ def apply_method(model, recipe):
     if kind == "full":
         return model
     if kind == "adapter":
-        from .adapters import add_adapters
+        from zerotune.training.model.adapters import add_adapters
         return add_adapters(model, recipe.method.adapter)
     import peft
     return peft.get_peft_model(model, peft_config(recipe))
@@ -148,9 +140,9 @@ def build_model(recipe, ds_config: dict):
     if recipe.train.gradient_checkpointing:
         model.config.use_cache = False
     if recipe.train.fused_loss is True and kind in ("full", "lora", "qlora"):   # "auto" was resolved by the launcher
-        from .loss import enable
-        enable(model)   # the logits are never materialised whole (training/loss.py)
-    long_sequence.enable(model, recipe)   # tiled MLP, offloaded checkpoints (training/long_sequence.py)
+        from zerotune.training.model.loss import enable
+        enable(model)   # the logits are never materialised whole (training/model/loss.py)
+    long_sequence.enable(model, recipe)   # tiled MLP, offloaded checkpoints (training/model/long_sequence.py)
     if wants_compile(recipe.train.compile, kind, stage, long_sequence.options(recipe)):
         compile_layers(model, kind, stage)
     return apply_method(model, recipe)

@@ -15,7 +15,8 @@ from pathlib import Path
 from zerotune.core.errors import CheckpointError
 from zerotune.core.layout import checkpoints_dir, latest_complete
 
-from . import failure, manifest
+from zerotune.core import failure
+from zerotune.training.checkpoint import manifest
 
 
 @contextlib.contextmanager

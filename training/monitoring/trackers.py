@@ -1,6 +1,6 @@
 """The sinks a run reports to (`logging.report_to`): TensorBoard, Weights & Biases, MLflow.
 
-Each gets the same things from training/metrics.py, on rank 0 only:
+Each gets the same things from training/monitoring/metrics.py, on rank 0 only:
 
     start(hparams, texts, step)      hparams (model, method, lr, batch, ...) and texts (recipe,
                                      ds_config, plan, the MFU formula, the time split)
@@ -30,9 +30,14 @@ from urllib.parse import urlparse
 from zerotune.core.errors import UserError
 from zerotune.core.layout import MLRUNS_DIR, TENSORBOARD_DIR
 
-from .samples import samples_markdown
-
 STEP_METRIC = "train/step"  # wandb's x-axis for every metric
+
+
+def samples_markdown(pairs: list[tuple[str, str]]) -> str:
+    """A two-column table (TensorBoard's text tab renders markdown)."""
+    def cell(s: str) -> str:
+        return (s.replace("|", "\\|").replace("\n", "<br>") or "(empty)") if s is not None else ""
+    return "\n".join(["| prompt | completion |", "|---|---|", *(f"| {cell(p)} | {cell(c)} |" for p, c in pairs)])
 
 
 class TrackerError(UserError, RuntimeError):

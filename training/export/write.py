@@ -9,22 +9,22 @@ with DeepSpeed's zero_to_fp32 helpers in lazy mode and written tensor by tensor 
 safetensors shards, so an 8B model never needs two copies in RAM. A PEFT run's checkpoint
 holds only the trainable parameters; they are written as a standard PEFT adapter folder
 (adapter_config.json + adapter_model.safetensors) that `PeftModel.from_pretrained` loads,
-or, for bottleneck adapters, a zerotune adapter folder (training/adapters.py).
+or, for bottleneck adapters, a zerotune adapter folder (training/model/adapters.py).
 
 The training loop calls `save_final(engine, model, recipe, out, rank)` at the end of a run to write RUN_DIR/final the same way.
 Checkpoint files are read with torch.load(weights_only=True) only. Where the folder is written,
-and what an existing --out may hold for it to be replaced: training/export_folder.py.
+and what an existing --out may hold for it to be replaced: training/export/folder.py.
 """
 from __future__ import annotations
 
-import contextlib
 import shutil
 from pathlib import Path
 
 from zerotune.core.io import parse_size
 from zerotune.core.layout import CHECKPOINTS_DIR, RECIPE_FILE, checkpoints_dir
 
-from .export_folder import (ExportError, base_model_id, check_out, finish, fresh_tmp, replace_dir,  # noqa: F401
+from zerotune.training.checkpoint.safe_load import weights_only_loads
+from zerotune.training.export.folder import (ExportError, base_model_id, check_out, finish, fresh_tmp, replace_dir,  # noqa: F401
                             save_side_files)
 
 HELP = "write a Hugging Face model or PEFT adapter folder from a run's checkpoint (CPU only)"
@@ -58,7 +58,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from zerotune.core.recipe import load_run_recipe
+    from zerotune.core.recipe_load import load_run_recipe
     run_dir = Path(args.run_dir)
     if not (run_dir / RECIPE_FILE).is_file():
         raise ExportError(f"{run_dir}: not a run folder (no recipe.yaml)")
@@ -99,27 +99,6 @@ def zero_stage(ckpt: Path) -> int:
     if list(ckpt.glob("*_optim_states.pt")):
         return 2  # 1 and 2 share the layout
     return 0
-
-
-# ----------------------------------------------------------------------------- safe loading
-@contextlib.contextmanager
-def weights_only_loads():
-    """Every torch.load inside (DeepSpeed's zero_to_fp32 included) runs with weights_only=True,
-    allowing only DeepSpeed's own plain checkpoint types."""
-    import torch
-    from .checkpoint import deepspeed_safe_types
-    original, allowed = torch.load, deepspeed_safe_types()
-
-    def load(*a, **kw):
-        kw["weights_only"] = True
-        # per call: a nested safe_globals (the checkpoint engine's) removes the list when it exits
-        with torch.serialization.safe_globals(allowed):
-            return original(*a, **kw)
-    torch.load = load
-    try:
-        yield
-    finally:
-        torch.load = original
 
 
 def module_states(ckpt: Path) -> dict:
@@ -163,7 +142,7 @@ def meta_model(recipe):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .model import DTYPES
+    from zerotune.training.model.build import DTYPES
     config = AutoConfig.from_pretrained(recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[recipe.model.dtype],
@@ -175,7 +154,7 @@ def write_hf_weights(tensors: dict, model, out: Path, dtype, max_shard_size: int
     """Stream `tensors` (lazy or real) into safetensors shards named as Hugging Face names them,
     converting floats to `dtype`, one tensor in memory at a time besides the pending shard
     (export_stream.ShardWriter); drops tied copies and checks every weight is there."""
-    from .export_stream import ShardWriter, saved_names
+    from zerotune.training.export.stream import ShardWriter, saved_names
     wanted = saved_names(model)
     missing = [k for k in wanted if k not in tensors]
     if missing:
@@ -191,7 +170,7 @@ def write_hf_weights(tensors: dict, model, out: Path, dtype, max_shard_size: int
 def save_adapter_folder(model, recipe, out: Path, state_dict: dict | None = None) -> None:
     """Write the adapter of a (PEFT or bottleneck-adapter) model: only its trainable weights."""
     if recipe.method.kind == "adapter":
-        from .adapters import save_adapter
+        from zerotune.training.model.adapters import save_adapter
         save_adapter(model, out, base=base_model_id(recipe), state_dict=state_dict)
         return
     for cfg in model.peft_config.values():
@@ -201,7 +180,7 @@ def save_adapter_folder(model, recipe, out: Path, state_dict: dict | None = None
 
 def adapter_model_from_checkpoint(recipe, ckpt: Path):
     """The recipe's method on a meta-device base, with the checkpoint's trainable weights in it."""
-    from .model import apply_method
+    from zerotune.training.model.build import apply_method
     model = apply_method(meta_model(recipe), recipe)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     tensors = checkpoint_tensors(ckpt, trainable_only=True)
@@ -220,7 +199,7 @@ def load_base(recipe, dequantise: bool = True):
     dequantised to method.quant.compute_dtype, so a merge reproduces the adapter model."""
     from transformers import AutoModelForCausalLM
 
-    from .model import DTYPES, keep_4bit_cpu_layout, quantization_config
+    from zerotune.training.model.build import DTYPES, keep_4bit_cpu_layout, quantization_config
     quant = quantization_config(recipe)
     dtype = DTYPES[recipe.method.quant.compute_dtype] if quant is not None else DTYPES[recipe.model.dtype]
     model = AutoModelForCausalLM.from_pretrained(recipe.model.path, dtype=dtype, quantization_config=quant,
@@ -243,7 +222,7 @@ def merge_adapter(recipe, adapter_dir: Path, out: Path, max_shard_size: int) -> 
 # ----------------------------------------------------------------------------- the command
 def _write_export(recipe, ckpt: Path, tmp: Path, merge: bool, max_shard_size: int) -> str:
     """The model or adapter of checkpoint `ckpt` into the empty folder `tmp`; returns what it is."""
-    from .model import DTYPES
+    from zerotune.training.model.build import DTYPES
     kind = recipe.method.kind
     if kind == "full":
         model = meta_model(recipe)
@@ -296,8 +275,8 @@ def save_final(engine, model, recipe, out: Path, rank: int, max_shard_size: int 
     a time, all ranks taking part), so rank 0 never holds the whole model; rank 0 writes."""
     import torch.distributed as dist
 
-    from .export_stream import MAX_SHARD_BYTES, stream_full_model
-    from .model import DTYPES
+    from zerotune.training.export.stream import MAX_SHARD_BYTES, stream_full_model
+    from zerotune.training.model.build import DTYPES
     out = Path(out)
     tmp = fresh_tmp(out) if rank == 0 else None
     try:

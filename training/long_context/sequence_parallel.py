@@ -3,7 +3,7 @@
 N consecutive ranks (a group inside one node) share each micro-batch: every rank of the group
 reads the same rows, pads them to a multiple of N and keeps its N-th of the sequence (tokens,
 position_ids and the already shifted labels). Inside each attention layer DeepSpeed's
-all-to-all gives every rank all S tokens of H/N heads and back (training/sp_attention.py, which
+all-to-all gives every rank all S tokens of H/N heads and back (training/long_context/sp_attention.py, which
 also keeps packed samples apart). Data parallelism runs across groups: the sampler and the batch
 geometry see dp_world = world / N replicas; ZeRO shards parameters, gradients and optimizer
 states over all `world` ranks.
@@ -15,7 +15,7 @@ states over all `world` ranks.
     steps.forward_backward(engine, micro, n_target, world)                          # unchanged
     steps.evaluate(engine, data.eval, rank, world, mbs, pad_id, limit, sp=sp)        # sharded too
 
-training/loop.py does exactly this; ds_config.json carries "sequence_parallel_size" (launcher/ds_config.py).
+training/run/loop.py does exactly this; ds_config.json carries "sequence_parallel_size" (launcher/ds_config.py).
 
 Loss: each rank's shard loss is its summed token loss / n_target (the global target count),
 so the sum over all ranks is the mean over the global batch, as without SP.
@@ -40,10 +40,10 @@ import torch.nn.functional as F
 
 from zerotune.core.long_context import check_sequence_parallel, heads_problem
 
-from . import sp_attention
-from .loss import decoder_loss
-from .data import IGNORE
-from .sp_attention import segments_of
+from zerotune.training.long_context import sp_attention
+from zerotune.training.model.loss import decoder_loss
+from zerotune.training.data import IGNORE
+from zerotune.training.long_context.sp_attention import segments_of
 
 
 @dataclass
@@ -126,7 +126,7 @@ def full_sequences(batch: dict, n: int) -> dict:
 def accept_shift_labels(lm) -> None:
     """Let the causal LM's forward take `shift_labels` (already shifted, this rank's shard) and
     return the summed token loss / num_items_in_batch, through the chunked loss when it is on
-    (training/loss.py); without shift_labels the forward is the one it had."""
+    (training/model/loss.py); without shift_labels the forward is the one it had."""
     if getattr(lm, "_zerotune_sp", False):
         return
     previous = lm.forward

@@ -22,7 +22,7 @@ def render_prompts(recipe, tokenizer, prompts: list[str]) -> list[str]:
     sources = [*recipe.data.train, *recipe.data.eval]
     if all(s.format == "text" for s in sources):
         return [(tokenizer.bos_token or "") + p for p in prompts]
-    from .data.tokenize import render, resolve_template
+    from zerotune.training.data.tokenize import render, resolve_template
     template = resolve_template(tokenizer, recipe.model.chat_template)
     system = [{"role": "system", "content": recipe.data.system_prompt}] if recipe.data.system_prompt else []
     return [render(tokenizer, template, system + [{"role": "user", "content": p}], add_generation_prompt=True)
@@ -79,10 +79,3 @@ def eval_samples(engine, tokenizer, recipe) -> list[tuple[str, str]]:
         return []
     texts = render_prompts(recipe, tokenizer, prompts)
     return list(zip(prompts, generate_samples(engine, tokenizer, texts, recipe.train.eval_max_new_tokens)))
-
-
-def samples_markdown(pairs: list[tuple[str, str]]) -> str:
-    """A two-column table (TensorBoard's text tab renders markdown)."""
-    def cell(s: str) -> str:
-        return (s.replace("|", "\\|").replace("\n", "<br>") or "(empty)") if s is not None else ""
-    return "\n".join(["| prompt | completion |", "|---|---|", *(f"| {cell(p)} | {cell(c)} |" for p, c in pairs)])

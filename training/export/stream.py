@@ -8,7 +8,7 @@ at about one shard plus the largest tensor, never the whole 16-bit model (~140 G
 
 The files are those save_pretrained writes: model.safetensors, or model-0000i-of-0000N.safetensors
 and model.safetensors.index.json; tied weights (lm_head = embed_tokens) are saved once, under
-the name save_pretrained keeps. `zerotune export` (training/export.py) writes its shards with
+the name save_pretrained keeps. `zerotune export` (training/export/write.py) writes its shards with
 the same ShardWriter.
 """
 from __future__ import annotations

@@ -91,7 +91,7 @@ def worker_count(local_world: int, largest_bytes: int, tasks: int) -> int:
 
 # ----------------------------------------------------------------------------- loading, safely
 def safe_load(path: Path, mmap: bool = False):
-    from .checkpoint import safe_load as load   # imported here: this module starts without torch
+    from zerotune.training.checkpoint.safe_load import safe_load as load   # imported here: this module starts without torch
     return load(path, map_location="cpu", mmap=mmap)
 
 
@@ -174,7 +174,7 @@ def convert_with_deepspeed(ckpt: Path, out: Path, workers: int) -> None:
     (Megatron); without it a ZeRO 1-2 checkpoint is refused, though data parallelism alone needs none."""
     from deepspeed.checkpoint import ds_to_universal
 
-    from .export import weights_only_loads
+    from zerotune.training.checkpoint.safe_load import weights_only_loads
     args = argparse.Namespace(input_folder=str(ckpt), output_folder=str(out), num_extract_workers=workers,
                               num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
                               inject_missing_state=True)
@@ -187,7 +187,7 @@ def to_universal(ckpt: Path, rank: int, world: int, local_world: int | None = No
     """Every rank calls; returns `<ckpt>/universal/<tag>`, converted by this call or an earlier one."""
     import torch.distributed as dist
 
-    from .checkpoint import CheckpointError
+    from zerotune.core.errors import CheckpointError
     root = ckpt / UNIVERSAL_DIR
     target, parts = root / ckpt.name, root / "parts"
     if (root / MARKER).is_file():
@@ -220,7 +220,7 @@ def _convert_part(ckpt: Path, target: Path, part: int, parts: int, local_world: 
     """Run this rank's share in a subprocess (a fresh process: no CUDA or NCCL state under the
     fork of its workers), touching parts/<part>.alive while it runs; .done or .error after."""
     log = folder / f"{part}.log"
-    cmd = [sys.executable, "-m", "zerotune.training.reshard", str(ckpt), str(target), "--part", str(part),
+    cmd = [sys.executable, "-m", "zerotune.training.checkpoint.reshard", str(ckpt), str(target), "--part", str(part),
            "--parts", str(parts), "--local-world", str(local_world)]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -297,7 +297,7 @@ def place_step_counts(optimizer) -> int:
 # ----------------------------------------------------------------------------- the subprocess
 def main(argv: list[str] | None = None) -> int:
     import math
-    p = argparse.ArgumentParser(prog="python -m zerotune.training.reshard", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m zerotune.training.checkpoint.reshard", description=__doc__.splitlines()[0])
     p.add_argument("ckpt", type=Path)
     p.add_argument("out", type=Path)
     p.add_argument("--part", type=int, default=0)

@@ -6,12 +6,12 @@
                                # (save; exit 130 after Ctrl-C, 85 for a requeue after SIGTERM/SIGUSR1)
                                # or too many NaN losses (save, stop)
 
-Rank 0 also keeps RUN_DIR/HEARTBEAT (training/heartbeat.py) for `zerotune status`; signals are
-training/signals.py; an exception leaves the loop to `python -m zerotune.training` (__main__.py),
-which prints it once and logs its traceback (training/failure.py).
+Rank 0 also keeps RUN_DIR/HEARTBEAT (training/run/heartbeat.py) for `zerotune status`; signals are
+training/run/signals.py; an exception leaves the loop to `python -m zerotune.training` (__main__.py),
+which prints it once and logs its traceback (core/failure.py).
 
-What one step computes (the token-weighted loss over the global batch) is training/step.py;
-checkpoints are training/checkpoint.py; what is logged is training/metrics.py.
+What one step computes (the token-weighted loss over the global batch) is training/run/step.py;
+checkpoints are training/checkpoint/save.py; what is logged is training/monitoring/metrics.py.
 """
 from __future__ import annotations
 
@@ -28,20 +28,25 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from zerotune.core import failure
 from zerotune.core.io import atomic_write
 from zerotune.core.layout import BAD_LOSS_EXIT_CODE, DS_CONFIG_FILE, FINAL_DIR, PREEMPT_MARKER, check_fresh_start
-from zerotune.core.recipe import BatchGeometry, load_run_recipe
+from zerotune.core.recipe import BatchGeometry
+from zerotune.core.recipe_load import load_run_recipe
 
-from . import async_save, checkpoint, diagnostics, failure, long_sequence, profile, sequence_parallel, signals
-from . import step as steps
-from .data import ResumableSampler, batches, build_data
-from .engine import build_engine, init_distributed
-from .export import save_final
-from .metrics import Metrics
-from .samples import eval_samples
-from .model import build_model, count_parameters, load_tokenizer, trainable_report
-from .heartbeat import RUNNING, Heartbeat
-from .signals import INTERRUPTED, PREEMPTED, StopRequest
+from zerotune.training.checkpoint import async_save, resume, save as checkpoint
+from zerotune.training.data import ResumableSampler, batches, build_data, load_tokenizer
+from zerotune.training.export.write import save_final
+from zerotune.training.long_context import sequence_parallel
+from zerotune.training.model import long_sequence
+from zerotune.training.model.build import build_model, count_parameters, trainable_report
+from zerotune.training.model.samples import eval_samples
+from zerotune.training.monitoring import profile
+from zerotune.training.monitoring.metrics import Metrics
+from zerotune.training.run import diagnostics, signals, step as steps
+from zerotune.training.run.engine import build_engine, init_distributed
+from zerotune.training.run.heartbeat import RUNNING, Heartbeat
+from zerotune.training.run.signals import INTERRUPTED, PREEMPTED, StopRequest
 
 DONE, EARLY_STOP, BAD_LOSS = "done", "early_stop", "bad_loss"
 REQUEUE_ENV = "ZEROTUNE_REQUEUE"   # set by job.sbatch: a SIGTERM/SIGUSR1 stop is requeued
@@ -154,8 +159,8 @@ def setup(run_dir: Path, stop: StopRequest, started: float) -> Run:
 
     # the resume point is decided before the engine: a new world size loads a universal checkpoint
     check_fresh_start(run_dir, recipe.checkpoint.resume, recipe.checkpoint.overwrite)
-    resume_from = checkpoint.resolve_resume(run_dir, recipe.checkpoint.resume, rank)
-    if resume_from is not None and checkpoint.needs_universal(resume_from, world):
+    resume_from = resume.resolve_resume(run_dir, recipe.checkpoint.resume, rank)
+    if resume_from is not None and resume.needs_universal(resume_from, world):
         ds_config = {**ds_config, "checkpoint": {"load_universal": True}}
     model, engine = build(recipe, ds_config, tokenizer, data, total_steps, sp)
     trainable, total = count_parameters(model)
@@ -184,7 +189,7 @@ def setup(run_dir: Path, stop: StopRequest, started: float) -> Run:
 def restore(run: Run, ckpt: Path) -> float:
     """Weights, optimizer, schedule, RNG, loop state and data position from `ckpt`; returns seconds."""
     t0 = time.perf_counter()
-    saved = checkpoint.load(run.engine, ckpt, run.rank, run.world, run.frozen, replicas=run.sampler.world)
+    saved = resume.load(run.engine, ckpt, run.rank, run.world, run.frozen, replicas=run.sampler.world)
     run.state.update(saved["loop"])
     run.sampler.load_state_dict(saved["sampler"])
     run.last_eval = saved.get("eval_loss")

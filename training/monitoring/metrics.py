@@ -46,10 +46,10 @@ from pathlib import Path
 
 from zerotune.core.layout import FAILED_FILE, METRICS_FILE
 
-from .console import Console, Watchdog, format_duration  # noqa: F401  (format_duration: launcher/status.py)
-from .throughput import Throughput, model_flops_per_token, peak_flops  # noqa: F401
-from .timing import PhaseTimer, time_scalars
-from .tracking import check_trackers, config_texts, open_trackers, run_hparams
+from zerotune.training.monitoring.console import Console, Watchdog, format_duration  # noqa: F401  (format_duration: launcher/status.py)
+from zerotune.training.monitoring.throughput import Throughput, model_flops_per_token, peak_flops  # noqa: F401
+from zerotune.training.monitoring.timing import PhaseTimer, time_scalars
+from zerotune.training.monitoring.tracker_setup import check_trackers, config_texts, open_trackers, run_hparams
 
 
 def clear_failure(run_dir: Path) -> None:
@@ -115,7 +115,7 @@ class Metrics:
             t.text(tag, value, step)
 
     def profiled(self, summary: str | None, step: int) -> None:
-        """The profile window's summary (training/profile.py), when it just ended: printed and
+        """The profile window's summary (training/monitoring/profile.py), when it just ended: printed and
         logged as text to every tracker."""
         if summary and self.rank == 0:
             self.say(summary)

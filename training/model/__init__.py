@@ -1,0 +1,12 @@
+"""model/: the model a recipe asks for, and what it computes.
+
+    build.py          HF weights, dtype, attention kernel, gradient checkpointing, compile, the method
+    adapters.py       bottleneck adapters (zerotune's own; the others come from HF peft)
+    loss.py           the chunked linear cross-entropy (the full logits are never held)
+    long_sequence.py  tiled MLP and checkpointed activations offloaded to CPU (per-layer changes
+                      build_model applies; sequence parallelism is in long_context/)
+    generate.py       `zerotune generate` from a run, a checkpoint or an export
+    samples.py        greedy completions of the recipe's eval prompts during training
+
+model/ imports data/ (chat templates for prompts) and core; never run/, checkpoint/ or export/.
+"""
