@@ -43,8 +43,8 @@ def train_records(metrics_file: Path) -> tuple[list[dict], int]:
 
 def parse_metrics(metrics_file: Path, warmup: int) -> dict:
     """Median tokens/s per GPU and MFU over the steps after `warmup`, peak GPU memory (GiB) of
-    rank 0 over the whole run. train/tokens_per_sec is global (real tokens of all ranks); the
-    memory keys are in GB (1e9 bytes)."""
+    rank 0 over the whole run. train/tokens_per_sec is global (real tokens of all ranks); memory
+    is train/gpu_mem_peak_gib (GiB), or the older train/gpu_mem_peak_gb (1e9-byte GB) converted."""
     recs, world = train_records(metrics_file)
     timed = [r for r in recs if r["step"] > warmup]
     if not timed:
@@ -52,13 +52,16 @@ def parse_metrics(metrics_file: Path, warmup: int) -> dict:
                          f"({len(recs)} train records)")
     tps = [r["train/tokens_per_sec"] / world for r in timed]
     mfus = [r["train/mfu"] for r in timed if r.get("train/mfu") is not None]
-    peaks = [r["train/gpu_mem_peak_gb"] for r in recs if r.get("train/gpu_mem_peak_gb") is not None]
+    peaks = [r["train/gpu_mem_peak_gib"] if r.get("train/gpu_mem_peak_gib") is not None
+             else r.get("train/gpu_mem_peak_gb") and r["train/gpu_mem_peak_gb"] * 1e9 / GIB  # runs before 2026-12: GB
+             for r in recs]
+    peaks = [p for p in peaks if p is not None]
     secs = [r.get("time/step_s") for r in timed]
     mean = (sum(t * s for t, s in zip(tps, secs)) / sum(secs)) if all(secs) else None
     eff = [r["data/packing_efficiency"] for r in timed if r.get("data/packing_efficiency") is not None]
     return {"tok_s_gpu": round(statistics.median(tps)), "tok_s_gpu_mean": round(mean) if mean else None,
             "mfu": round(statistics.median(mfus), 4) if mfus else None,
-            "peak_gib": round(max(peaks) * 1e9 / GIB, 2) if peaks else None,
+            "peak_gib": round(max(peaks), 2) if peaks else None,
             "step_s": round(statistics.median(secs), 4) if all(secs) else None,
             "packing_efficiency": round(statistics.median(eff), 4) if eff else None,
             "world": world, "timed_steps": len(timed), "last_step": recs[-1]["step"] if recs else 0}

@@ -48,8 +48,8 @@ def smooth(values: list[float]) -> list[float]:
     return out
 
 
-MEMORY = (("train/gpu_mem_allocated_gb", "-", "allocated"), ("train/gpu_mem_reserved_gb", "--", "reserved"),
-          ("train/gpu_mem_peak_gb", ":", "peak"))
+MEMORY = (("train/gpu_mem_allocated_gib", "-", "allocated"), ("train/gpu_mem_reserved_gib", "--", "reserved"),
+          ("train/gpu_mem_peak_gib", ":", "peak"))
 TIME_SPLIT = (("time/fwd_bwd_s", "-", "forward+backward"), ("time/optimizer_s", "--", "optimizer"),
               ("time/data_wait_s", ":", "data wait"), ("time/other_s", "-.", "other"))
 
@@ -83,7 +83,7 @@ def _label(ax: dict, has_mem: bool) -> None:
     if ax["mfu"] is not None:
         ax["mfu"].set_ylabel("MFU %")
     if has_mem:
-        ax["mem"].set(title="GPU memory (rank 0)", xlabel="step", ylabel="GB")
+        ax["mem"].set(title="GPU memory (rank 0)", xlabel="step", ylabel="GiB")
     else:
         ax["mem"].set(title="step time split (no GPU memory recorded)", xlabel="step", ylabel="seconds")
     for key in ("loss", "lr", "tps", "mem"):
@@ -105,7 +105,7 @@ def draw(runs: dict[str, dict], out: Path) -> Path:
     fig, axes = plt.subplots(2, 2, figsize=(12, 8), constrained_layout=True)
     (ax_loss, ax_lr), (ax_tps, ax_mem) = axes
     has_mfu = any("train/mfu" in s for s in runs.values())
-    has_mem = any("train/gpu_mem_allocated_gb" in s for s in runs.values())
+    has_mem = any("train/gpu_mem_allocated_gib" in s for s in runs.values())
     ax = {"loss": ax_loss, "lr": ax_lr, "tps": ax_tps, "mem": ax_mem, "mfu": ax_tps.twinx() if has_mfu else None}
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, s) in enumerate(runs.items()):

@@ -158,6 +158,20 @@ def test_parse_metrics(tmp_path):
     assert m["tok_s_gpu"] == 10 and m["peak_gib"] is None and m["mfu"] is None
 
 
+
+def test_parse_metrics_reads_gib_and_zerotune_keeps_the_old_gb_keys(tmp_path):
+    """Runs from 2026-12 log train/gpu_mem_*_gib (GiB); metrics.jsonl also keeps the old _gb keys
+    (1e9-byte GB) for one release: both give the same peak."""
+    from zerotune.training.monitoring.throughput import with_old_memory_keys
+    rec = with_old_memory_keys({"train/gpu_mem_peak_gib": 40.0, "train/loss": 2.0})
+    assert rec["train/gpu_mem_peak_gb"] == 40.0 * 2 ** 30 / 1e9 and rec["train/loss"] == 2.0
+    lines = [{"step": 0, "event": "start", "total_steps": 3, "world_size": 1}] + [
+        {"step": s, "train/tokens_per_sec": 10.0, "time/step_s": 0.5, "train/gpu_mem_peak_gib": 40.0 + s} for s in (1, 2, 3)]
+    f = tmp_path / "m.jsonl"
+    f.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert bench.parse_metrics(f, warmup=1)["peak_gib"] == 43.0
+
+
 def _run(side, name, tok=None, peak=30.0, mfu=0.25, error=None):
     if tok is None:
         return {"side": side, "name": name, "ok": False, "error_kind": error or "OOM", "error": "CUDA out of memory"}

@@ -109,7 +109,7 @@ def test_metrics_tags_resume_without_duplicates_and_hparams(tmp_path):
     assert s["eval/perplexity"][1][1] == pytest.approx(math.exp(1.25), rel=1e-5)
     assert s["train/skipped_steps"] == [(5, 1.0)]
     assert s["hparam/final_eval_loss"] == [(6, 1.25)]
-    assert "train/mfu" not in s and "train/gpu_mem_allocated_gb" not in s  # CPU, no peak FLOPs: nothing made up
+    assert "train/mfu" not in s and "train/gpu_mem_allocated_gib" not in s  # CPU, no peak FLOPs: nothing made up
     assert {t for _, t in summaries(run_dir, "text")} >= {"config/recipe/text_summary", "config/ds_config/text_summary"}
     assert {t for _, t in summaries(run_dir, "hparams")} == {"_hparams_/experiment", "_hparams_/session_start_info",
                                                              "_hparams_/session_end_info"}

@@ -25,7 +25,8 @@ Every rank creates a `Metrics`; only rank 0 writes. The loop calls:
 Tags (every tracker):
   train/loss train/lr train/grad_norm train/tokens_per_sec (real tokens, not padding)
   train/mfu (when core/flops.py knows the model and the GPU's peak is known; formula: config/mfu)
-  train/gpu_mem_allocated_gb train/gpu_mem_reserved_gb train/gpu_mem_peak_gb (CUDA only)
+  train/gpu_mem_allocated_gib train/gpu_mem_reserved_gib train/gpu_mem_peak_gib (CUDA only; GiB. metrics.jsonl
+  also keeps the old train/gpu_mem_*_gb keys, in 1e9-byte GB, until the next release)
   train/samples_seen train/epoch  eval/loss eval/perplexity  eval/samples (text)
   train/skipped_steps (at each skipped step: the run's total so far)
   data/packing_efficiency  time/step_s time/data_wait_s time/fwd_bwd_s time/optimizer_s time/other_s
@@ -47,7 +48,7 @@ from pathlib import Path
 from zerotune.core.layout import FAILED_FILE, METRICS_FILE
 
 from zerotune.training.monitoring.console import Console, Watchdog, format_duration  # noqa: F401  (format_duration: launcher/status.py)
-from zerotune.training.monitoring.throughput import Throughput, model_flops_per_token, peak_flops  # noqa: F401
+from zerotune.training.monitoring.throughput import Throughput, model_flops_per_token, peak_flops, with_old_memory_keys  # noqa: F401
 from zerotune.training.monitoring.timing import PhaseTimer, time_scalars
 from zerotune.training.monitoring.tracker_setup import check_trackers, config_texts, open_trackers, run_hparams
 
@@ -108,7 +109,7 @@ class Metrics:
         values = {k: v for k, v in values.items() if v is not None}
         for t in self.trackers:
             t.scalars(step, values)
-        self._record({"step": step, **values, **extra})
+        self._record({"step": step, **with_old_memory_keys(values), **extra})
 
     def text(self, tag: str, value: str, step: int = 0) -> None:
         for t in self.trackers:
@@ -154,17 +155,16 @@ class Metrics:
             self.timer.clear()
             return
         self.last_step = step
-        tps = tokens / seconds if seconds > 0 else 0.0
+        rates = self.throughput.rates(tokens, seconds, padded_tokens, seq_len or self.recipe.data.max_len)
+        tps = rates["train/tokens_per_sec"]
         self.watchdog.check(step, grad_norm, tps)
         values = {
             "train/loss": loss,
             "train/lr": lr,
             "train/grad_norm": grad_norm,
-            "train/tokens_per_sec": tps,
-            "train/mfu": self.throughput.mfu(tps, seq_len or self.recipe.data.max_len),
+            **rates,
             "train/samples_seen": samples,
             "train/epoch": epoch,
-            "data/packing_efficiency": tokens / padded_tokens if padded_tokens else None,
             **time_scalars(self.timer.take(), seconds),
             **self.throughput.gpu_memory(),
         }

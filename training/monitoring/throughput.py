@@ -21,7 +21,7 @@ from zerotune.core.flops import flops_per_token
 from zerotune.core.io import read_model_config
 from zerotune.core.memory import PEAK_TFLOPS
 
-GB = 1e9
+GIB = 2 ** 30   # every memory figure a user reads is in GiB (the planner's and nvidia-smi's unit)
 
 
 def peak_flops(device_name: str) -> float | None:
@@ -74,9 +74,17 @@ class Throughput:
         if not self.cuda:
             return {}
         import torch
-        return {"train/gpu_mem_allocated_gb": torch.cuda.memory_allocated() / GB,
-                "train/gpu_mem_reserved_gb": torch.cuda.memory_reserved() / GB,
-                "train/gpu_mem_peak_gb": torch.cuda.max_memory_allocated() / GB}
+        return {"train/gpu_mem_allocated_gib": torch.cuda.memory_allocated() / GIB,
+                "train/gpu_mem_reserved_gib": torch.cuda.memory_reserved() / GIB,
+                "train/gpu_mem_peak_gib": torch.cuda.max_memory_allocated() / GIB}
+
+    def rates(self, tokens: float, seconds: float, padded_tokens: float | None, seq_len: int) -> dict:
+        """A step's tokens/s (real tokens of the global batch, padding excluded), MFU and packing
+        efficiency (real / padded tokens)."""
+        tps = tokens / seconds if seconds > 0 else 0.0
+        return {"train/tokens_per_sec": tps, "train/mfu": self.mfu(tps, seq_len),
+                "data/packing_efficiency": tokens / padded_tokens if padded_tokens else None}
+
 
     def mfu_text(self) -> str:
         """The formula with this run's numbers (TensorBoard text config/mfu)."""
@@ -94,3 +102,16 @@ class Throughput:
                 "causal attention. tokens/s counts real tokens, not padding, over all ranks.\n\n"
                 f"- F: {per_token}\n- peak: {peak}, dense bf16\n- world_size: {self.world}\n"
                 f"- gradient checkpointing {ckpt} (model FLOPs, not hardware FLOPs)")
+
+
+# Memory keys before 2026-12 were named _gb and held 1e9-byte GB; metrics.jsonl keeps them for one
+# release (scripts that read them), the trackers show only the GiB keys.
+OLD_MEMORY_KEYS = {f"train/gpu_mem_{k}_gib": (f"train/gpu_mem_{k}_gb", GIB / 1e9) for k in ("allocated", "reserved", "peak")}
+
+
+def with_old_memory_keys(values: dict) -> dict:
+    out = dict(values)
+    for new, (old, scale) in OLD_MEMORY_KEYS.items():
+        if values.get(new) is not None:
+            out[old] = values[new] * scale
+    return out
