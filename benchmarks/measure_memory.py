@@ -1,6 +1,6 @@
 """Peak GPU memory and tokens/s of zerotune's own training path, next to `zerotune plan`'s estimate.
 
-Runs the workloads of ../shared/bench/README.md on one GPU with random-initialised
+Runs the workloads of benchmarks/README.md on one GPU with random-initialised
 Llama-3-shaped models (built from a config, saved once under --models) and random tokens
 (no padding): the model and engine come from zerotune.training.model.build.build_model and
 training.engine.build_engine with the ds_config launcher/ds_config.py renders, and each
@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_setup import SIZES  # noqa: E402  the peer's Llama-3 shapes, one table for every benchmark
+from bench_setup import SIZES, make_model, model_dir  # noqa: E402  one random-model builder for every benchmark
 
 WORKLOADS = {
     "full-1b-zero3": dict(size="1b", mbs=8, method="full", zero=3),
@@ -40,19 +40,11 @@ SMOKE = {"smoke-tiny": dict(size="tiny", mbs=2, method="full", zero=3)}  # CPU: 
 SEQ = 2048
 
 
-def make_model(size: str, models: Path) -> Path:
-    """A random-initialised model folder (config + bf16 safetensors), made once."""
-    path = models / f"llama3-{size}-random"
-    if (path / "config.json").is_file():
-        return path
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-    cfg = LlamaConfig(**SIZES[size], max_position_embeddings=4096, rope_theta=500000.0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    model.save_pretrained(path)
-    del model
-    torch.cuda.empty_cache()
+def random_model(size: str, models: Path) -> Path:
+    """bench_setup's random-initialised model folder for `size`, made once."""
+    path = model_dir(models, size)
+    if not (path / ".done").is_file():
+        make_model(size, path)
     return path
 
 
@@ -84,7 +76,7 @@ def measure(name: str, models: Path, steps: int, warmup: int) -> dict:
     from zerotune.training.run.step import forward_backward
 
     w = {**WORKLOADS, **SMOKE}[name]
-    recipe = recipe_for(name, make_model(w["size"], models))
+    recipe = recipe_for(name, random_model(w["size"], models))
     cfg = dsc.render(recipe, world_size=1)
     cuda = torch.cuda.is_available()
     deepspeed.init_distributed()
@@ -112,11 +104,12 @@ def measure(name: str, models: Path, steps: int, warmup: int) -> dict:
         del loss
     step_s = sorted(times)[len(times) // 2]
     tps = w["mbs"] * seq / step_s
-    model_cfg = json.loads((make_model(w["size"], models) / "config.json").read_text())
+    model_cfg = json.loads((random_model(w["size"], models) / "config.json").read_text())
     wl = plan.Workload(model=model_cfg, micro_batch_size=w["mbs"], seq_len=seq, optimizer=recipe.train.optimizer)
     st = plan.Strategy(w["method"], w["zero"], w.get("offload", False), w.get("offload", False))
     est = plan.estimate_memory(wl, st)
     from zerotune.core.flops import flops_per_token
+    from zerotune.core.memory import peak_tflops_of
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else 0.0
     return {"workload": name, "peak_gib": round(peak, 2) if cuda else None,
             "reserved_gib": round(torch.cuda.max_memory_reserved() / 2 ** 30, 2) if cuda else None,
@@ -124,7 +117,8 @@ def measure(name: str, models: Path, steps: int, warmup: int) -> dict:
             "error_pct": round(100 * (est["total"] / 2 ** 30 - peak) / peak, 1) if cuda else None,
             "estimate_split_gib": {k: round(v / 2 ** 30, 2) for k, v in est.items() if k not in ("trainable", "total")},
             "tokens_per_s": round(tps), "step_s": round(step_s, 3),
-            "mfu": round(tps * flops_per_token(model_cfg, seq) / 989e12, 4),
+            "mfu": round(tps * flops_per_token(model_cfg, seq) / (peak_tflops_of(torch.cuda.get_device_name()) * 1e12), 4)
+            if cuda and peak_tflops_of(torch.cuda.get_device_name()) else None,
             "device": torch.cuda.get_device_name() if cuda else "cpu"}
 
 

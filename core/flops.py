@@ -81,7 +81,7 @@ def flops_per_token(cfg: dict, seq_len: int) -> float:
     head. Attention scores and values cost 2 x 2 x layers x seq x (heads x head_dim) per token
     forward, halved by the causal mask, tripled for forward + backward: 6 x L x s x h.
     Activation recomputation is not counted (these are model FLOPs, as in MFU).
-    Same formula as ../shared/bench/peer_hf.py, so MFUs compare.
+    Same formula as benchmarks/peer_hf.py (the peer), so MFUs compare.
     """
     s = shape(cfg)
     lp = layer_params(s)

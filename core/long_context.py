@@ -29,7 +29,7 @@ from typing import Optional
 
 from .checkpoint_cost import snapshot_bytes_per_node
 from .flops import shape
-from .memory import RESERVED, DEFAULT_GPU_MEMORY, Strategy, Workload, dtype_bytes, estimate_memory
+from .memory import Strategy, Workload, dtype_bytes, estimate_memory
 
 SP_METHODS = ("full", "lora", "qlora", "ia3", "adapter")         # methods that keep the sequence as it is
 SP_ATTENTION = ("sdpa", "flash_attention_2")                       # kernels training/long_context/sp_attention.py drives
@@ -104,15 +104,3 @@ def sp_candidates(w: Workload) -> list[int]:
     """SP degrees to try: divisors of the GPUs of a node that also split the attention heads."""
     return [n for n in range(1, w.gpus_per_node + 1)
             if w.gpus_per_node % n == 0 and (n == 1 or heads_problem(w.model, n) is None)]
-
-
-def pick_sequence_parallel(w: Workload, st: Strategy, gpu_memory: float = DEFAULT_GPU_MEMORY,
-                           packed: bool = False, attn: str = "sdpa") -> tuple[Optional[int], dict]:
-    """The smallest SP degree whose estimate fits one GPU (leaving core.memory.RESERVED), with its
-    estimate; (None, the estimate of the largest degree tried) when none fits."""
-    est: dict = {}
-    for n in sp_candidates(w):
-        est = sp_memory(w, st, n, packed, attn)
-        if est["total"] <= gpu_memory - RESERVED:
-            return n, est
-    return None, est

@@ -136,7 +136,7 @@ def test_qlora_breakdown_by_hand():
 
 
 # peak GiB measured on one H100: (zerotune's path, benchmarks/measure_memory.py, 2026-11-25) and
-# the HF Trainer peer (../shared/bench/README.md, 2026-11-24); docs/plan_vs_measured.md
+# the HF Trainer peer (benchmarks/peer_hf.py, 2026-11-24); both tabled in docs/plan_vs_measured.md
 MEASURED = [
     (LLAMA_1B, 8, P.Strategy("full", 3), "adamw", "zerotune", 43.22),
     (LLAMA_1B, 8, P.Strategy("full", 3, True, True), "adamw", "zerotune", 26.69),

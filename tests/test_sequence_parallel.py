@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zerotune.core.long_context import check_sequence_parallel, pick_sequence_parallel, sp_memory
+from zerotune.core.long_context import check_sequence_parallel, sp_memory
 from zerotune.core.memory import Strategy, Workload
 from zerotune.core.recipe import RecipeError
 from zerotune.core.recipe_load import load_recipe
@@ -110,10 +110,13 @@ def test_memory_scales_with_local_tokens_and_the_planner_picks_the_smallest_degr
     assert four["logits"] == pytest.approx(one["logits"], rel=0.1)   # one loss chunk either way
     kept = lambda m: m["activations"] - m["all_to_all"]              # noqa: E731
     assert kept(four) < kept(one) / 3.5 and four["mask"] == one["mask"] / 48   # 1/16 the size, no 2-byte copy
-    n, est = pick_sequence_parallel(w, st, gpu_memory=80 * GIB, packed=True)
-    assert n == 2 and est["total"] < 77.5 * GIB < sp_memory(w, st, 1, packed=True)["total"]
-    n, est = pick_sequence_parallel(w, st, gpu_memory=40 * GIB, packed=True)
-    assert n is None and est["local_tokens"] == 32768               # the largest degree tried
+    # the planner's search (launcher/plan.py sp_hint): the smallest degree with a strategy that fits
+    from zerotune.core.memory import DEFAULT_CPU_MEMORY
+    from zerotune.launcher.plan import sp_hint
+    assert sp_hint(w, "full", 80 * GIB, DEFAULT_CPU_MEMORY).startswith(
+        "with --set distributed.sequence_parallel=2 (each GPU holds 65,536 of the 131,072 tokens)")
+    assert "--set train.offload_activations=true" in sp_hint(w, "full", 20 * GIB, DEFAULT_CPU_MEMORY)
+    assert sp_hint(w, "full", 4 * GIB, DEFAULT_CPU_MEMORY).startswith("no sequence-parallel degree up to the 4 GPUs")
 
 
 # ----------------------------------------------------------------------------- SP=N vs one process

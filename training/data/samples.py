@@ -46,19 +46,38 @@ def tokenize_source(src, tokenizer, template, data_cfg, limit: int | None = None
     return out, st
 
 
+def bad_row(err: DataError, data_cfg, st: dict) -> None:
+    """A row that cannot be used: raised, or with data.on_bad_rows: skip counted in `st` (the
+    first three kept as examples)."""
+    if data_cfg.on_bad_rows != "skip":
+        raise err
+    st["bad_rows"] += 1
+    if len(st["bad_examples"]) < 3:
+        st["bad_examples"].append(str(err))
+
+
+def conversations(rows, src, data_cfg, st: dict, limit: int | None = None):
+    """(where, conversation) for each row of `src` that parses (bad_row for the others); counts
+    rows in `st`. Shared by tokenizing (below) and the no-model check (validate.py)."""
+    for where, row in rows:
+        st["rows"] += 1
+        try:
+            if isinstance(row, DataError):
+                raise row
+            conv = to_conversation(src.format, row, where, src.columns, data_cfg.system_prompt)
+        except DataError as e:
+            bad_row(e, data_cfg, st)
+        else:
+            yield where, conv
+        if limit and st["rows"] >= limit:
+            return
+
+
 def tokenize_rows(rows, src, tokenizer, template, data_cfg, limit: int | None = None) -> tuple[list, dict]:
     """tokenize_source on some (where, row) pairs of `src` (prepare.py hands chunks to workers)."""
     st = new_source_stats(src)
-    skip = data_cfg.on_bad_rows == "skip"
     out: list[tuple[list[int], list[int]]] = []
     pending: list[tuple[str, list]] = []   # (text, spans) awaiting one batched tokenizer call
-
-    def bad(err: DataError) -> None:
-        if not skip:
-            raise err
-        st["bad_rows"] += 1
-        if len(st["bad_examples"]) < 3:
-            st["bad_examples"].append(str(err))
 
     def add(ids, labels) -> None:
         st["longest"] = max(st["longest"], len(ids))
@@ -81,23 +100,17 @@ def tokenize_rows(rows, src, tokenizer, template, data_cfg, limit: int | None = 
             add(ids, label_tokens(ids, offs, spans, data_cfg.train_on_prompt))
         pending.clear()
 
-    for where, row in rows:
-        st["rows"] += 1
+    for where, conv in conversations(rows, src, data_cfg, st, limit):
         try:
-            if isinstance(row, DataError):
-                raise row
-            conv = to_conversation(src.format, row, where, src.columns, data_cfg.system_prompt)
             if src.format == "text":
                 add(*tokenize_text(tokenizer, conv["text"]))
             else:
                 pending.append(assistant_spans(tokenizer, template, conv, where, data_cfg.train_on,
                                                data_cfg.train_on_reasoning))
         except DataError as e:
-            bad(e)
+            bad_row(e, data_cfg, st)
         if len(pending) >= CHUNK:
             flush()
-        if limit and st["rows"] >= limit:
-            break
     flush()
     st["samples"] = len(out)
     return out, st

@@ -18,8 +18,8 @@ from __future__ import annotations
 import time
 
 from .build import no_samples_error, prepare_tokenizer, truncation_warnings
-from .formats import DataError, check_columns, to_conversation
-from .samples import new_source_stats, tokenize_source
+from .formats import DataError, check_columns
+from .samples import bad_row, conversations, new_source_stats, tokenize_source
 from .sources import read_rows
 from .tokenize import trained_turns
 
@@ -28,22 +28,14 @@ def check_source(src, data_cfg) -> dict:
     """Parse and convert every row of one source (no tokenizer); its counts, as tokenize_source's."""
     st = new_source_stats(src)
     check_columns(src.format, src.columns, f"data source {src.path}")
-    for where, row in read_rows(src):
-        st["rows"] += 1
+    for where, conv in conversations(read_rows(src), src, data_cfg, st):
         try:
-            if isinstance(row, DataError):
-                raise row
-            conv = to_conversation(src.format, row, where, src.columns, data_cfg.system_prompt)
             if src.format == "text" or trained_turns(conv, where, data_cfg.train_on, data_cfg.train_on_reasoning):
                 st["samples"] += 1
             else:
                 st["dropped_no_target"] += 1
         except DataError as e:
-            if data_cfg.on_bad_rows != "skip":
-                raise
-            st["bad_rows"] += 1
-            if len(st["bad_examples"]) < 3:
-                st["bad_examples"].append(str(e))
+            bad_row(e, data_cfg, st)
     if st["rows"] == 0:
         raise DataError(f"{src.path}: no rows")
     return st

@@ -19,7 +19,7 @@ import os
 
 from zerotune.core.flops import flops_per_token
 from zerotune.core.io import read_model_config
-from zerotune.core.memory import PEAK_TFLOPS
+from zerotune.core.memory import peak_tflops_of
 
 GIB = 2 ** 30   # every memory figure a user reads is in GiB (the planner's and nvidia-smi's unit)
 
@@ -29,13 +29,8 @@ def peak_flops(device_name: str) -> float | None:
     ZEROTUNE_PEAK_TFLOPS overrides it (for GPUs the table lacks)."""
     if os.environ.get("ZEROTUNE_PEAK_TFLOPS"):
         return float(os.environ["ZEROTUNE_PEAK_TFLOPS"]) * 1e12
-    name = device_name.lower()
-    if "h100" in name and "pcie" in name:
-        return 756e12
-    for key, tflops in PEAK_TFLOPS.items():
-        if key in name:
-            return tflops * 1e12
-    return None
+    tflops = peak_tflops_of(device_name)
+    return tflops * 1e12 if tflops else None
 
 
 def model_flops_per_token(recipe, seq_len: int) -> float | None:
