@@ -109,7 +109,7 @@ def measure(name: str, models: Path, steps: int, warmup: int) -> dict:
     st = plan.Strategy(w["method"], w["zero"], w.get("offload", False), w.get("offload", False))
     est = plan.estimate_memory(wl, st)
     from zerotune.core.flops import flops_per_token
-    from zerotune.core.memory import peak_tflops_of
+    from zerotune.core.flops import peak_tflops_of
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else 0.0
     return {"workload": name, "peak_gib": round(peak, 2) if cuda else None,
             "reserved_gib": round(torch.cuda.max_memory_reserved() / 2 ** 30, 2) if cuda else None,

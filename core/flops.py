@@ -91,3 +91,19 @@ def flops_per_token(cfg: dict, seq_len: int) -> float:
     matmul = s["layers"] * layer + s["d"] + s["vocab"] * s["d"]  # LM head (tied or not)
     attention = 6 * s["layers"] * seq_len * s["heads"] * s["head_dim"]
     return float(6 * matmul + attention)
+
+
+# Dense bf16 peak TFLOP/s of one GPU (datasheets): the planner's --gpu-type choices, and the MFU
+# denominator of zerotune's metrics and of the peer (benchmarks/peer_hf.py): one table for all.
+PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "l40s": 362.0, "a10g": 125.0}
+PCIE_PEAK_TFLOPS = {"h100": 756.0}   # the PCIe cards of a family, where they differ
+
+
+def peak_tflops_of(device_name: str) -> float | None:
+    """Peak of a GPU named as torch/nvidia-smi name it ('NVIDIA H100 PCIe', 'NVIDIA H200'); None
+    when the table does not know it."""
+    name = device_name.lower()
+    for key, tflops in PEAK_TFLOPS.items():
+        if key in name:
+            return PCIE_PEAK_TFLOPS.get(key, tflops) if "pcie" in name else tflops
+    return None

@@ -71,21 +71,6 @@ LOGIT_BYTES = 12                   # per logit element, see the module docstring
 FUSED_CHUNK = 4096                 # tokens per chunk of the chunked loss (training/model/loss.py CHUNK_TOKENS)
 FUSED_LOSS_SPEED = 0.96            # its tokens/s relative to the plain loss (measured 0.94-0.97, H200)
 OFFLOAD_ACTIVATIONS_SPEED = 0.9    # train.offload_activations: ASSUMED (not measured), a copy each way per layer
-# Dense bf16 peak TFLOP/s of one GPU (datasheets): the planner's --gpu-type choices, and the MFU
-# denominator of zerotune's metrics and of the peer (benchmarks/peer_hf.py): one table for all.
-PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "l40s": 362.0, "a10g": 125.0}
-PCIE_PEAK_TFLOPS = {"h100": 756.0}   # the PCIe cards of a family, where they differ
-
-
-def peak_tflops_of(device_name: str) -> Optional[float]:
-    """Peak of a GPU named as torch/nvidia-smi name it ('NVIDIA H100 PCIe', 'NVIDIA H200'); None
-    when the table does not know it."""
-    name = device_name.lower()
-    for key, tflops in PEAK_TFLOPS.items():
-        if key in name:
-            return PCIE_PEAK_TFLOPS.get(key, tflops) if "pcie" in name else tflops
-    return None
-
 # MFU per strategy on one GPU, zerotune's own path through `zerotune train` (benchmarks/bench.py,
 # one H200, 2026-11-27, 1B mbs 8 / 8B mbs 4, seq 2048, chunked loss), gradient checkpointing on
 # and off. Keys: (method, zero, offload optimizer, offload params, gradient checkpointing).

@@ -19,7 +19,7 @@ import os
 
 from zerotune.core.flops import flops_per_token
 from zerotune.core.io import read_model_config
-from zerotune.core.memory import peak_tflops_of
+from zerotune.core.flops import peak_tflops_of
 
 GIB = 2 ** 30   # every memory figure a user reads is in GiB (the planner's and nvidia-smi's unit)
 
