@@ -34,7 +34,7 @@ from zerotune.core.layout import BAD_LOSS_EXIT_CODE, DS_CONFIG_FILE, FINAL_DIR, 
 from zerotune.core.recipe import BatchGeometry
 from zerotune.core.recipe_load import load_run_recipe
 
-from zerotune.training.checkpoint import async_save, resume, save as checkpoint
+from zerotune.training.checkpoint import async_save, resume, save as checkpoint  # checkpoint.save: the save itself
 from zerotune.training.data import ResumableSampler, batches, build_data, load_tokenizer
 from zerotune.training.export.write import save_final
 from zerotune.training.long_context import sequence_parallel
@@ -250,7 +250,7 @@ def run_steps(run: Run) -> str:
             if run.writer:
                 run.writer.raise_error()   # a background save that failed (a full disk) stops the run here
             if between(step, run.recipe.checkpoint.every, run.total_steps):
-                save(run, step)
+                save_checkpoint(run, step)
     return DONE
 
 
@@ -278,7 +278,7 @@ def evaluate(run: Run, step: int) -> bool:
     return bool(es and state["evals_without_improvement"] >= es.patience)
 
 
-def save(run: Run, step: int) -> None:
+def save_checkpoint(run: Run, step: int) -> None:
     """Save step `step` (once: a stop or a bad loss right after a periodic save does not repeat it)."""
     if run.last_saved == step:
         return
@@ -296,7 +296,7 @@ def save(run: Run, step: int) -> None:
 def finish(run: Run, outcome: str) -> int:
     step = run.state["step"]
     if outcome == BAD_LOSS:  # keep a checkpoint (skipped steps changed nothing) and stop
-        save(run, step)
+        save_checkpoint(run, step)
         msg = run.guard.stop_message(step, run.recipe)
         run.log.say(msg)
         if run.rank == 0:
@@ -306,7 +306,7 @@ def finish(run: Run, outcome: str) -> int:
         return stopped(run, outcome)
     if outcome == DONE:
         evaluate(run, step)
-    save(run, step)
+    save_checkpoint(run, step)
     if run.recipe.checkpoint.save_final:
         save_final(run.engine, run.model, run.recipe, run.run_dir / FINAL_DIR, run.rank)
         run.log.say(f"final model: {run.run_dir / FINAL_DIR}")
@@ -320,7 +320,7 @@ def stopped(run: Run, kind: str) -> int:
     this attempt took no step (its resume point is already saved), and say how to go on."""
     step, sig = run.state["step"], run.stop.signal or "a stop signal on another rank"
     if step > run.start_step:
-        save(run, step)
+        save_checkpoint(run, step)
         done = f"saved step {step}"
     elif step > 0:
         done = f"step {step} is saved (no step since the resume)"
