@@ -13,7 +13,7 @@ from typing import Optional
 from zerotune.core.flops import flops_per_token, num_params, shape
 from zerotune.core.checkpoint_cost import WRITE_BYTES_PER_S, checkpoint_bytes, save_seconds
 from zerotune.core.flops import PEAK_TFLOPS
-from zerotune.core.io import GIB, parse_size  # noqa: F401  (parse_size: tests)
+from zerotune.core.io import GIB, parse_size
 from zerotune.core.long_context import gpu_memory_of, sp_candidates
 from zerotune.core.memory import (DEFAULT_CPU_MEMORY, DEFAULT_GPU_MEMORY, FUSED_LOSS_SPEED, OFFLOAD_ACTIVATIONS_SPEED,  # noqa: F401
                                   RESERVED, Estimate,

@@ -50,7 +50,7 @@ def read_records(path: Path, tail_bytes: int = TAIL_BYTES) -> list[dict]:
 
 
 def ago(seconds: float) -> str:
-    from zerotune.training.monitoring.metrics import format_duration
+    from zerotune.training.monitoring.console import format_duration
     return format_duration(max(0.0, seconds)) + " ago"
 
 
@@ -156,7 +156,7 @@ def from_heartbeat(beat: dict, s: dict, now: float) -> str | None:
 
 
 def render(s: dict) -> str:
-    from zerotune.training.monitoring.metrics import format_duration
+    from zerotune.training.monitoring.console import format_duration
     rows = [("run", s["run_dir"] + (f" ({s['name']})" if s["name"] else ""))]
     j = s["job"]
     if j:

@@ -13,6 +13,7 @@ from zerotune.launcher import plan as P
 from zerotune.core.recipe import RecipeError
 from zerotune.core.recipe_load import validate_recipe
 from zerotune.core.flops import flops_per_token, num_params
+from zerotune.core.io import parse_size
 
 GIB = 2 ** 30
 LLAMA_1B = dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -184,10 +185,10 @@ def test_time_and_cost_from_tokens():
 
 
 def test_parse_size():
-    assert P.parse_size("80GB") == 80 * GIB == P.parse_size("80 GiB") == P.parse_size("80g")
-    assert P.parse_size("1.5T") == 1.5 * 2 ** 40
+    assert parse_size("80GB") == 80 * GIB == parse_size("80 GiB") == parse_size("80g")
+    assert parse_size("1.5T") == 1.5 * 2 ** 40
     with pytest.raises(RecipeError, match="not a memory size"):
-        P.parse_size("lots")
+        parse_size("lots")
 
 
 def test_plan_command(tmp_path):

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 from .build import DataBundle, build_data, load_tokenizer, prepare_tokenizer
 from .formats import DataError
-from .loader import ResumableSampler, TokenDataset, batches, collate, pack, real_tokens, target_tokens
+from .dataset import TokenDataset
+from .loader import ResumableSampler, batches, collate, pack, real_tokens, target_tokens
 from .samples import tokenize_source
 from .tokenize import IGNORE
 

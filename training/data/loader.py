@@ -13,7 +13,6 @@ from array import array
 
 import numpy as np
 
-from .dataset import TokenDataset  # noqa: F401  (importable from here as before)
 from .formats import DataError
 from .tokenize import IGNORE
 

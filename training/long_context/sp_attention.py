@@ -127,11 +127,3 @@ def register(model_config, group, impl: str) -> UlyssesAttention:
     wrapper = UlyssesAttention(model_config, group, core, impl)
     ALL_ATTENTION_FUNCTIONS[impl] = wrapper
     return wrapper
-
-
-def unregister(impl: str) -> None:
-    """Put the original kernel back (tests)."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    current = ALL_ATTENTION_FUNCTIONS[impl]
-    if isinstance(current, UlyssesAttention):
-        ALL_ATTENTION_FUNCTIONS[impl] = current.core

@@ -47,8 +47,8 @@ from pathlib import Path
 
 from zerotune.core.layout import FAILED_FILE, METRICS_FILE
 
-from zerotune.training.monitoring.console import Console, Watchdog, format_duration  # noqa: F401  (format_duration: launcher/status.py)
-from zerotune.training.monitoring.throughput import Throughput, model_flops_per_token, peak_flops, with_old_memory_keys  # noqa: F401
+from zerotune.training.monitoring.console import Console, Watchdog, format_duration
+from zerotune.training.monitoring.throughput import Throughput, with_old_memory_keys
 from zerotune.training.monitoring.timing import PhaseTimer, time_scalars
 from zerotune.training.monitoring.tracker_setup import check_trackers, config_texts, open_trackers, run_hparams
 
