@@ -21,7 +21,7 @@ tr = [r for r in recs if "train/loss" in r]; ev = [r["eval/loss"] for r in recs 
 tps = sorted(r["train/tokens_per_sec"] for r in tr[5:])
 print(json.dumps({"demo_bf16": True, "steps": len(tr), "loss_first": tr[0]["train/loss"], "loss_last": tr[-1]["train/loss"],
                   "eval": ev, "median_tokens_per_s": tps[len(tps) // 2],
-                  "peak_gib": max(r.get("train/gpu_mem_peak_gb", 0) for r in tr)}))
+                  "peak_gib": max(r.get("train/gpu_mem_peak_gib", 0) for r in tr)}))
 PY
       ;;
     full1b)  python benchmarks/measure_memory.py full-1b-zero3 | tee -a "$OUT/results.txt"
@@ -56,7 +56,7 @@ tps = sorted(r["train/tokens_per_sec"] for r in tr[3:])
 print(json.dumps({"train1b": True, "steps": [r["step"] for r in tr][-6:], "loss_first": tr[0]["train/loss"],
                   "loss_last": tr[-1]["train/loss"], "median_tokens_per_s": tps[len(tps) // 2],
                   "mfu": sorted(r.get("train/mfu", 0) for r in tr[3:])[len(tps) // 2],
-                  "peak_gib": max(r.get("train/gpu_mem_peak_gb", 0) for r in tr),
+                  "peak_gib": max(r.get("train/gpu_mem_peak_gib", 0) for r in tr),
                   "events": [r for r in recs if r.get("event") in ("checkpoint", "start")][-4:]}))
 PY
       rm -rf "$OUT"/runs/l1b/checkpoints "$OUT"/runs/l1b/final ;;
