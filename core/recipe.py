@@ -36,6 +36,12 @@ class ModelConfig(_Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
         "sdpa", description="Attention kernel passed to transformers.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub (off by default).")
+    kernels: Literal["auto", "liger", "none"] = Field(
+        "auto", description="Fused kernels (training/model/kernels.py): liger = liger-kernel's RMSNorm, SwiGLU, RoPE "
+                            "and, at ZeRO 0-2, its fused linear cross entropy (pip install 'zerotune[gpu]'); none = "
+                            "transformers' own. auto: liger when liger_kernel is installed, the run is on a CUDA GPU "
+                            "and the model family is one of core.memory.LIGER_FAMILIES, else none (decided by the "
+                            "launcher for local GPUs, on each rank for Slurm jobs; RUN_DIR/recipe.yaml records it).")
     chat_template: Optional[str] = Field(
         None, description="None: the tokenizer's own template; a built-in name (chatml, llama3, alpaca, "
                           "plain), a path to a .jinja file (relative: to the working directory) or a Jinja "

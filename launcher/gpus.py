@@ -11,12 +11,15 @@ Where the size comes from, first match:
 """
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 from dataclasses import dataclass
 from typing import Optional
 
 from zerotune.core.io import GIB, parse_size
-from zerotune.core.memory import DEFAULT_GPU_MEMORY
+from zerotune.core.io import read_model_config
+from zerotune.core.memory import DEFAULT_GPU_MEMORY, LIGER_FAMILIES
+from zerotune.core.recipe import RecipeError
 
 MIB = 1 << 20
 QUERY = ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"]
@@ -71,3 +74,18 @@ def planned_gpu_memory(recipe, flag: Optional[str] = None, slurm: bool = False) 
     if recipe.cluster.gpu_memory:
         return GpuMemory(parse_size(recipe.cluster.gpu_memory), "cluster.gpu_memory")
     return GpuMemory(DEFAULT_GPU_MEMORY, "assumed")
+
+
+def kernels_for(recipe, gpu: GpuMemory) -> str:
+    """model.kernels as the run gets it: `liger` without the liger-kernel package is a one-line
+    error here, before torchrun; `auto` on local GPUs (read by nvidia-smi) becomes liger when the
+    package is installed and the family is supported, else none; a Slurm job's auto stays auto (its
+    ranks decide: training/model/kernels.py) and the planner does not count liger's savings."""
+    setting, has = recipe.model.kernels, importlib.util.find_spec("liger_kernel") is not None
+    if setting == "liger" and not has:
+        raise RecipeError("model.kernels: liger needs the liger-kernel package (pip install 'zerotune[gpu]'), "
+                          "not installed in this environment")
+    if setting != "auto" or gpu.source == "cluster.gpu_memory":
+        return setting
+    local = gpu.source == "nvidia-smi" and has
+    return "liger" if local and read_model_config(recipe.model.path).get("model_type") in LIGER_FAMILIES else "none"

@@ -22,7 +22,7 @@ from zerotune.core.memory import DEFAULT_GPU_MEMORY
 from zerotune.core.recipe_load import load_recipe, load_run_recipe, validate_recipe
 
 from . import ds_config, preflight
-from .gpus import GpuMemory, planned_gpu_memory
+from .gpus import GpuMemory, kernels_for, planned_gpu_memory
 from zerotune.training.monitoring.tracker_setup import check_trackers
 
 _NONE = object()
@@ -33,12 +33,15 @@ def resolve(recipe: Recipe, world_size: int, nodes: int = 1, gpu: Optional[GpuMe
     memory of one GPU, launcher/gpus.py; default: 80 GiB assumed): train.micro_batch_size: auto
     becomes the largest that fits (gradient accumulation keeps global_batch_size), and `auto` in
     distributed.zero, train.gradient_checkpointing and train.fused_loss the planner's fastest choice
-    that fits (launcher/plan.py), offload flags included. cluster.gpu_memory records the size planned
-    for. (train.compile and model.kernels `auto` are decided on each rank: they need its GPU.)"""
+    that fits (launcher/plan.py), offload flags included; model.kernels as launcher/gpus.py
+    kernels_for says. cluster.gpu_memory records the size planned for. (train.compile: auto is
+    decided on each rank: it needs to know the rank has a GPU.)"""
     from .plan import choose, pick_micro_batch
     gpu = gpu or GpuMemory(DEFAULT_GPU_MEMORY, "assumed")
     per_node = max(1, world_size // max(1, nodes))
-    recipe = pick_micro_batch(recipe, per_node, nodes, gpu.bytes)
+    data = recipe.model_dump(mode="json")
+    data["model"]["kernels"] = kernels_for(recipe, gpu)   # before the plan: liger's savings are counted
+    recipe = pick_micro_batch(validate_recipe(data, source="resolved recipe"), per_node, nodes, gpu.bytes)
     data = recipe.model_dump(mode="json")
     t = recipe.train
     if "auto" in (recipe.distributed.zero, t.gradient_checkpointing, t.fused_loss, t.offload_activations):
@@ -55,6 +58,7 @@ def say_plan(recipe: Recipe, gpu: GpuMemory) -> None:
     """The line that prints what was chosen, and for which GPU size."""
     t, d = recipe.train, recipe.distributed
     print(f"zerotune: planned for {gpu.describe()}: ZeRO-{d.zero}, micro_batch_size {t.micro_batch_size}, "
+          f"kernels {recipe.model.kernels}, "
           f"gradient_checkpointing {str(t.gradient_checkpointing).lower()}, fused_loss {str(t.fused_loss).lower()}",
           file=sys.stderr, flush=True)
 
