@@ -3,7 +3,8 @@
 A copy of ../shared/bench/peer_hf.py (the peer the project is compared with) so that it
 travels with the checkout to the GPU machine, plus two additions that leave the original
 random-token mode unchanged: a real-data mode (`--data`) and `--model-dir` (where the LoRA /
-QLoRA modes keep the random-initialised model; default /tmp/rand_<size> as before).
+QLoRA modes keep the random-initialised model; default $PEER_MODEL_DIR, else /tmp/rand_<size>).
+--plain, --compile and PEER_MODEL_DIR follow the shared copy (2026-12-04).
 
 Measures steady-state tokens/s per GPU, MFU and peak GPU memory on random-token batches
 (no padding), so the project can be compared with it on the same work.
@@ -11,6 +12,9 @@ Measures steady-state tokens/s per GPU, MFU and peak GPU memory on random-token 
   torchrun --nproc_per_node N benchmarks/peer_hf.py full  --size 1b --seq 2048 --mbs 8 [--offload]
   torchrun --nproc_per_node 1 benchmarks/peer_hf.py qlora --size 8b --seq 2048 --mbs 4
   ... --liger   # the informed user's setting: TrainingArguments(use_liger_kernel=True), needs liger-kernel
+  ... full --plain   # one GPU without DeepSpeed: fp32 masters + bf16 autocast, torch fused AdamW (DDP on several)
+  ... --compile      # TrainingArguments(torch_compile=True)
+  PEER_MODEL_DIR=DIR # where lora/qlora keep (or find) the random model (--model-dir wins); default /tmp/rand_SIZE
 
 Data mode: real chat rows rendered with the tokenizer's chat template, truncated to --max-len,
 each batch padded to its longest sample by transformers' DataCollatorForSeq2Seq (labels -100
@@ -191,6 +195,8 @@ def parse_args():
     p.add_argument("--zero", type=int, default=3)
     p.add_argument("--no-gc", action="store_true")
     p.add_argument("--liger", action="store_true", help="HF Trainer's use_liger_kernel=True (fused RMSNorm, RoPE, SwiGLU, linear+CE)")
+    p.add_argument("--plain", action="store_true", help="full mode without DeepSpeed: torch fused AdamW (DDP on several GPUs)")
+    p.add_argument("--compile", action="store_true", help="TrainingArguments(torch_compile=True)")
     p.add_argument("--model-dir", default=None, help="lora/qlora: the random model's folder (made once; default /tmp/rand_SIZE)")
     p.add_argument("--data", default=None, help="real data mode: a .json/.jsonl file of chat rows (else random tokens)")
     p.add_argument("--format", choices=["alpaca", "sharegpt"], default="alpaca", help="row format of --data")
@@ -214,12 +220,16 @@ def full_model(a, cfg, common):
     if a.offload:
         ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
         ds["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if a.plain:
+        args = TrainingArguments(optim="adamw_torch_fused", max_grad_norm=1.0, **common)
+        with torch.device("cuda"):  # fp32 master weights + bf16 autocast, as DeepSpeed keeps fp32 masters
+            return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32), args
     args = TrainingArguments(deepspeed=ds, **common)  # must exist before from_config for zero.Init
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16), args
 
 
 def saved_random_model(a, cfg) -> str:
-    path = a.model_dir or f"/tmp/rand_{a.size}"
+    path = a.model_dir or os.environ.get("PEER_MODEL_DIR", f"/tmp/rand_{a.size}")
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and not os.path.exists(path + "/.done"):
         with torch.device("cuda"):
             m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
@@ -289,7 +299,7 @@ def main():
                   learning_rate=1e-5, bf16=True, gradient_checkpointing=not a.no_gc,
                   gradient_checkpointing_kwargs={"use_reentrant": False}, logging_steps=1000,
                   save_strategy="no", report_to=[], dataloader_num_workers=2, disable_tqdm=True,
-                  use_liger_kernel=a.liger)
+                  use_liger_kernel=a.liger, torch_compile=a.compile)
     t_load = time.perf_counter()
     if a.mode == "full":
         model, args = full_model(a, cfg, common)
@@ -312,7 +322,8 @@ def main():
         print("RESULT " + json.dumps(dict(peer="hf-trainer", mode=a.mode, size=a.size, params=n_params,
                                           seq=a.max_len if a.data else a.seq,
                                           mbs=a.mbs, world=world, zero=a.zero if a.mode == "full" else None,
-                                          offload=a.offload, gc=not a.no_gc, liger=a.liger, step_s=round(step, 4),
+                                          offload=a.offload, gc=not a.no_gc, liger=a.liger, plain=a.plain,
+                                          compile=a.compile, step_s=round(step, 4),
                                           tok_s_gpu=round(tok_s_gpu), mfu=round(mfu, 4), load_s=round(load_s, 1),
                                           peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                                           device=torch.cuda.get_device_name(), **extra)), flush=True)

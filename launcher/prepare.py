@@ -155,7 +155,6 @@ def prepare_run(recipe_path: str, overrides: list[str], world_size: int, nodes: 
     if gpu.known if fit_check is None else fit_check:   # before the data is tokenized, anything is written or torchrun starts
         from .plan import check_fits
         check_fits(recipe, max(1, world_size // nodes), nodes, gpu.bytes)
-    say_plan(recipe, gpu)
     run_dir = recipe.run_dir
     check_fresh_start(run_dir, recipe.checkpoint.resume, recipe.checkpoint.overwrite)
     preflight.check_resume(recipe)
@@ -163,6 +162,7 @@ def prepare_run(recipe_path: str, overrides: list[str], world_size: int, nodes: 
     preflight.check_disk(recipe, config)
     cfg = ds_config.render(recipe, world_size)
     preflight.prepare_data(recipe, tokenizer)    # the tokenized cache the ranks load
+    say_plan(recipe, gpu)                        # every check passed: what was chosen, for which GPU
     run_dir.mkdir(parents=True, exist_ok=True)   # nothing is written before every check passed
     if keep is not None:
         archive, what = keep

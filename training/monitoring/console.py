@@ -83,8 +83,8 @@ class Console:
             parts.append(f"{tr['train/tokens_per_sec']:,.0f} tok/s")
         if "train/mfu" in tr:
             parts.append(f"MFU {100 * tr['train/mfu']:.1f}%")
-        if "train/gpu_mem_peak_gb" in tr:
-            parts.append(f"peak mem {tr['train/gpu_mem_peak_gb']:.1f} GB")
+        if "train/gpu_mem_peak_gib" in tr:
+            parts.append(f"peak mem {tr['train/gpu_mem_peak_gib']:.1f} GiB")
         if step < self.total:
             parts.append(f"ETA {format_duration(self.eta_seconds(step))}")
         return " | ".join(parts)

@@ -25,7 +25,8 @@ Every rank creates a `Metrics`; only rank 0 writes. The loop calls:
 Tags (every tracker):
   train/loss train/lr train/grad_norm train/tokens_per_sec (real tokens, not padding)
   train/mfu (when core/flops.py knows the model and the GPU's peak is known; formula: config/mfu)
-  train/gpu_mem_allocated_gb train/gpu_mem_reserved_gb train/gpu_mem_peak_gb (CUDA only)
+  train/gpu_mem_{allocated,reserved,peak}_gib (CUDA only; GiB, 2^30 bytes: what the console prints), and the
+  same in GB (1e9 bytes) as train/gpu_mem_*_gb for older readers
   train/samples_seen train/epoch  eval/loss eval/perplexity  eval/samples (text)
   train/skipped_steps (at each skipped step: the run's total so far)
   data/packing_efficiency  time/step_s time/data_wait_s time/fwd_bwd_s time/optimizer_s time/other_s
