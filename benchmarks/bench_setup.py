@@ -46,6 +46,8 @@ WORKLOADS = {
     "long-8b-32k": dict(size="8b", method="full", mbs=1, gpus="all", min_gpus=4, zero=3, seq=32768, sp=4, hidden=True),
     "long-8b-128k": dict(size="8b", method="full", mbs=1, gpus="all", min_gpus=4, zero=3, seq=131072, sp=4,
                          hidden=True),
+    # one GPU, LoRA 8B at 32k tokens (issue 20): no sequence parallelism, the recipe's autos decide
+    "lora-8b-32k": dict(size="8b", method="lora", mbs=1, gpus=1, zero=0, seq=32768, hidden=True),
     "long-lora-8b-32k": dict(size="8b", method="lora", mbs=1, gpus="all", min_gpus=4, zero=3, seq=32768, sp=4,
                              hidden=True),
     # a CPU smoke test of bench.py (tests/test_bench.py); no peer (it needs CUDA); not in the default set
@@ -73,9 +75,14 @@ VARIANTS = {
     "long-8b-32k": {"default": [], "sp2": ["distributed.sequence_parallel=2"]},
     "long-8b-128k": {"default": [], "offload-activations": ["train.offload_activations=true"]},
     "long-lora-8b-32k": {"default": []},
+    "lora-8b-32k": {"default": [], "kernels-none": ["model.kernels=none"]},
 }
+for _wl in ("full-1b", "lora-8b", "qlora-8b"):   # issue 20: liger's share of the recipe as written
+    VARIANTS[_wl]["kernels-none"] = ["model.kernels=none"]
 # peer settings: name -> extra peer_hf.py arguments. "Best peer" = the fastest that ran.
-PEER_SETTINGS = {"default": [], "no-gc": ["--no-gc"], "liger": ["--liger"], "liger-no-gc": ["--liger", "--no-gc"]}
+PEER_SETTINGS = {"default": [], "no-gc": ["--no-gc"], "liger": ["--liger"], "liger-no-gc": ["--liger", "--no-gc"],
+                 # one GPU without DeepSpeed (full mode; the adapter modes never use DeepSpeed)
+                 "plain-no-gc": ["--plain", "--no-gc"], "plain-liger-no-gc": ["--plain", "--liger", "--no-gc"]}
 
 
 # ----------------------------------------------------------------------------- making zerotune importable
@@ -200,9 +207,12 @@ class Plan:
             "method": method,
             "data": {"train": [{"path": str(self.data_file(wl)), "format": fmt}], "max_len": self.seq(wl),
                      "packing": True, "eval_split": 0.0},
+            # the recipe as a user writes it (issue 20): checkpointing, kernels, loss and, on one GPU
+            # without offload or SP, the ZeRO stage are left to `auto` (planned for the GPU it runs on)
             "train": {"max_steps": self.a.steps, "micro_batch_size": w["mbs"], "grad_accum": 1, "lr": 1e-5,
-                      "warmup_steps": 0, "gradient_checkpointing": True},
-            "distributed": {"zero": w["zero"], "offload_optimizer": bool(w.get("offload")),
+                      "warmup_steps": 0},
+            "distributed": {"zero": w["zero"] if (w.get("offload") or w.get("sp") or w["gpus"] != 1) else "auto",
+                            "offload_optimizer": bool(w.get("offload")),
                             "offload_params": bool(w.get("offload")), "sequence_parallel": w.get("sp", 1)},
             "checkpoint": {"save_final": False, "keep": 1},
             "logging": {"progress": False, "every": 1},

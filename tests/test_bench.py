@@ -67,7 +67,7 @@ def test_dry_run_lists_every_command():
     assert len(p1b) == 2 * len(bench.PEER_SETTINGS)  # full-1b and full-1b-offload
     assert all(_after(c, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1") for c in p1b)
     assert sum("--offload" in c for c in p1b) == len(bench.PEER_SETTINGS)
-    assert sorted(tuple(x for x in c if x in ("--liger", "--no-gc")) for c in p1b if "--offload" not in c) == \
+    assert sorted(tuple(x for x in c if x in ("--liger", "--no-gc", "--plain")) for c in p1b if "--offload" not in c) == \
         sorted(tuple(v) for v in bench.PEER_SETTINGS.values())
     assert all(_after(c, "--steps", "12", "--warmup", "4") for c in peer)
     lora = [c for c in peer if _after(c, "lora", "--size", "8b")]
