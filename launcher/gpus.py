@@ -29,6 +29,7 @@ QUERY = ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounit
 class GpuMemory:
     bytes: float         # memory of one GPU planned for
     source: str          # "nvidia-smi", "--gpu-memory", "cluster.gpu_memory" or "assumed"
+    where: str = "local"  # "local": runs here ("gpus" when nvidia-smi sees some); "slurm": a job's GPUs
 
     @property
     def known(self) -> bool:
@@ -65,15 +66,15 @@ def local_gpu_memory() -> Optional[float]:
 
 def planned_gpu_memory(recipe, flag: Optional[str] = None, slurm: bool = False) -> GpuMemory:
     """The GPU memory `recipe` is planned for (module docstring)."""
+    local = None if slurm else local_gpu_memory()
+    where = "slurm" if slurm else ("gpus" if local is not None else "local")
     if flag:
-        return GpuMemory(parse_size(flag), "--gpu-memory")
-    if not slurm:
-        local = local_gpu_memory()
-        if local is not None:
-            return GpuMemory(local, "nvidia-smi")
+        return GpuMemory(parse_size(flag), "--gpu-memory", where)
+    if local is not None:
+        return GpuMemory(local, "nvidia-smi", where)
     if recipe.cluster.gpu_memory:
-        return GpuMemory(parse_size(recipe.cluster.gpu_memory), "cluster.gpu_memory")
-    return GpuMemory(DEFAULT_GPU_MEMORY, "assumed")
+        return GpuMemory(parse_size(recipe.cluster.gpu_memory), "cluster.gpu_memory", where)
+    return GpuMemory(DEFAULT_GPU_MEMORY, "assumed", where)
 
 
 def kernels_for(recipe, gpu: GpuMemory) -> str:
@@ -85,7 +86,7 @@ def kernels_for(recipe, gpu: GpuMemory) -> str:
     if setting == "liger" and not has:
         raise RecipeError("model.kernels: liger needs the liger-kernel package (pip install 'zerotune[gpu]'), "
                           "not installed in this environment")
-    if setting != "auto" or gpu.source == "cluster.gpu_memory":
+    if setting != "auto" or gpu.where == "slurm":
         return setting
-    local = gpu.source == "nvidia-smi" and has
+    local = gpu.where == "gpus" and has
     return "liger" if local and read_model_config(recipe.model.path).get("model_type") in LIGER_FAMILIES else "none"

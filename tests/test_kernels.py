@@ -110,3 +110,16 @@ def test_kernels_match_without(tmp_path, dtype, tol, method):
     for k in g0:
         rel = (g0[k] - g1[k]).norm() / g0[k].norm().clamp(min=1e-12)
         assert rel < (tol * 3 if dtype == "bf16" else 1e-3), (k, rel.item())
+
+
+def test_launcher_decides_auto_for_local_gpus_only(tmp_path, monkeypatch):
+    """auto: liger where nvidia-smi sees GPUs and the package is there; a Slurm job's ranks decide."""
+    from zerotune.launcher.gpus import GpuMemory, kernels_for
+    recipe = validate_recipe(base_recipe(tmp_path))      # stories260K: a llama
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "liger_kernel" else real(n, *a))
+    size = 80 * 2 ** 30
+    assert kernels_for(recipe, GpuMemory(size, "nvidia-smi", "gpus")) == "liger"
+    assert kernels_for(recipe, GpuMemory(size, "--gpu-memory", "gpus")) == "liger"
+    assert kernels_for(recipe, GpuMemory(size, "assumed", "local")) == "none"       # no GPU here
+    assert kernels_for(recipe, GpuMemory(size, "cluster.gpu_memory", "slurm")) == "auto"
