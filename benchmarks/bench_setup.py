@@ -21,12 +21,14 @@ ALPACA = "examples/data/alpaca/alpaca_en_demo.json"
 SHAREGPT = "examples/data/sharegpt/dummy_conversation.json"
 PACKAGE_DIRS = ("core", "launcher", "training", "ds_configs", "slurm")  # pyproject's package-dir map
 
-SIZES = {  # benchmarks/peer_hf.py's Llama-3 shapes (tests/test_bench.py checks they match)
+SIZES = {  # Llama-3 family shapes: the one table of zerotune's benchmarks and the peer (peer_hf.py imports it)
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
-    # CPU smoke test only: the peer's tiny shape with the phi-3 tokenizer's vocabulary (so no resize)
+    # CPU smoke tests: tiny, with the phi-3 tokenizer's vocabulary (so no resize)
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=32064, tie_word_embeddings=True),
 }
@@ -46,6 +48,8 @@ WORKLOADS = {
     "long-8b-32k": dict(size="8b", method="full", mbs=1, gpus="all", min_gpus=4, zero=3, seq=32768, sp=4, hidden=True),
     "long-8b-128k": dict(size="8b", method="full", mbs=1, gpus="all", min_gpus=4, zero=3, seq=131072, sp=4,
                          hidden=True),
+    # one GPU, LoRA 8B at 32k tokens (issue 20): no sequence parallelism, the recipe's autos decide
+    "lora-8b-32k": dict(size="8b", method="lora", mbs=1, gpus=1, zero=0, seq=32768, hidden=True),
     "long-lora-8b-32k": dict(size="8b", method="lora", mbs=1, gpus="all", min_gpus=4, zero=3, seq=32768, sp=4,
                              hidden=True),
     # a CPU smoke test of bench.py (tests/test_bench.py); no peer (it needs CUDA); not in the default set
@@ -73,9 +77,14 @@ VARIANTS = {
     "long-8b-32k": {"default": [], "sp2": ["distributed.sequence_parallel=2"]},
     "long-8b-128k": {"default": [], "offload-activations": ["train.offload_activations=true"]},
     "long-lora-8b-32k": {"default": []},
+    "lora-8b-32k": {"default": [], "kernels-none": ["model.kernels=none"]},
 }
+for _wl in ("full-1b", "lora-8b", "qlora-8b"):   # issue 20: liger's share of the recipe as written
+    VARIANTS[_wl]["kernels-none"] = ["model.kernels=none"]
 # peer settings: name -> extra peer_hf.py arguments. "Best peer" = the fastest that ran.
-PEER_SETTINGS = {"default": [], "no-gc": ["--no-gc"], "liger": ["--liger"], "liger-no-gc": ["--liger", "--no-gc"]}
+PEER_SETTINGS = {"default": [], "no-gc": ["--no-gc"], "liger": ["--liger"], "liger-no-gc": ["--liger", "--no-gc"],
+                 # one GPU without DeepSpeed (full mode; the adapter modes never use DeepSpeed)
+                 "plain-no-gc": ["--plain", "--no-gc"], "plain-liger-no-gc": ["--plain", "--liger", "--no-gc"]}
 
 
 # ----------------------------------------------------------------------------- making zerotune importable
@@ -200,9 +209,12 @@ class Plan:
             "method": method,
             "data": {"train": [{"path": str(self.data_file(wl)), "format": fmt}], "max_len": self.seq(wl),
                      "packing": True, "eval_split": 0.0},
+            # the recipe as a user writes it (issue 20): checkpointing, kernels, loss and, on one GPU
+            # without offload or SP, the ZeRO stage are left to `auto` (planned for the GPU it runs on)
             "train": {"max_steps": self.a.steps, "micro_batch_size": w["mbs"], "grad_accum": 1, "lr": 1e-5,
-                      "warmup_steps": 0, "gradient_checkpointing": True},
-            "distributed": {"zero": w["zero"], "offload_optimizer": bool(w.get("offload")),
+                      "warmup_steps": 0},
+            "distributed": {"zero": w["zero"] if (w.get("offload") or w.get("sp") or w["gpus"] != 1) else "auto",
+                            "offload_optimizer": bool(w.get("offload")),
                             "offload_params": bool(w.get("offload")), "sequence_parallel": w.get("sp", 1)},
             "checkpoint": {"save_final": False, "keep": 1},
             "logging": {"progress": False, "every": 1},

@@ -3,7 +3,8 @@
 A copy of ../shared/bench/peer_hf.py (the peer the project is compared with) so that it
 travels with the checkout to the GPU machine, plus two additions that leave the original
 random-token mode unchanged: a real-data mode (`--data`) and `--model-dir` (where the LoRA /
-QLoRA modes keep the random-initialised model; default /tmp/rand_<size> as before).
+QLoRA modes keep the random-initialised model; default $PEER_MODEL_DIR, else /tmp/rand_<size>).
+--plain, --compile and PEER_MODEL_DIR follow the shared copy (2026-12-04).
 
 Measures steady-state tokens/s per GPU, MFU and peak GPU memory on random-token batches
 (no padding), so the project can be compared with it on the same work.
@@ -11,6 +12,9 @@ Measures steady-state tokens/s per GPU, MFU and peak GPU memory on random-token 
   torchrun --nproc_per_node N benchmarks/peer_hf.py full  --size 1b --seq 2048 --mbs 8 [--offload]
   torchrun --nproc_per_node 1 benchmarks/peer_hf.py qlora --size 8b --seq 2048 --mbs 4
   ... --liger   # the informed user's setting: TrainingArguments(use_liger_kernel=True), needs liger-kernel
+  ... full --plain   # one GPU without DeepSpeed: fp32 masters + bf16 autocast, torch fused AdamW (DDP on several)
+  ... --compile      # TrainingArguments(torch_compile=True)
+  PEER_MODEL_DIR=DIR # where lora/qlora keep (or find) the random model (--model-dir wins); default /tmp/rand_SIZE
 
 Data mode: real chat rows rendered with the tokenizer's chat template, truncated to --max-len,
 each batch padded to its longest sample by transformers' DataCollatorForSeq2Seq (labels -100
@@ -26,23 +30,27 @@ their total time), real_tok_s_gpu_median (the median of the per-step ratio), pad
 and pad_fraction; tok_s_gpu and mfu are the real-token figures. MFU uses as sequence length
 the token-weighted mean sample length (sum n^2 / sum n): the attention a real token does.
 """
-import argparse, json, os, time
+import argparse, json, os, sys, time
 
 import torch
 from transformers import (AutoModelForCausalLM, LlamaConfig, Trainer, TrainerCallback,
                           TrainingArguments)
 
-SIZES = {  # Llama-3 family shapes
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True),
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
-    "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
-}
-PEAK = float(os.environ.get("PEAK_TFLOPS", "989")) * 1e12  # H100/H200 SXM dense bf16 datasheet
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_setup import SIZES  # noqa: E402  one table of model shapes for every benchmark
+
+
+def peak_flops() -> float:
+    """Dense bf16 peak of this GPU from zerotune's table (core/flops.py), the MFU denominator both
+    sides use; PEAK_TFLOPS overrides it; 989 (H100/H200 SXM) when neither knows the GPU."""
+    if os.environ.get("PEAK_TFLOPS"):
+        return float(os.environ["PEAK_TFLOPS"]) * 1e12
+    try:
+        from zerotune.core.flops import peak_tflops_of
+    except ImportError:   # the peer run alone, without zerotune on the path
+        return 989e12
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    return (peak_tflops_of(name) or 989.0) * 1e12
 
 
 class RandomTokens(torch.utils.data.Dataset):
@@ -191,6 +199,8 @@ def parse_args():
     p.add_argument("--zero", type=int, default=3)
     p.add_argument("--no-gc", action="store_true")
     p.add_argument("--liger", action="store_true", help="HF Trainer's use_liger_kernel=True (fused RMSNorm, RoPE, SwiGLU, linear+CE)")
+    p.add_argument("--plain", action="store_true", help="full mode without DeepSpeed: torch fused AdamW (DDP on several GPUs)")
+    p.add_argument("--compile", action="store_true", help="TrainingArguments(torch_compile=True)")
     p.add_argument("--model-dir", default=None, help="lora/qlora: the random model's folder (made once; default /tmp/rand_SIZE)")
     p.add_argument("--data", default=None, help="real data mode: a .json/.jsonl file of chat rows (else random tokens)")
     p.add_argument("--format", choices=["alpaca", "sharegpt"], default="alpaca", help="row format of --data")
@@ -214,12 +224,16 @@ def full_model(a, cfg, common):
     if a.offload:
         ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
         ds["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if a.plain:
+        args = TrainingArguments(optim="adamw_torch_fused", max_grad_norm=1.0, **common)
+        with torch.device("cuda"):  # fp32 master weights + bf16 autocast, as DeepSpeed keeps fp32 masters
+            return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32), args
     args = TrainingArguments(deepspeed=ds, **common)  # must exist before from_config for zero.Init
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16), args
 
 
 def saved_random_model(a, cfg) -> str:
-    path = a.model_dir or f"/tmp/rand_{a.size}"
+    path = a.model_dir or os.environ.get("PEER_MODEL_DIR", f"/tmp/rand_{a.size}")
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and not os.path.exists(path + "/.done"):
         with torch.device("cuda"):
             m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
@@ -271,7 +285,7 @@ def data_mode_figures(a, clock, cfg, n_params, data) -> tuple[float, float, dict
     padded = sum(t[1] for t in clock.tokens)
     seq_eff = sum(t[2] for t in clock.tokens) / max(real, 1)  # token-weighted mean sample length
     tok_s_gpu = real / sum(clock.times)
-    mfu = tok_s_gpu * flops_per_token(cfg, n_params, seq_eff) / PEAK
+    mfu = tok_s_gpu * flops_per_token(cfg, n_params, seq_eff) / peak_flops()
     per_step = sorted(t[0] / s for t, s in zip(clock.tokens, clock.times))
     extra = dict(data=a.data, format=a.format, max_len=a.max_len, samples=len(data),
                  real_tok_s_gpu=round(tok_s_gpu), real_tok_s_gpu_median=round(per_step[len(per_step) // 2]),
@@ -289,7 +303,7 @@ def main():
                   learning_rate=1e-5, bf16=True, gradient_checkpointing=not a.no_gc,
                   gradient_checkpointing_kwargs={"use_reentrant": False}, logging_steps=1000,
                   save_strategy="no", report_to=[], dataloader_num_workers=2, disable_tqdm=True,
-                  use_liger_kernel=a.liger)
+                  use_liger_kernel=a.liger, torch_compile=a.compile)
     t_load = time.perf_counter()
     if a.mode == "full":
         model, args = full_model(a, cfg, common)
@@ -304,7 +318,7 @@ def main():
     tr.train()
     step = sorted(clock.times)[len(clock.times) // 2]
     tok_s_gpu = a.mbs * a.seq / step
-    mfu = tok_s_gpu * flops_per_token(cfg, n_params, a.seq) / PEAK
+    mfu = tok_s_gpu * flops_per_token(cfg, n_params, a.seq) / peak_flops()
     extra = {}
     if a.data:
         tok_s_gpu, mfu, extra = data_mode_figures(a, clock, cfg, n_params, data)
@@ -312,7 +326,8 @@ def main():
         print("RESULT " + json.dumps(dict(peer="hf-trainer", mode=a.mode, size=a.size, params=n_params,
                                           seq=a.max_len if a.data else a.seq,
                                           mbs=a.mbs, world=world, zero=a.zero if a.mode == "full" else None,
-                                          offload=a.offload, gc=not a.no_gc, liger=a.liger, step_s=round(step, 4),
+                                          offload=a.offload, gc=not a.no_gc, liger=a.liger, plain=a.plain,
+                                          compile=a.compile, step_s=round(step, 4),
                                           tok_s_gpu=round(tok_s_gpu), mfu=round(mfu, 4), load_s=round(load_s, 1),
                                           peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                                           device=torch.cuda.get_device_name(), **extra)), flush=True)

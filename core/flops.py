@@ -74,8 +74,15 @@ def num_params(cfg: dict) -> int:
     return embed * (1 if s["tied"] else 2) + s["layers"] * layer + s["d"]
 
 
-def flops_per_token(cfg: dict, seq_len: int) -> float:
+def flops_per_token(cfg: dict, seq_len: int, frozen_base: bool = False, trainable: int = 0) -> float:
     """Training model FLOPs per token: 6 x (parameters used in matmuls) + causal attention.
+
+    frozen_base (LoRA, QLoRA and the other adapter methods): the base's weights get no weight
+    gradients, so each frozen matmul weight costs forward 2 + backward activation-gradient 2 =
+    4 FLOPs a token, not 6; each `trainable` (adapter) parameter costs the full 6:
+        F = 4 x N_matmul + 6 x N_adapter + 6 x L x s x h      (full: 6 x N_matmul + 6 x L x s x h)
+    Attention has no weights: its term is unchanged. (The planner's speed model, calibrated on
+    the 6N basis, keeps calling this without frozen_base.)
 
     The input embedding is a lookup (no FLOPs); a tied embedding still counts once, as the LM
     head. Attention scores and values cost 2 x 2 x layers x seq x (heads x head_dim) per token
@@ -90,6 +97,8 @@ def flops_per_token(cfg: dict, seq_len: int) -> float:
         layer += s["d"] * s["experts"]
     matmul = s["layers"] * layer + s["d"] + s["vocab"] * s["d"]  # LM head (tied or not)
     attention = 6 * s["layers"] * seq_len * s["heads"] * s["head_dim"]
+    if frozen_base:
+        return float(4 * matmul + 6 * trainable + attention)
     return float(6 * matmul + attention)
 
 

@@ -19,6 +19,9 @@ The memory model (bytes, per GPU; N parameters, W GPUs, B x S tokens per micro-b
                FUSED_CHUNK tokens (fp32, plus their bf16 matmul output and gradient: 8 bytes a
                logit), the head's fp32 gradient V d x 4 and its cast V d x act bytes, and the
                hidden states' gradient B S d x act bytes.
+  kernels      model.kernels: liger. Its fused linear CE (ZeRO 0-2 only) counts as the chunked loss; its
+               SwiGLU (recomputes silu(gate)) saves ff x act bytes a token per layer, its RMSNorm (no
+               fp32 upcasts kept) d x act per norm; RoPE not counted. Conservative (liger claims more).
   temporary    ZeRO communication buckets (reduce d^2, prefetch 0.9 d^2 elements) and, under
                ZeRO-3, the gathered LM-head/embedding weight and its gradient.
 
@@ -58,7 +61,7 @@ measured. docs/plan_vs_measured.md compares estimates with measurements.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 from .flops import linear_shapes, num_params, shape
@@ -71,6 +74,8 @@ LOGIT_BYTES = 12                   # per logit element, see the module docstring
 FUSED_CHUNK = 4096                 # tokens per chunk of the chunked loss (training/model/loss.py CHUNK_TOKENS)
 FUSED_LOSS_SPEED = 0.96            # its tokens/s relative to the plain loss (measured 0.94-0.97, H200)
 OFFLOAD_ACTIVATIONS_SPEED = 0.9    # train.offload_activations: ASSUMED (not measured), a copy each way per layer
+# model.kernels: liger (training/model/kernels.py) for these config model_types (RMSNorm + SwiGLU + RoPE)
+LIGER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 # MFU per strategy on one GPU, zerotune's own path through `zerotune train` (benchmarks/bench.py,
 # one H200, 2026-11-27, 1B mbs 8 / 8B mbs 4, seq 2048, chunked loss), gradient checkpointing on
 # and off. Keys: (method, zero, offload optimizer, offload params, gradient checkpointing).
@@ -175,6 +180,7 @@ class Workload:
     offload_activations: bool = False   # train.offload_activations: checkpointed layer inputs in CPU memory
     async_save: bool = False     # checkpoint.async_save: a save's snapshot waits in CPU memory (core/checkpoint_cost.py)
     packed: bool = False; attn: str = "sdpa"   # data.packing, model.attn_implementation: sdpa's packed-row mask
+    kernels: str = "none"        # model.kernels as resolved: "liger" counts its savings (module docstring)
 
     @property
     def world(self) -> int:
@@ -219,6 +225,8 @@ def layer_working_bytes(w: Workload, method: str, act: int) -> float:
     s = shape(w.model)
     kv = s["kv_heads"] * s["head_dim"]
     base = (11 * s["d"] + 4 * s["ff"] + 2 * kv) * act
+    if w.kernels == "liger" and s["gated"]:   # fused SwiGLU and RMSNorm (module docstring, "kernels")
+        base -= (2 * s["d"] + s["ff"]) * act
     if method in ("lora", "qlora"):  # each adapted linear's dropout output (+ its 1-byte mask)
         base += sum(i for i, _ in linear_shapes(w.model)) * (adapter_bytes(w) + (1 if w.lora_dropout else 0))
     return base
@@ -296,7 +304,8 @@ def estimate_memory(w: Workload, st: Strategy) -> dict:
     cpu += offloaded
     if st.method == "qlora":  # the largest 4-bit weight, dequantised to bf16 for its matmul
         working += 2 * max(i * o for i, o in linear_shapes(w.model))
-    logits = loss_bytes(w, tokens, V, d, act)
+    liger_loss = w.kernels == "liger" and st.zero < 3   # liger's fused linear cross entropy, counted as chunked
+    logits = loss_bytes(replace(w, fused_loss=True) if liger_loss else w, tokens, V, d, act)
     if st.grad_ckpt:
         total = params + grads + optim + temp + kept + max(logits, working)
     else:
@@ -335,4 +344,4 @@ def workload_of(recipe, gpus_per_node: int, nodes: int = 1, train_tokens: Option
                     sequence_parallel=recipe.distributed.sequence_parallel, packed=recipe.data.packing,
                     tiled_mlp=recipe.uses_tiled_mlp(), offload_activations=recipe.train.offload_activations is True,
                     async_save=recipe.checkpoint.async_save,
-                    attn=recipe.model.attn_implementation)
+                    attn=recipe.model.attn_implementation, kernels=recipe.model.kernels)

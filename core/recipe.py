@@ -36,6 +36,12 @@ class ModelConfig(_Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
         "sdpa", description="Attention kernel passed to transformers.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub (off by default).")
+    kernels: Literal["auto", "liger", "none"] = Field(
+        "auto", description="Fused kernels (training/model/kernels.py): liger = liger-kernel's RMSNorm, SwiGLU, RoPE "
+                            "and, at ZeRO 0-2, its fused linear cross entropy (pip install 'zerotune[gpu]'); none = "
+                            "transformers' own. auto: liger when liger_kernel is installed, the run is on a CUDA GPU "
+                            "and the model family is one of core.memory.LIGER_FAMILIES, else none (decided by the "
+                            "launcher for local GPUs, on each rank for Slurm jobs; RUN_DIR/recipe.yaml records it).")
     chat_template: Optional[str] = Field(
         None, description="None: the tokenizer's own template; a built-in name (chatml, llama3, alpaca, "
                           "plain), a path to a .jinja file (relative: to the working directory) or a Jinja "
@@ -98,7 +104,9 @@ LONG_TOKENS = 16384   # train.tiled_mlp auto: on from this many tokens of a sequ
 class TrainConfig(_Section):
     epochs: Optional[float] = Field(1.0, gt=0, description="Passes over the data (ignored if max_steps is set).")
     max_steps: Optional[int] = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
-    micro_batch_size: int = Field(1, gt=0, description="Samples per GPU per forward.")
+    micro_batch_size: Union[int, Literal["auto"]] = Field(
+        1, description="Samples per GPU per forward. auto (needs global_batch_size): the largest the planner finds "
+                       "fits the GPU, gradient accumulation keeping global_batch_size; RUN_DIR/recipe.yaml records it.")
     grad_accum: Optional[int] = Field(None, gt=0, description="Micro-batches per optimizer step (or set global_batch_size).")
     global_batch_size: Optional[int] = Field(None, gt=0, description="Samples per optimizer step over all GPUs.")
     lr: float = Field(2e-5, gt=0, description="Peak learning rate.")
@@ -114,7 +122,7 @@ class TrainConfig(_Section):
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping (0 disables).")
     seed: int = Field(42, description="Seed for init, data order and dropout.")
     gradient_checkpointing: Union[bool, Literal["auto"]] = Field(
-        True, description="Recompute activations in backward. auto: off when the planner finds it fits the GPU "
+        "auto", description="Recompute activations in backward. auto: off when the planner finds it fits the GPU "
                           "(faster), on otherwise; RUN_DIR/recipe.yaml records the choice.")
     fused_loss: Union[bool, Literal["auto"]] = Field(
         "auto", description="Cross entropy through the LM head in chunks, never holding the full logits "
@@ -145,6 +153,11 @@ class TrainConfig(_Section):
     def _steps(self):
         if self.max_steps is None and self.epochs is None:
             raise ValueError("set train.epochs or train.max_steps")
+        if self.micro_batch_size != "auto" and self.micro_batch_size < 1:
+            raise ValueError("micro_batch_size: must be 1 or more (or auto)")
+        if self.micro_batch_size == "auto" and self.global_batch_size is None:
+            raise ValueError("micro_batch_size: auto needs train.global_batch_size (the batch it keeps; "
+                             "gradient accumulation makes up the rest)")
         if self.grad_accum is not None and self.global_batch_size is not None:
             raise ValueError("set train.grad_accum or train.global_batch_size, not both")
         if any(not p.strip() for p in self.eval_prompts):
@@ -160,6 +173,8 @@ class TrainConfig(_Section):
 
     def accumulation(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each rank."""
+        if self.micro_batch_size == "auto":
+            raise RecipeError("train.micro_batch_size: auto is resolved by the launcher (zerotune train / launch)")
         if self.global_batch_size is None:
             return self.grad_accum or 1
         per_step = self.micro_batch_size * world_size
@@ -287,7 +302,7 @@ class Recipe(_Section):
         if kind == "qlora" and "optimizer" not in self.train.model_fields_set:
             self.train.optimizer = "paged_adamw_8bit"  # the QLoRA paper's choice
         if kind == "prefix_tuning":
-            if "gradient_checkpointing" not in self.train.model_fields_set:
+            if "gradient_checkpointing" not in self.train.model_fields_set or self.train.gradient_checkpointing == "auto":
                 self.train.gradient_checkpointing = False
             elif self.train.gradient_checkpointing:
                 raise ValueError("method.kind prefix_tuning needs train.gradient_checkpointing: false "

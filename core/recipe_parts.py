@@ -92,7 +92,10 @@ class ClusterConfig(_Section):
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment exported in job scripts.")
     container_image: Optional[str] = Field(None, description="pyxis/enroot image for srun --container-image.")
     container_mounts: list[str] = Field(default_factory=list, description="srun --container-mounts entries, SRC:DST.")
-    gpu_memory: Optional[str] = Field(None, description="GPU memory per GPU for the planner, e.g. 80GB (default 80GB).")
+    gpu_memory: Optional[str] = Field(
+        None, description="Memory of one GPU the planner plans for, e.g. 141GB: a Slurm submit's GPUs, and local runs "
+                          "where nvidia-smi sees none (launcher/gpus.py); unset: 80GB, assumed. RUN_DIR/recipe.yaml "
+                          "records the size each run was planned for here.")
 
     @field_validator("container_image")
     @classmethod

@@ -28,7 +28,9 @@ def add_arguments(p) -> None:
     p.add_argument("--node-rank", type=int, default=0, help="this node's rank in a manual multi-node start")
     p.add_argument("--master-addr", default=None, help="host of the c10d rendezvous (node 0)")
     p.add_argument("--master-port", type=int, default=29500, help="port of the c10d rendezvous (default 29500)")
-    p.add_argument("--gpu-memory", default="80GB", help="memory of one GPU, for the fit check (default 80GB)")
+    p.add_argument("--gpu-memory", default=None,
+                   help="memory of one GPU to plan for (default: the local GPUs' (nvidia-smi); with --slurm "
+                        "cluster.gpu_memory; else 80GB, assumed)")
     p.add_argument("--slurm", action="store_true", help="write RUN_DIR/job.sbatch for cluster.nodes nodes")
     p.add_argument("--submit", action="store_true", help="with --slurm: submit it with sbatch and print the job id")
 
@@ -54,7 +56,7 @@ def run(args) -> int:
     from zerotune.core.recipe_load import load_recipe
 
     from . import scripts, submit
-    from .prepare import prepare_run, resolve
+    from .prepare import prepare_run
     from .train import check_counts
 
     check_counts(args)
@@ -66,11 +68,10 @@ def run(args) -> int:
     nproc = processes_per_node(args, draft.cluster.gpus_per_node)
     nnodes = draft.cluster.nodes if args.slurm else (args.nnodes or 1)
     on_gpus = draft.cluster.gpus_per_node if args.slurm else (args.nproc is None and _has_gpus())
-    if on_gpus:  # before anything is written or any GPU time is spent: will it fit?
-        from zerotune.core.io import parse_size
-        from .plan import check_fits
-        check_fits(resolve(draft, nproc * nnodes, nnodes), nproc, nnodes, parse_size(args.gpu_memory))
-    recipe = prepare_run(args.recipe, args.set, world_size=nproc * nnodes, nodes=nnodes)
+    # the fit check (prepare_run, before anything is written or any GPU time is spent) runs on GPUs
+    # and wherever the GPU memory is known (nvidia-smi, --gpu-memory, cluster.gpu_memory)
+    recipe = prepare_run(args.recipe, args.set, world_size=nproc * nnodes, nodes=nnodes, gpu_flag=args.gpu_memory,
+                         slurm=args.slurm, fit_check=True if on_gpus else None)
     run_dir = recipe.run_dir.resolve()
     workdir = Path.cwd()
 

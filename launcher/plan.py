@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, replace
-from pathlib import Path
 from typing import Optional
 
 from zerotune.core.flops import flops_per_token, num_params, shape
@@ -19,7 +18,11 @@ from zerotune.core.memory import (DEFAULT_CPU_MEMORY, DEFAULT_GPU_MEMORY, FUSED_
                                   RESERVED, Estimate,
                                   Strategy, Workload, efficiency, estimate_memory, workload_of)
 from zerotune.core.recipe import Recipe, RecipeError
-from zerotune.core.recipe_load import load_recipe
+from zerotune.core.recipe_load import load_recipe, validate_recipe
+
+from .data_size import estimate_train_tokens
+
+MAX_AUTO_MICRO_BATCH = 64   # train.micro_batch_size: auto tries no larger micro-batch
 
 HELP = "estimate memory, speed and cost of each strategy and recommend the fastest that fits"
 DESCRIPTION = """\
@@ -87,55 +90,6 @@ def recommend(rows: list[Estimate], method: str, grad_ckpt: Optional[bool] = Non
 
 
 # --------------------------------------------------------------------------- from a recipe
-def _count_local_rows(path: Path) -> Optional[tuple[int, int]]:
-    """(rows, characters of text) of a local .json/.jsonl file, None for other sources."""
-    files = sorted(path.glob("*.json*")) if path.is_dir() else [path]
-    rows = chars = 0
-    for f in files:
-        if f.suffix not in (".json", ".jsonl") or not f.is_file():
-            return None
-        text = f.read_text(errors="replace")
-        if f.suffix == ".jsonl":
-            lines = [ln for ln in text.splitlines() if ln.strip()]
-            rows += len(lines)
-        else:
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError:
-                return None
-            rows += len(data) if isinstance(data, list) else 1
-        chars += len(text)
-    return rows, chars
-
-
-def estimate_train_tokens(recipe: Recipe, world: int) -> tuple[Optional[float], str]:
-    """Tokens the run processes: steps x global batch x tokens per sample (about 3.6 chars a token)."""
-    d, t = recipe.data, recipe.train
-    rows = chars = 0
-    for src in d.train:
-        counted = _count_local_rows(Path(src.path).expanduser())
-        if counted is None:
-            rows = None
-            break
-        rows += counted[0]
-        chars += counted[1]
-    per_sample = min(d.max_len, chars / 3.6 / rows) if rows else d.max_len
-    replicas = recipe.distributed.replicas(world)   # N GPUs share a sequence
-    try:
-        gas = t.accumulation(replicas)
-    except RecipeError:
-        gas = max(1, (t.global_batch_size or t.micro_batch_size) // (t.micro_batch_size * replicas))
-    global_batch = t.micro_batch_size * gas * replicas
-    if t.max_steps:
-        tokens_per_step = global_batch * (d.max_len if d.packing else per_sample)
-        return t.max_steps * tokens_per_step, f"{t.max_steps} steps x {global_batch} samples"
-    if rows is None:
-        return None, "data size unknown (not local JSON/JSONL): time not estimated"
-    train_rows = rows * (1 - d.eval_split)
-    tokens = t.epochs * train_rows * per_sample
-    return tokens, f"{t.epochs:g} epoch(s) of ~{train_rows:,.0f} samples, ~{per_sample:,.0f} tokens each"
-
-
 def workload(recipe: Recipe, gpus_per_node: int, nodes: int) -> Workload:
     tokens, note = estimate_train_tokens(recipe, gpus_per_node * nodes)
     return workload_of(recipe, gpus_per_node, nodes, tokens, note)
@@ -183,11 +137,43 @@ def choose(recipe: Recipe, gpus_per_node: int, nodes: int = 1, gpu_memory: float
         smallest = min(rows, key=lambda r: r.total)
         keys = [k for k, v in (("distributed.zero", recipe.distributed.zero),
                                ("train.gradient_checkpointing", recipe.train.gradient_checkpointing)) if v == "auto"]
+        other = recommend(plan(w, method, gpu_memory, cpu_memory), method)   # with the fixed keys let go
+        hint = (" ".join(f"--set {o}" for o in other.strategy.overrides()) + " fits" if other else
+                sp_hint(w, method, gpu_memory, cpu_memory) + "; or add GPUs, lower train.micro_batch_size or "
+                "data.max_len, or use method.kind: lora / qlora")
         raise RecipeError(
             f"{' and '.join(keys)}: auto: no strategy fits {recipe.model.path} on {w.world} GPU(s) of "
-            f"{gpu_memory / GIB:.0f} GiB: the smallest, {smallest.strategy.label}, {smallest.why_not}; "
-            f"{sp_hint(w, method, gpu_memory, cpu_memory)}; or add GPUs, lower train.micro_batch_size or "
-            "data.max_len, or use method.kind: lora / qlora")
+            f"{gpu_memory / GIB:.1f} GiB: the smallest, {smallest.strategy.label}, {smallest.why_not}; {hint}")
+    return best
+
+
+def pick_micro_batch(recipe: Recipe, gpus_per_node: int, nodes: int = 1,
+                     gpu_memory: float = DEFAULT_GPU_MEMORY) -> Recipe:
+    """train.micro_batch_size: auto -> the micro-batch (a divisor of global_batch_size per replica,
+    at most MAX_AUTO_MICRO_BATCH) whose fastest fitting strategy is fastest; ties go to the larger.
+    Gradient accumulation fills the rest of global_batch_size. Nothing fits: 1 (choose says why)."""
+    t = recipe.train
+    if t.micro_batch_size != "auto":
+        return recipe
+    replicas = recipe.distributed.replicas(gpus_per_node * nodes)
+    if t.global_batch_size % replicas:
+        raise RecipeError(f"train.global_batch_size: {t.global_batch_size} is not a multiple of the "
+                          f"{replicas} data-parallel GPU(s) (needed by train.micro_batch_size: auto)")
+    per_replica = t.global_batch_size // replicas
+    data = recipe.model_dump(mode="json")
+    best_key, best = None, None
+    for mbs in [m for m in range(1, min(per_replica, MAX_AUTO_MICRO_BATCH) + 1) if per_replica % m == 0]:
+        data["train"]["micro_batch_size"] = mbs
+        candidate = validate_recipe(data, source="resolved recipe")
+        try:
+            e = choose(candidate, gpus_per_node, nodes, gpu_memory)
+        except RecipeError:
+            continue
+        if e.fits and (best_key is None or (round(e.tokens_per_s, 6), mbs) > best_key):
+            best_key, best = (round(e.tokens_per_s, 6), mbs), candidate
+    if best is None:
+        data["train"]["micro_batch_size"] = 1
+        return validate_recipe(data, source="resolved recipe")
     return best
 
 
@@ -240,7 +226,8 @@ def add_arguments(p) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     p.add_argument("--gpus", type=int, default=None, help="GPUs per node (default: cluster.gpus_per_node or 1)")
     p.add_argument("--nodes", type=int, default=None, help="nodes (default: cluster.nodes)")
-    p.add_argument("--gpu-memory", default="80GB", help="memory of one GPU (default 80GB)")
+    p.add_argument("--gpu-memory", default=None, help="memory of one GPU (default: the local GPUs' (nvidia-smi), "
+                   "else cluster.gpu_memory, else 80GB, assumed)")
     p.add_argument("--cpu-memory", default=None, help="CPU memory per node (default: cluster.mem or 512GB)")
     p.add_argument("--gpu-type", default="h100", choices=sorted(PEAK_TFLOPS), help="for peak FLOP/s (default h100)")
     p.add_argument("--price", type=float, default=None, help="price of one GPU-hour, for the cost column")
@@ -308,10 +295,13 @@ def checkpoint_line(w: Workload, st: Strategy) -> str:
 
 
 def run(args) -> int:
+    from .gpus import planned_gpu_memory
     recipe = load_recipe(args.recipe, args.set)
     gpus = args.gpus or recipe.cluster.gpus_per_node or 1
     nodes = args.nodes or recipe.cluster.nodes
-    gpu_memory = parse_size(args.gpu_memory)
+    gpu = planned_gpu_memory(recipe, args.gpu_memory)
+    gpu_memory = gpu.bytes
+    recipe = pick_micro_batch(recipe, gpus, nodes, gpu_memory)   # train.micro_batch_size: auto
     cpu_text = args.cpu_memory or (recipe.cluster.mem if recipe.cluster.mem not in (None, "0") else None)
     cpu_memory = parse_size(cpu_text) if cpu_text else DEFAULT_CPU_MEMORY
     w = workload(recipe, gpus, nodes)
@@ -323,6 +313,7 @@ def run(args) -> int:
                           "rows": [{**asdict(r), "strategy": r.strategy.label, **asdict(r.strategy)} for r in rows]},
                          indent=1))
     else:
+        print(f"GPU memory: {gpu.describe()}")
         print(format_table(rows, w, best, gpu_memory))
         if best is None:
             print(f"long sequences: {sp_hint(w, recipe.method.kind, gpu_memory, cpu_memory)}")

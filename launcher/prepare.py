@@ -18,30 +18,49 @@ from zerotune.core.io import atomic_write
 from zerotune.core.layout import DS_CONFIG_FILE, RECIPE_FILE, check_fresh_start, latest_complete, read_state, step_of
 from zerotune.core.long_context import check_sequence_parallel
 from zerotune.core.recipe import RESUME_SAFE_KEYS, Recipe, RecipeError
+from zerotune.core.memory import DEFAULT_GPU_MEMORY
 from zerotune.core.recipe_load import load_recipe, load_run_recipe, validate_recipe
 
 from . import ds_config, preflight
+from .gpus import GpuMemory, kernels_for, planned_gpu_memory
 from zerotune.training.monitoring.tracker_setup import check_trackers
 
 _NONE = object()
 
 
-def resolve(recipe: Recipe, world_size: int, nodes: int = 1) -> Recipe:
-    """Fill choices left to zerotune so RUN_DIR/recipe.yaml says what ran: `auto` in
-    distributed.zero, train.gradient_checkpointing and train.fused_loss becomes the planner's
-    fastest choice that fits (launcher/plan.py), offload flags included. (train.compile: auto is
+def resolve(recipe: Recipe, world_size: int, nodes: int = 1, gpu: Optional[GpuMemory] = None) -> Recipe:
+    """Fill choices left to zerotune so RUN_DIR/recipe.yaml says what ran, planned for `gpu` (the
+    memory of one GPU, launcher/gpus.py; default: 80 GiB assumed): train.micro_batch_size: auto
+    becomes the largest that fits (gradient accumulation keeps global_batch_size), and `auto` in
+    distributed.zero, train.gradient_checkpointing and train.fused_loss the planner's fastest choice
+    that fits (launcher/plan.py), offload flags included; model.kernels as launcher/gpus.py
+    kernels_for says. cluster.gpu_memory records the size planned for. (train.compile: auto is
     decided on each rank: it needs to know the rank has a GPU.)"""
+    from .plan import choose, pick_micro_batch
+    gpu = gpu or GpuMemory(DEFAULT_GPU_MEMORY, "assumed")
+    per_node = max(1, world_size // max(1, nodes))
+    data = recipe.model_dump(mode="json")
+    data["model"]["kernels"] = kernels_for(recipe, gpu)   # before the plan: liger's savings are counted
+    recipe = pick_micro_batch(validate_recipe(data, source="resolved recipe"), per_node, nodes, gpu.bytes)
     data = recipe.model_dump(mode="json")
     t = recipe.train
     if "auto" in (recipe.distributed.zero, t.gradient_checkpointing, t.fused_loss, t.offload_activations):
-        from .plan import choose
-        per_node = max(1, world_size // max(1, nodes))
-        best = choose(recipe, gpus_per_node=per_node, nodes=nodes)
+        best = choose(recipe, gpus_per_node=per_node, nodes=nodes, gpu_memory=gpu.bytes)
         st = best.strategy
         data["distributed"].update(zero=st.zero, offload_optimizer=st.offload_optimizer, offload_params=st.offload_params)
         data["train"].update(gradient_checkpointing=st.grad_ckpt, fused_loss=best.fused_loss,
                              offload_activations=best.offload_activations)
+    data["cluster"]["gpu_memory"] = gpu.recorded()
     return validate_recipe(data, source="resolved recipe")
+
+
+def say_plan(recipe: Recipe, gpu: GpuMemory) -> None:
+    """The line that prints what was chosen, and for which GPU size."""
+    t, d = recipe.train, recipe.distributed
+    print(f"zerotune: planned for {gpu.describe()}: ZeRO-{d.zero}, micro_batch_size {t.micro_batch_size}, "
+          f"kernels {recipe.model.kernels}, "
+          f"gradient_checkpointing {str(t.gradient_checkpointing).lower()}, fused_loss {str(t.fused_loss).lower()}",
+          file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- a changed recipe
@@ -119,14 +138,23 @@ def check_recipe_change(recipe: Recipe) -> Optional[tuple[Path, str]]:
 
 
 # ----------------------------------------------------------------------------- the whole preparation
-def prepare_run(recipe_path: str, overrides: list[str], world_size: int, nodes: int = 1) -> Recipe:
+def prepare_run(recipe_path: str, overrides: list[str], world_size: int, nodes: int = 1,
+                gpu_flag: Optional[str] = None, slurm: bool = False, fit_check: Optional[bool] = None) -> Recipe:
+    """Everything before torchrun / sbatch. Every `auto` is planned for the GPU memory of
+    launcher/gpus.py (gpu_flag: --gpu-memory; slurm: the job's GPUs, cluster.gpu_memory); the fit
+    check (default: whenever that memory is known, not assumed) refuses, in one line naming the
+    --set that fits, a recipe that cannot fit it."""
     recipe = load_recipe(recipe_path, overrides)                       # the recipe; local paths made absolute
+    gpu = planned_gpu_memory(recipe, gpu_flag, slurm)
     check_trackers(recipe)                                             # wandb / mlflow installed if asked for
     config, tokenizer = preflight.check_inputs(recipe, Path(recipe_path).parent)  # model, tokenizer, vocabulary, data
     problem = check_sequence_parallel(recipe, gpus_per_node=world_size // nodes, nodes=nodes, model_config=config)
     if problem:                                                        # SP degree vs GPUs, heads, method, kernel
         raise RecipeError(problem)
-    recipe = resolve(recipe, world_size, nodes)
+    recipe = resolve(recipe, world_size, nodes, gpu)
+    if gpu.known if fit_check is None else fit_check:   # before the data is tokenized, anything is written or torchrun starts
+        from .plan import check_fits
+        check_fits(recipe, max(1, world_size // nodes), nodes, gpu.bytes)
     run_dir = recipe.run_dir
     check_fresh_start(run_dir, recipe.checkpoint.resume, recipe.checkpoint.overwrite)
     preflight.check_resume(recipe)
@@ -134,6 +162,7 @@ def prepare_run(recipe_path: str, overrides: list[str], world_size: int, nodes: 
     preflight.check_disk(recipe, config)
     cfg = ds_config.render(recipe, world_size)
     preflight.prepare_data(recipe, tokenizer)    # the tokenized cache the ranks load
+    say_plan(recipe, gpu)                        # every check passed: what was chosen, for which GPU
     run_dir.mkdir(parents=True, exist_ok=True)   # nothing is written before every check passed
     if keep is not None:
         archive, what = keep

@@ -4,7 +4,8 @@ from __future__ import annotations
 from zerotune.core.errors import UserError
 
 HELP = "validate a recipe, write RUN_DIR and train on this machine with torchrun"
-DESCRIPTION = ("Validate RECIPE, write RUN_DIR (recipe.yaml, ds_config.json) and run\n"
+DESCRIPTION = ("Validate RECIPE, plan every `auto` for this machine's GPUs (nvidia-smi; the smallest counts),\n"
+               "refuse a recipe that cannot fit them, write RUN_DIR (recipe.yaml, ds_config.json) and run\n"
                "`torchrun -m zerotune.training RUN_DIR` on this machine.\n\n"
                "  zerotune train recipes/demo.yaml\n"
                "  zerotune train recipes/demo.yaml --set train.lr=1e-4 --set 'data.packing=true' --nproc 2")
@@ -32,6 +33,6 @@ def run(args) -> int:
     from .submit import grace_seconds, run_local, visible_gpus
     check_counts(args)
     nproc = args.nproc or visible_gpus() or 1
-    recipe = prepare_run(args.recipe, args.set, world_size=nproc)
+    recipe = prepare_run(args.recipe, args.set, world_size=nproc)   # auto planned for the local GPUs; fit check
     print(f"zerotune: run dir {recipe.run_dir} ({nproc} process(es))", flush=True)
     return run_local(recipe.run_dir, nproc, grace_seconds(recipe, nproc))

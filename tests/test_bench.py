@@ -67,7 +67,7 @@ def test_dry_run_lists_every_command():
     assert len(p1b) == 2 * len(bench.PEER_SETTINGS)  # full-1b and full-1b-offload
     assert all(_after(c, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1") for c in p1b)
     assert sum("--offload" in c for c in p1b) == len(bench.PEER_SETTINGS)
-    assert sorted(tuple(x for x in c if x in ("--liger", "--no-gc")) for c in p1b if "--offload" not in c) == \
+    assert sorted(tuple(x for x in c if x in ("--liger", "--no-gc", "--plain")) for c in p1b if "--offload" not in c) == \
         sorted(tuple(v) for v in bench.PEER_SETTINGS.values())
     assert all(_after(c, "--steps", "12", "--warmup", "4") for c in peer)
     lora = [c for c in peer if _after(c, "lora", "--size", "8b")]
@@ -118,14 +118,16 @@ def test_recipes_and_variants_validate(tmp_path):
 
 
 def test_sizes_are_the_peers_and_flops_agree():
-    """Same shapes as the peer, and zerotune's FLOP count (core/flops.py, train/mfu) equals the
-    peer's 6N + causal attention on them, so the MFUs compare."""
+    """One shape table for both sides (the peer imports bench_setup's), one peak FLOP/s table
+    (core/flops.py), and zerotune's FLOP count (core/flops.py, train/mfu) equals the peer's
+    6N + causal attention on them, so the MFUs compare."""
     import peer_hf
     from transformers import LlamaConfig
 
     from zerotune.core.flops import flops_per_token
+    assert peer_hf.SIZES is bench.SIZES and set(bench.SIZES) >= {"tiny", "1b", "3b", "8b"}
+    assert peer_hf.peak_flops() == 989e12   # no GPU here: the fallback, which is also H100/H200's entry
     for size in ("1b", "8b"):
-        assert bench.SIZES[size] == peer_hf.SIZES[size]
         cfg = LlamaConfig(**peer_hf.SIZES[size], max_position_embeddings=4096, rope_theta=500000.0)
         for seq in (512, 2048):
             assert flops_per_token(cfg.to_dict(), seq) == peer_hf.flops_per_token(cfg, peer_hf.count_params(cfg), seq)

@@ -51,6 +51,19 @@ def test_flops_per_token_by_hand():
     assert flops_per_token(LLAMA_8B, s) == 6 * (num_params(LLAMA_8B) - 128256 * 4096) + 6 * 32 * 4096 * s
 
 
+def test_lora_flops_count_what_runs():
+    """Frozen base: forward 2N + activation gradients 2N, no weight gradients; adapters 6 each;
+    attention unchanged. LoRA r16 all-linear on 8B: ~2/3 of the full fine-tune's FLOPs."""
+    d, L, s = 4096, 32, 2048
+    n = num_params(LLAMA_8B) - 128256 * d
+    from zerotune.core.memory import lora_params
+    adapters = lora_params(P.Workload(model=LLAMA_8B, lora_r=16))
+    assert adapters == L * 16 * (2 * d + 2 * (d + 1024) + 2 * d + 3 * (d + 14336))
+    lora = flops_per_token(LLAMA_8B, s, frozen_base=True, trainable=adapters)
+    assert lora == 4 * n + 6 * adapters + 6 * L * d * s
+    assert 0.66 < lora / flops_per_token(LLAMA_8B, s) < 0.70
+
+
 def mem(cfg, st, **kw):
     w = P.Workload(model=cfg, **{"micro_batch_size": 1, "seq_len": 1024, **kw})
     return w, P.estimate_memory(w, st)

@@ -20,7 +20,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from zerotune.core.recipe import RecipeError
 
-from zerotune.training.model import long_sequence
+from zerotune.training.model import kernels, long_sequence
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PEFT_KINDS = ("lora", "qlora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning")  # built by HF peft
@@ -128,6 +128,7 @@ def build_model(recipe, ds_config: dict):
         trust_remote_code=recipe.model.trust_remote_code,
         **extra,
     )
+    liger = kernels.apply(model, recipe)   # model.kernels: fused norms, SwiGLU, RoPE (training/model/kernels.py)
     gc_kwargs = {"use_reentrant": False}
     if quant is not None:
         keep_4bit_cpu_layout(model)
@@ -139,11 +140,13 @@ def build_model(recipe, ds_config: dict):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     if recipe.train.gradient_checkpointing:
         model.config.use_cache = False
-    if recipe.train.fused_loss is True and kind in ("full", "lora", "qlora"):   # "auto" was resolved by the launcher
+    flce = liger and stage < 3   # liger's fused linear CE reads lm_head.weight whole: ZeRO 0-2 only
+    if (recipe.train.fused_loss is True or flce) and kind in ("full", "lora", "qlora"):   # auto: resolved
         from zerotune.training.model.loss import enable
-        enable(model)   # the logits are never materialised whole (training/model/loss.py)
+        enable(model, liger=flce)   # the logits are never materialised whole (training/model/loss.py)
     long_sequence.enable(model, recipe)   # tiled MLP, offloaded checkpoints (training/model/long_sequence.py)
-    if wants_compile(recipe.train.compile, kind, stage, long_sequence.options(recipe)):
+    reshaped = long_sequence.options(recipe) + (["model.kernels liger"] if liger else [])
+    if wants_compile(recipe.train.compile, kind, stage, reshaped):
         compile_layers(model, kind, stage)
     return apply_method(model, recipe)
 

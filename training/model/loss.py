@@ -100,8 +100,9 @@ def decoder_loss(model, shifted_labels, n_target, input_ids=None, **kwargs):
     return types.SimpleNamespace(loss=loss, logits=None)
 
 
-def enable(model) -> bool:
-    """Route the training loss of `model` (a transformers *ForCausalLM) through the chunked loss.
+def enable(model, liger: bool = False) -> bool:
+    """Route the training loss of `model` (a transformers *ForCausalLM) through the chunked loss
+    (liger: liger-kernel's fused linear cross entropy instead, ZeRO 0-2 only: training/model/kernels.py).
     Returns False, changing nothing, for heads it does not cover."""
     if not supported(model) or getattr(model, "_zerotune_fused_loss", False):
         return False
@@ -112,6 +113,9 @@ def enable(model) -> bool:
         if labels is None:
             return plain_head(hidden)
         h = hidden.reshape(-1, hidden.shape[-1])
+        if liger:
+            from zerotune.training.model.kernels import fused_linear_cross_entropy
+            return fused_linear_cross_entropy(h, self.weight, labels.reshape(-1), IGNORE) / n_target
         return linear_cross_entropy(h, self.weight, labels.reshape(-1), n_target)
 
     def forward(self, input_ids=None, labels=None, num_items_in_batch=None, **kwargs):

@@ -4,7 +4,9 @@
 
 tokens/s counts the real (non-padding) tokens of the global batch over the step's wall time.
 F is core/flops.py's flops_per_token(config.json, seq_len): the model FLOPs of one training
-token, 6 x N_matmul + 6 x layers x seq_len x heads x head_dim, where N_matmul counts the
+token, 6 x N_matmul + 6 x layers x seq_len x heads x head_dim for a full fine-tune, and for
+LoRA/QLoRA (frozen base, no weight gradients) 4 x N_matmul + 6 x N_adapter + the same attention
+term (forward 2N + activation gradients 2N; the adapters' own 6 a parameter), where N_matmul counts the
 parameters used in matmuls (attention and MLP of every layer, the routed experts only for MoE,
 norms, and the LM head; the input embedding is a lookup and counts nothing) and the second term
 is causal attention (scores and values, forward + backward). The recomputation of gradient
@@ -20,6 +22,7 @@ import os
 from zerotune.core.flops import flops_per_token
 from zerotune.core.io import read_model_config
 from zerotune.core.flops import peak_tflops_of
+from zerotune.core.memory import Workload, lora_params
 
 GIB = 2 ** 30   # every memory figure a user reads is in GiB (the planner's and nvidia-smi's unit)
 
@@ -36,7 +39,13 @@ def peak_flops(device_name: str) -> float | None:
 def model_flops_per_token(recipe, seq_len: int) -> float | None:
     """Training FLOPs (forward + backward) of one token, or None when we cannot know them."""
     try:
-        return float(flops_per_token(read_model_config(recipe.model.path), seq_len))
+        cfg = read_model_config(recipe.model.path)
+        kind, lo = recipe.method.kind, recipe.method.lora
+        if kind == "full":
+            return float(flops_per_token(cfg, seq_len))
+        adapters = lora_params(Workload(model=cfg, lora_r=lo.r, lora_targets=lo.target_modules)) \
+            if kind in ("lora", "qlora") else 0   # other adapter methods: a negligible few
+        return float(flops_per_token(cfg, seq_len, frozen_base=True, trainable=adapters))
     except Exception:  # an unreadable config, an architecture flops.py does not cover
         return None
 
@@ -91,7 +100,9 @@ class Throughput:
             "unknown (core/flops.py cannot read this model's config.json): train/mfu is not logged"
         ckpt = "on: its recomputation is not counted" if self.recipe.train.gradient_checkpointing else "off"
         return ("**train/mfu = train/tokens_per_sec x F(seq_len) / (world_size x peak FLOP/s per GPU)**\n\n"
-                "F = 6 x N_matmul + 6 x layers x seq_len x heads x head_dim: model FLOPs (forward + backward) "
+                "F = 6 x N_matmul + 6 x layers x seq_len x heads x head_dim (full fine-tune; LoRA/QLoRA: "
+                "4 x N_matmul + 6 x N_adapter + the attention term, the frozen base has no weight gradients): "
+                "model FLOPs (forward + backward) "
                 "of one training token (core/flops.py); N_matmul = parameters used in matmuls (attention, MLP "
                 "with the routed experts only, norms, LM head; not the input embedding); the second term is "
                 "causal attention. tokens/s counts real tokens, not padding, over all ranks.\n\n"

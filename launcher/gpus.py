@@ -1,0 +1,92 @@
+"""The GPU memory a run is planned for: every `auto` (launcher/prepare.py) and the fit check are
+chosen against it. Torch-free (the CLI starts without torch): the local GPUs are read from
+`nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits` (MiB per GPU; the smallest
+GPU of the node counts).
+
+Where the size comes from, first match:
+  --gpu-memory SIZE                 (zerotune launch / plan)
+  a Slurm submit: cluster.gpu_memory (the login node's GPUs are not the job's)
+  a local run: the local GPUs (nvidia-smi), else cluster.gpu_memory
+  else DEFAULT_GPU_MEMORY (80 GiB), *assumed*: the line that prints the choice says so.
+"""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+from dataclasses import dataclass
+from typing import Optional
+
+from zerotune.core.io import GIB, parse_size
+from zerotune.core.io import read_model_config
+from zerotune.core.memory import DEFAULT_GPU_MEMORY, LIGER_FAMILIES
+from zerotune.core.recipe import RecipeError
+
+MIB = 1 << 20
+QUERY = ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"]
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    bytes: float         # memory of one GPU planned for
+    source: str          # "nvidia-smi", "--gpu-memory", "cluster.gpu_memory" or "assumed"
+    where: str = "local"  # "local": runs here ("gpus" when nvidia-smi sees some); "slurm": a job's GPUs
+
+    @property
+    def known(self) -> bool:
+        return self.source != "assumed"
+
+    def describe(self) -> str:
+        """'140.4 GiB per GPU (nvidia-smi)' / '80 GiB per GPU (assumed: ...)'."""
+        size = f"{self.bytes / GIB:.1f}".removesuffix(".0") + " GiB per GPU"
+        if self.known:
+            return f"{size} ({self.source})"
+        return f"{size} (assumed: no GPU memory known; set cluster.gpu_memory or --gpu-memory)"
+
+    def recorded(self) -> str:
+        """The value RUN_DIR/recipe.yaml keeps in cluster.gpu_memory."""
+        return f"{self.bytes / GIB:.1f}GiB"
+
+
+def local_gpu_memory() -> Optional[float]:
+    """Bytes of the smallest local GPU, from nvidia-smi; None without nvidia-smi or GPUs."""
+    try:
+        proc = subprocess.run(QUERY, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0:
+        return None
+    sizes = []
+    for line in proc.stdout.splitlines():
+        try:
+            sizes.append(float(line.strip()) * MIB)
+        except ValueError:
+            continue
+    return min(sizes) if sizes else None
+
+
+def planned_gpu_memory(recipe, flag: Optional[str] = None, slurm: bool = False) -> GpuMemory:
+    """The GPU memory `recipe` is planned for (module docstring)."""
+    local = None if slurm else local_gpu_memory()
+    where = "slurm" if slurm else ("gpus" if local is not None else "local")
+    if flag:
+        return GpuMemory(parse_size(flag), "--gpu-memory", where)
+    if local is not None:
+        return GpuMemory(local, "nvidia-smi", where)
+    if recipe.cluster.gpu_memory:
+        return GpuMemory(parse_size(recipe.cluster.gpu_memory), "cluster.gpu_memory", where)
+    return GpuMemory(DEFAULT_GPU_MEMORY, "assumed", where)
+
+
+def kernels_for(recipe, gpu: GpuMemory) -> str:
+    """model.kernels as the run gets it: `liger` without the liger-kernel package is a one-line
+    error here, before torchrun; `auto` on local GPUs (read by nvidia-smi) becomes liger when the
+    package is installed and the family is supported, else none; a Slurm job's auto stays auto (its
+    ranks decide: training/model/kernels.py) and the planner does not count liger's savings."""
+    setting, has = recipe.model.kernels, importlib.util.find_spec("liger_kernel") is not None
+    if setting == "liger" and not has:
+        raise RecipeError("model.kernels: liger needs the liger-kernel package (pip install 'zerotune[gpu]'), "
+                          "not installed in this environment")
+    if setting != "auto" or gpu.where == "slurm":
+        return setting
+    local = gpu.where == "gpus" and has
+    return "liger" if local and read_model_config(recipe.model.path).get("model_type") in LIGER_FAMILIES else "none"

@@ -1,0 +1,119 @@
+"""Issue 20: every `auto` is planned for the GPU the run gets (launcher/gpus.py reads nvidia-smi,
+faked here by a script on PATH), `zerotune train` runs the fit check before torchrun starts, and
+RUN_DIR/recipe.yaml records the GPU memory planned for."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import yaml
+
+from conftest import base_recipe, write_recipe, zerotune
+from test_plan import LLAMA_1B, LLAMA_8B
+from zerotune.core.recipe import RecipeError
+from zerotune.core.recipe_load import validate_recipe
+from zerotune.launcher.gpus import local_gpu_memory, planned_gpu_memory
+from zerotune.launcher.prepare import resolve
+
+
+def fake_smi(tmp_path, *mib: int) -> str:
+    """A directory holding an `nvidia-smi` that prints these MiB, one GPU a line; returns a PATH."""
+    d = tmp_path / "bin"
+    d.mkdir(exist_ok=True)
+    smi = d / "nvidia-smi"
+    smi.write_text("#!/bin/sh\n" + "".join(f"echo {m}\n" for m in mib))
+    smi.chmod(0o755)
+    return f"{d}{os.pathsep}{os.environ['PATH']}"
+
+
+def model_dir(tmp_path, name, cfg):
+    d = tmp_path / name
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return str(d)
+
+
+def peft_8b(tmp_path, kind="lora", **train):
+    return validate_recipe(base_recipe(
+        tmp_path, model={"path": model_dir(tmp_path, "m8b", LLAMA_8B), "dtype": "bf16"}, method={"kind": kind},
+        data={"train": base_recipe(tmp_path)["data"]["train"], "max_len": 2048},
+        train={"max_steps": 4, "micro_batch_size": 4, "gradient_checkpointing": "auto", **train},
+        distributed={"zero": "auto"}))
+
+
+def test_nvidia_smi_is_read_smallest_gpu_counts(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", fake_smi(tmp_path, 143771, 81920))
+    assert local_gpu_memory() == 81920 * 2 ** 20
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    assert local_gpu_memory() is None
+    gpu = planned_gpu_memory(peft_8b(tmp_path))
+    assert not gpu.known and "assumed" in gpu.describe() and gpu.describe().startswith("80 GiB")
+
+
+@pytest.mark.parametrize("kind", ["lora", "qlora"])
+def test_the_planner_chooses_for_the_gpu_it_reads(tmp_path, monkeypatch, kind):
+    """24 GB: LoRA 8B at mbs 4 x 2048 fits no strategy, QLoRA only with checkpointing; 80 GB:
+    checkpointing on; H200: off."""
+    recipe = peft_8b(tmp_path, kind)
+    chosen = {}
+    for mib in (24576, 81920, 143771):
+        monkeypatch.setenv("PATH", fake_smi(tmp_path, mib))
+        gpu = planned_gpu_memory(recipe)
+        assert gpu.source == "nvidia-smi"
+        try:
+            r = resolve(recipe, 1, 1, gpu)
+            chosen[mib] = r.train.gradient_checkpointing
+            assert r.cluster.gpu_memory == f"{mib / 1024:.1f}GiB"
+        except RecipeError as e:
+            chosen[mib] = "refused"
+            assert "24.0 GiB" in str(e) and "\n" not in str(e)
+    assert chosen == {24576: "refused" if kind == "lora" else True, 81920: True, 143771: False}
+
+
+def test_slurm_plans_for_cluster_gpu_memory_not_the_login_node(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", fake_smi(tmp_path, 24576))
+    recipe = peft_8b(tmp_path).model_copy(update={"cluster": peft_8b(tmp_path).cluster.model_copy(
+        update={"gpu_memory": "141GB"})})
+    assert planned_gpu_memory(recipe, slurm=True).bytes == 141 * 2 ** 30
+    assert planned_gpu_memory(recipe).bytes == 24576 * 2 ** 20
+    assert planned_gpu_memory(recipe, flag="40GB").source == "--gpu-memory"
+
+
+def test_micro_batch_auto_keeps_the_global_batch(tmp_path):
+    from zerotune.launcher.gpus import GpuMemory
+    r = validate_recipe(base_recipe(
+        tmp_path, model={"path": model_dir(tmp_path, "m1b", LLAMA_1B), "dtype": "bf16"},
+        data={"train": base_recipe(tmp_path)["data"]["train"], "max_len": 2048},
+        train={"max_steps": 4, "micro_batch_size": "auto", "global_batch_size": 64}, distributed={"zero": "auto"}))
+    picked = {}
+    for gib in (24, 80, 140):
+        t = resolve(r, 1, 1, GpuMemory(gib * 2 ** 30, "--gpu-memory")).train
+        assert t.micro_batch_size * t.accumulation(1) == 64
+        picked[gib] = t.micro_batch_size
+    assert picked[24] < picked[80] < picked[140]
+    with pytest.raises(Exception, match="micro_batch_size: auto needs train.global_batch_size"):
+        validate_recipe(base_recipe(tmp_path, train={"max_steps": 4, "micro_batch_size": "auto"}))
+
+
+def test_train_refuses_what_cannot_fit_before_torchrun(tmp_path):
+    """stories260K at a micro-batch that fits 24 GiB only with checkpointing, asked for without:
+    one line naming the --set that fits; nothing written, torchrun never started."""
+    recipe = write_recipe(tmp_path, base_recipe(tmp_path, distributed={"zero": "auto"},
+                                                train={"max_steps": 1, "micro_batch_size": 20000}))
+    r = zerotune("train", str(recipe), check=False, timeout=300, env={"PATH": fake_smi(tmp_path, 24576)})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "24.0 GiB" in lines[0] and "--set train.gradient_checkpointing=true fits" in lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_train_records_the_memory_planned_for(tmp_path):
+    recipe = write_recipe(tmp_path, base_recipe(tmp_path, distributed={"zero": "auto"},
+                                                train={"max_steps": 1, "micro_batch_size": 2}))
+    r = zerotune("launch", str(recipe), "--dry-run", env={"PATH": fake_smi(tmp_path, 143771)})
+    assert "planned for 140.4 GiB per GPU (nvidia-smi)" in r.stderr
+    saved = yaml.safe_load((tmp_path / "runs" / "t" / "recipe.yaml").read_text())
+    assert saved["cluster"]["gpu_memory"] == "140.4GiB" and saved["train"]["gradient_checkpointing"] is False
+    r = zerotune("launch", str(recipe), "--dry-run", env={"PATH": str(tmp_path / "nowhere") + os.pathsep + "/usr/bin:/bin"})
+    assert "planned for 80 GiB per GPU (assumed" in r.stderr
