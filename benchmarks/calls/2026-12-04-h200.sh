@@ -9,7 +9,7 @@
 #   QLoRA 8B mbs 4 ........ peer --no-gc, --liger --no-gc  (best known: --no-gc 7,932; liger unmeasured)
 #   LoRA 8B 32k mbs 1 ..... peer default, --liger           (default 4,941; --no-gc is expected to OOM)
 # Expected: ~3 min setup (wheels, DeepSpeed op build, the 8B model ~1.5 min), tests ~1.5 min,
-# ~12 min of runs. If time is left, the `kernels-none` variants (zerotune without liger).
+# ~12 min of runs. If time is left, a profiled run of full 1B and LoRA 8B (logging.profile_start).
 #
 # Wheels (here, before the call; liger-kernel 0.8.5 is in the default list):
 #   cd /work/wt20 && ../shared/device/wheels.sh .venv/bin/python
@@ -28,11 +28,15 @@ export PYTHONPATH=/tmp/site TORCH_CUDA_ARCH_LIST=9.0 TOKENIZERS_PARALLELISM=fals
 python3 -c 'import sys; sys.path.insert(0, "benchmarks"); from pathlib import Path; from bench_setup import make_package; make_package(Path("/tmp/pkg"))'
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$LOG/gpu.txt"
 B=(python3 benchmarks/bench.py --work-dir /tmp/wb --results "$LOG/results" --timeout 240)
+keep() { mkdir -p "$LOG/wb"; cp -r /tmp/wb/logs "$LOG/wb/" 2>/dev/null; }   # the runs' logs come back too
 stage gputests 200 env PYTHONPATH=/tmp/pkg:/tmp/site python3 -m pytest -m gpu -v -s -p no:cacheprovider tests/test_kernels.py
-stage full1b 330 "${B[@]}" --only full-1b --variants default --peer-settings plain-liger-no-gc
-stage lora8b 360 "${B[@]}" --only lora-8b --variants default --peer-settings liger-no-gc
-stage qlora8b 330 "${B[@]}" --only qlora-8b --variants default --peer-settings no-gc,liger-no-gc
-stage lora32k 300 "${B[@]}" --only lora-8b-32k --variants default --peer-settings default,liger --steps 6 --warmup 2
-[ "$(left)" -ge 240 ] && stage nokernels 300 "${B[@]}" --only lora-8b,full-1b --variants kernels-none --peer-settings none
+stage full1b 330 "${B[@]}" --only full-1b --variants default --peer-settings plain-liger-no-gc; keep
+stage lora8b 360 "${B[@]}" --only lora-8b --variants default --peer-settings liger-no-gc; keep
+stage qlora8b 330 "${B[@]}" --only qlora-8b --variants default --peer-settings no-gc,liger-no-gc; keep
+stage lora32k 300 "${B[@]}" --only lora-8b-32k --variants default --peer-settings default,liger --steps 6 --warmup 2; keep
+# where the step time goes (logging.profile_start: the summary by category is in the run's log)
+[ "$(left)" -ge 240 ] && stage profile 300 "${B[@]}" --only full-1b,lora-8b --variants none --peer-settings none \
+  --variant 'profiled=logging.profile_start=8 logging.profile_steps=2'
+keep
 rm -rf /tmp/wb/runs
 finish
