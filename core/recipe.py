@@ -33,8 +33,11 @@ class ModelConfig(_Section):
     tokenizer: Optional[str] = Field(None, description="Tokenizer hub id or folder; default: model.path.")
     dtype: Literal["bf16", "fp16", "fp32"] = Field(
         "bf16", description="Training precision. bf16 on Ampere/Hopper GPUs; fp32 is exact on CPU.")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
-        "sdpa", description="Attention kernel passed to transformers.")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+        "auto", description="Attention kernel passed to transformers. auto: the fastest the model family "
+                            "supports (core/families.py): flash_attention_2 with flash_attn on CUDA, else sdpa; "
+                            "eager where it must be (Gemma 2's soft-capping); chosen before torchrun and "
+                            "recorded in RUN_DIR/recipe.yaml. An explicit kernel the family lacks is an error.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub (off by default).")
     chat_template: Optional[str] = Field(
         None, description="None: the tokenizer's own template; a built-in name (chatml, llama3, alpaca, "

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from zerotune.core.families import choose_attention
 from zerotune.core.io import atomic_write
 from zerotune.core.layout import DS_CONFIG_FILE, RECIPE_FILE, check_fresh_start, latest_complete, read_state, step_of
 from zerotune.core.long_context import check_sequence_parallel
@@ -42,6 +43,18 @@ def resolve(recipe: Recipe, world_size: int, nodes: int = 1) -> Recipe:
         data["train"].update(gradient_checkpointing=st.grad_ckpt, fused_loss=best.fused_loss,
                              offload_activations=best.offload_activations)
     return validate_recipe(data, source="resolved recipe")
+
+
+def resolve_attention(recipe: Recipe, config: dict) -> Recipe:
+    """model.attn_implementation: auto -> the fastest kernel the model family supports here, an
+    explicit one checked against the family (core/families.py)."""
+    from .submit import visible_gpus
+    m = recipe.model
+    cuda = m.attn_implementation == "auto" and visible_gpus() > 0
+    chosen = choose_attention(config, m.attn_implementation, cuda)
+    if chosen == m.attn_implementation:
+        return recipe
+    return recipe.model_copy(update={"model": m.model_copy(update={"attn_implementation": chosen})})
 
 
 # ----------------------------------------------------------------------------- a changed recipe
@@ -123,6 +136,7 @@ def prepare_run(recipe_path: str, overrides: list[str], world_size: int, nodes: 
     recipe = load_recipe(recipe_path, overrides)                       # the recipe; local paths made absolute
     check_trackers(recipe)                                             # wandb / mlflow installed if asked for
     config, tokenizer = preflight.check_inputs(recipe, Path(recipe_path).parent)  # model, tokenizer, vocabulary, data
+    recipe = resolve_attention(recipe, config)                         # auto -> the family's kernel; or its error
     problem = check_sequence_parallel(recipe, gpus_per_node=world_size // nodes, nodes=nodes, model_config=config)
     if problem:                                                        # SP degree vs GPUs, heads, method, kernel
         raise RecipeError(problem)

@@ -20,7 +20,8 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from zerotune.core.recipe import RecipeError
 
-from zerotune.training.model import long_sequence
+from zerotune.core.families import choose_attention
+from zerotune.training.model import long_sequence, moe
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PEFT_KINDS = ("lora", "qlora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning")  # built by HF peft
@@ -124,10 +125,11 @@ def build_model(recipe, ds_config: dict):
     model = AutoModelForCausalLM.from_pretrained(
         recipe.model.path,
         dtype=DTYPES[recipe.model.dtype],
-        attn_implementation=recipe.model.attn_implementation,
+        attn_implementation=attention(recipe, config),
         trust_remote_code=recipe.model.trust_remote_code,
         **extra,
     )
+    moe.prepare(model, stage)   # ZeRO-3 leaf modules, the router's aux loss (training/model/moe.py)
     gc_kwargs = {"use_reentrant": False}
     if quant is not None:
         keep_4bit_cpu_layout(model)
@@ -146,6 +148,14 @@ def build_model(recipe, ds_config: dict):
     if wants_compile(recipe.train.compile, kind, stage, long_sequence.options(recipe)):
         compile_layers(model, kind, stage)
     return apply_method(model, recipe)
+
+
+def attention(recipe, config) -> str | None:
+    """The launcher resolved auto (launcher/prepare.py); a recipe that did not come through it
+    (benchmarks, a family core/families.py does not know) gets the same rule here, or None:
+    transformers' own default."""
+    chosen = choose_attention(config.to_dict(), recipe.model.attn_implementation, torch.cuda.is_available())
+    return None if chosen == "auto" else chosen
 
 
 def wants_compile(setting, kind: str, stage: int, long: list[str] | None = None) -> bool:

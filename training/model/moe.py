@@ -1,0 +1,29 @@
+"""Mixture-of-experts models (Mixtral, Qwen2/3-MoE, OLMoE, ...): what training them needs.
+
+- Under ZeRO-3 the family's sparse MoE block (core/families.py: MOE_BLOCKS) is a leaf module
+  (deepspeed.utils.set_z3_leaf_modules): its parameters, every expert's, are gathered whole when
+  the block runs. Without it a rank whose tokens reach no expert skips that expert's gather while
+  its peers wait in theirs, and the ranks hang.
+- The router's load-balancing loss is on (config.output_router_logits): transformers adds
+  router_aux_loss_coef x aux_loss to the loss when labels are given; training/run/step.py weighs
+  it to one mean over micro-batches and ranks, keeps it out of train/loss and logs it as
+  train/router_aux_loss.
+"""
+from __future__ import annotations
+
+from zerotune.core.families import is_moe, moe_block
+
+
+def prepare(model, zero_stage: int) -> list[str]:
+    """Router loss on; ZeRO-3 leaf modules set. Returns the leaf classes' names ([] for dense)."""
+    config = model.config
+    if not is_moe(config.to_dict()):
+        return []
+    if hasattr(config, "output_router_logits"):
+        config.output_router_logits = True
+    name = moe_block(config.to_dict())
+    classes = list({type(m) for m in model.modules() if type(m).__name__ == name}) if name else []
+    if zero_stage == 3 and classes:
+        from deepspeed.utils import set_z3_leaf_modules
+        set_z3_leaf_modules(model, classes)
+    return [c.__name__ for c in classes]
