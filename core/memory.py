@@ -192,7 +192,7 @@ def dtype_bytes(dtype: str) -> int:
 def lora_params(w: Workload) -> int:
     """LoRA parameters: r x (in + out) for every adapted linear of every layer."""
     s = shape(w.model)
-    shapes = linear_shapes(w.model)
+    shapes = linear_shapes(w.model)[:4] if s["experts"] > 1 else linear_shapes(w.model)   # MoE: experts frozen
     if w.lora_targets != "all-linear":  # Llama names, in linear_shapes order
         names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         shapes = [io for n, io in zip(names, shapes) if n in w.lora_targets]
