@@ -239,6 +239,9 @@ class LoggingConfig(_Section):
     project: Optional[str] = Field(None, description="wandb project and MLflow experiment; default WANDB_PROJECT / "
                                                      "MLFLOW_EXPERIMENT_NAME, else zerotune.")
     every: int = Field(1, gt=0, description="Log train scalars every N steps.")
+    verbose: bool = Field(False, description="Show other packages' warnings and banners on the console too "
+                                             "(default: only in RUN_DIR/logs; core/quiet.py). ZEROTUNE_VERBOSE=1 "
+                                             "does the same for every command.")
     profile_start: Optional[int] = Field(None, gt=0, description="Profile optimizer steps from this one "
                                          "(torch.profiler): RUN_DIR/profile/ gets rank 0's trace and a summary of "
                                          "where the time went (attention, matmul, loss, optimizer, communication).")

@@ -16,7 +16,8 @@ from typing import Any, Optional
 
 from zerotune.core.families import choose_attention
 from zerotune.core.io import atomic_write
-from zerotune.core.layout import DS_CONFIG_FILE, RECIPE_FILE, check_fresh_start, latest_complete, read_state, step_of
+from zerotune.core import quiet
+from zerotune.core.layout import DS_CONFIG_FILE, LAUNCHER_LOG, LOGS_DIR, RECIPE_FILE, check_fresh_start, latest_complete, read_state, step_of
 from zerotune.core.long_context import check_sequence_parallel
 from zerotune.core.recipe import RESUME_SAFE_KEYS, Recipe, RecipeError
 from zerotune.core.recipe_load import load_recipe, load_run_recipe, validate_recipe
@@ -134,6 +135,8 @@ def check_recipe_change(recipe: Recipe) -> Optional[tuple[Path, str]]:
 # ----------------------------------------------------------------------------- the whole preparation
 def prepare_run(recipe_path: str, overrides: list[str], world_size: int, nodes: int = 1) -> Recipe:
     recipe = load_recipe(recipe_path, overrides)                       # the recipe; local paths made absolute
+    if recipe.logging.verbose:
+        quiet.show_all()                                               # other packages' lines on the console too
     check_trackers(recipe)                                             # wandb / mlflow installed if asked for
     config, tokenizer = preflight.check_inputs(recipe, Path(recipe_path).parent)  # model, tokenizer, vocabulary, data
     recipe = resolve_attention(recipe, config)                         # auto -> the family's kernel; or its error
@@ -149,6 +152,7 @@ def prepare_run(recipe_path: str, overrides: list[str], world_size: int, nodes: 
     cfg = ds_config.render(recipe, world_size)
     preflight.prepare_data(recipe, tokenizer)    # the tokenized cache the ranks load
     run_dir.mkdir(parents=True, exist_ok=True)   # nothing is written before every check passed
+    quiet.attach(run_dir / LOGS_DIR / LAUNCHER_LOG)
     if keep is not None:
         archive, what = keep
         atomic_write(archive, (run_dir / RECIPE_FILE).read_text())
