@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import ROOT, zerotune  # noqa: E402
 
 # What zerotune writes on the console of a run: its messages, the progress and eval lines.
-OURS = re.compile(r"^(zerotune: |step \d+/\d+ [|] |method \w+: |WARNING: )")
+OURS = re.compile(r"^(zerotune: |step \d+/\d+ [|] |data: |done: |final model: |method \w+: |WARNING: )")
 
 
 def test_other_packages_lines_go_to_the_log_ours_to_the_console(tmp_path, capsys):
