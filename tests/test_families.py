@@ -106,6 +106,17 @@ def test_the_attention_table_matches_transformers():
         assert hasattr(module, block), f"{model_type}: no {block}"
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_the_planner_counts_every_expert(family, tmp_path):
+    from zerotune.core.flops import num_params
+    folder = tiny_model(tmp_path / family, family)
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    real = sum(p.numel() for p in model.parameters())
+    config = json.loads((folder / "config.json").read_text())
+    assert abs(num_params(config) - real) <= 0.01 * real   # (Qwen3's q/k norms are not counted)
+
+
 def test_auto_picks_per_family_and_refuses_what_a_family_lacks(tmp_path, capsys):
     gemma2 = {"model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"]}
     assert choose_attention(gemma2, "auto", cuda=True) == "eager"
