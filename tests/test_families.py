@@ -90,6 +90,26 @@ def test_family_trains_resumes_exports_and_generates(family, tmp_path, capsys):
     assert (tmp_path / "runs" / f"{family}-lora" / "final" / "adapter_config.json").is_file()
 
 
+@pytest.mark.parametrize("template,end", [("llama3", "<|eot_id|>"), ("chatml", "<|im_end|>\n"), (None, "<|end|>")])
+def test_the_families_templates_train_exactly_the_assistant_turns(template, end):
+    """The templates the families above train with (None: the one phi-3's tokenizer ships) mask
+    every prompt token and train each assistant turn with its end-of-turn token."""
+    from test_data_tools import tokenize, trained_runs, with_tokens
+    from transformers import AutoTokenizer
+    from zerotune.training.data.templates import BUILTIN
+    tok = AutoTokenizer.from_pretrained(str(PHI3_TOKENIZER))
+    tok = with_tokens(tok, template) if template else tok
+    samples, stats = tokenize(tok, MESSAGES, BUILTIN[template] if template else tok.chat_template)
+    rows = [json.loads(line) for line in MESSAGES.read_text().splitlines()]
+    assert stats["samples"] == len(rows) == len(samples)
+    for row, (ids, labels) in zip(rows, samples):
+        want = [m["content"] + end for m in row["messages"] if m["role"] == "assistant"]
+        got = trained_runs(tok, ids, labels)
+        if template is None and got:   # phi-3's template ends the conversation with its eos: trained too
+            got[-1] = got[-1].removesuffix(tok.eos_token)
+        assert got == want
+
+
 def test_the_attention_table_matches_transformers():
     """What core/families.py says each family supports is what its *ForCausalLM class says."""
     import transformers
