@@ -137,6 +137,25 @@ def test_the_planner_counts_every_expert(family, tmp_path):
     assert abs(num_params(config) - real) <= 0.01 * real   # (Qwen3's q/k norms are not counted)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "llama"])
+def test_moe_blocks_are_zero3_leaves_and_the_router_loss_is_on(family, tmp_path):
+    from deepspeed.utils import z3_leaf_module
+    from transformers import AutoModelForCausalLM
+    from zerotune.training.model import moe
+    model = AutoModelForCausalLM.from_pretrained(tiny_model(tmp_path / family, family))
+    names = moe.prepare(model, zero_stage=3)
+    leaves = [type(m).__name__ for m in model.modules() if z3_leaf_module(m)]
+    if family == "llama":
+        assert names == leaves == [] and not getattr(model.config, "output_router_logits", False)
+        return
+    assert names == [MOE_BLOCKS[family]] and leaves == [MOE_BLOCKS[family]] * 2   # one per layer
+    assert model.config.output_router_logits
+    import torch
+    ids = torch.tensor([[1, 5, 7, 9, 11, 13]])
+    out = model(input_ids=ids, labels=ids)
+    assert out.aux_loss is not None and float(out.aux_loss) > 0
+
+
 def test_auto_picks_per_family_and_refuses_what_a_family_lacks(tmp_path, capsys):
     gemma2 = {"model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"]}
     assert choose_attention(gemma2, "auto", cuda=True) == "eager"
