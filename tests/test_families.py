@@ -150,6 +150,8 @@ def test_moe_blocks_are_zero3_leaves_and_the_router_loss_is_on(family, tmp_path)
         return
     assert names == [MOE_BLOCKS[family]] and leaves == [MOE_BLOCKS[family]] * 2   # one per layer
     assert model.config.output_router_logits
+    targets = moe.lora_targets(model, "all-linear")   # attention only: experts and router frozen
+    assert len(targets) == 8 and all(".self_attn." in t and t.endswith("_proj") for t in targets)
     import torch
     ids = torch.tensor([[1, 5, 7, 9, 11, 13]])
     out = model(input_ids=ids, labels=ids)

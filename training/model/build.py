@@ -44,15 +44,16 @@ def quantization_config(recipe, zero_stage: int = 0):
         bnb_4bit_quant_storage=DTYPES[recipe.model.dtype] if zero_stage == 3 else torch.uint8)
 
 
-def peft_config(recipe):
-    """The HF peft config of the recipe's method (None for full and bottleneck adapters)."""
+def peft_config(recipe, model=None):
+    """The HF peft config of the recipe's method (None for full and bottleneck adapters). With
+    `model`, LoRA's all-linear on a mixture of experts names the layers outside its experts."""
     import peft
     m, kind = recipe.method, recipe.method.kind
     if kind in ("lora", "qlora"):
         lo = m.lora
         return peft.LoraConfig(
             task_type="CAUSAL_LM", r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
-            target_modules=lo.target_modules, modules_to_save=lo.modules_to_save or None,
+            target_modules=moe.lora_targets(model, lo.target_modules), modules_to_save=lo.modules_to_save or None,
             use_rslora=lo.use_rslora, use_dora=lo.use_dora)
     if kind == "ia3":
         return peft.IA3Config(task_type="CAUSAL_LM", target_modules=m.ia3.target_modules,
@@ -83,7 +84,7 @@ def apply_method(model, recipe):
         from zerotune.training.model.adapters import add_adapters
         return add_adapters(model, recipe.method.adapter)
     import peft
-    return peft.get_peft_model(model, peft_config(recipe))
+    return peft.get_peft_model(model, peft_config(recipe, model))
 
 
 def keep_4bit_cpu_layout(model) -> None:

@@ -14,6 +14,19 @@ from __future__ import annotations
 from zerotune.core.families import is_moe, moe_block
 
 
+def lora_targets(model, setting):
+    """LoRA's target_modules: all-linear on a mixture of experts -> the linear layers outside its
+    MoE blocks (attention, dense MLP layers): the experts (fused 3-D weights in transformers 5,
+    which peft would wrap per parameter), shared experts and the router stay frozen."""
+    name = moe_block(model.config.to_dict()) if model is not None and setting == "all-linear" else None
+    if name is None:
+        return setting
+    import torch
+    inside = {id(m) for block in model.modules() if type(block).__name__ == name for m in block.modules()}
+    return [n for n, m in model.named_modules()   # full names: a dense layer's gate_proj is not a shared expert's
+            if isinstance(m, torch.nn.Linear) and id(m) not in inside and not n.endswith("lm_head")]
+
+
 def prepare(model, zero_stage: int) -> list[str]:
     """Router loss on; ZeRO-3 leaf modules set. Returns the leaf classes' names ([] for dense)."""
     config = model.config
