@@ -22,6 +22,7 @@ import time
 import traceback
 from pathlib import Path
 
+from zerotune.core import quiet
 from zerotune.core.errors import UserError
 from zerotune.core.io import atomic_write
 from zerotune.core.layout import FAILED_FILE, LOGS_DIR, USER_ERROR_EXIT_CODE, rank_log
@@ -104,6 +105,6 @@ def say_first(run_dir: Path, reason: str, started: float, traceback_of: BaseExce
     if Path(run_dir).is_dir() and not claim(run_dir, reason, started):
         return False
     if traceback_of is not None:
-        traceback.print_exception(traceback_of, file=sys.stderr)
+        traceback.print_exception(traceback_of, file=quiet.console())   # not through the log (core/quiet.py)
     print(f"zerotune: error: {reason}", file=sys.stderr, flush=True)
     return True

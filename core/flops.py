@@ -34,10 +34,12 @@ def shape(cfg: dict) -> dict:
     heads = _get(c, "num_attention_heads", "n_head")
     head_dim = c.get("head_dim") or d // heads
     kv_heads = c.get("num_key_value_heads") or heads
-    ff = _get(c, "intermediate_size", "ffn_dim", "n_inner", default=4 * d)
+    experts = c.get("num_local_experts") or c.get("num_experts") or 1
+    # MoE: each expert's MLP width (Qwen-MoE, OLMoE: moe_intermediate_size; Mixtral: intermediate_size)
+    ff = (experts > 1 and c.get("moe_intermediate_size")) or _get(c, "intermediate_size", "ffn_dim", "n_inner",
+                                                                    default=4 * d)
     gated = c.get("model_type") not in ("gpt2", "gpt_neox", "opt", "phi", "falcon", "bloom")
     qkv_bias = bool(c.get("attention_bias")) or c.get("model_type") in ("qwen2", "qwen2_moe")
-    experts = c.get("num_local_experts") or c.get("num_experts") or 1
     active = c.get("num_experts_per_tok") or 1
     return {
         "d": d, "layers": _get(c, "num_hidden_layers", "n_layer"), "vocab": _get(c, "vocab_size"),

@@ -17,7 +17,9 @@ on login nodes.
     RUN_DIR/PREEMPTED                   written after a save forced by SIGUSR1/SIGTERM
     RUN_DIR/FAILED                      why the run stopped (an error, OOM, bad loss), one line first
     RUN_DIR/HEARTBEAT                   rank 0's pid, host, step and state, every ~30 s (HEARTBEAT_FILE)
-    RUN_DIR/logs/rank-<N>.log           the full traceback of an error raised on rank N (LOGS_DIR)
+    RUN_DIR/logs/rank-<N>.log           rank N's lines from other packages, and the full traceback
+                                        of an error raised on it (LOGS_DIR; core/quiet.py)
+    RUN_DIR/logs/launcher.log           the same for the command and torchrun's agent (LAUNCHER_LOG)
     RUN_DIR/attempts.tsv                one line per requeueable Slurm attempt: job id, exit code,
                                         newest checkpoint, FAILED reason (ATTEMPTS_FILE)
 """
@@ -46,6 +48,7 @@ MANIFEST_FILE = "MANIFEST.json"
 DAMAGED_MARKER = "DAMAGED"
 HEARTBEAT_FILE = "HEARTBEAT"
 LOGS_DIR = "logs"
+LAUNCHER_LOG = "launcher.log"        # other packages' lines of the command (core/quiet.py); ranks: rank-<N>.log
 ATTEMPTS_FILE = "attempts.tsv"
 TRACKERS_FILE = "trackers.json"      # wandb / MLflow run ids, so a resume continues the same tracker run
 MLRUNS_DIR = "mlruns"                # the default MLflow file store

@@ -64,6 +64,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Optional
 
+from .families import choose_attention
 from .flops import linear_shapes, num_params, shape
 from .io import GIB, read_model_config
 
@@ -195,7 +196,7 @@ def dtype_bytes(dtype: str) -> int:
 def lora_params(w: Workload) -> int:
     """LoRA parameters: r x (in + out) for every adapted linear of every layer."""
     s = shape(w.model)
-    shapes = linear_shapes(w.model)
+    shapes = linear_shapes(w.model)[:4] if s["experts"] > 1 else linear_shapes(w.model)   # MoE: experts frozen
     if w.lora_targets != "all-linear":  # Llama names, in linear_shapes order
         names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         shapes = [io for n, io in zip(names, shapes) if n in w.lora_targets]
@@ -333,8 +334,9 @@ def efficiency(st: Strategy, world: int) -> tuple[float, str]:
 def workload_of(recipe, gpus_per_node: int, nodes: int = 1, train_tokens: Optional[float] = None,
                 data_note: str = "") -> Workload:
     """The Workload of a recipe: model shape, precision, batch geometry and method settings."""
-    m = recipe.method
-    return Workload(model=read_model_config(recipe.model.path), dtype=recipe.model.dtype,
+    m, config = recipe.method, read_model_config(recipe.model.path)
+    attn = choose_attention(config, recipe.model.attn_implementation, cuda=True)   # auto: the family's kernel
+    return Workload(model=config, dtype=recipe.model.dtype,
                     micro_batch_size=recipe.train.micro_batch_size, seq_len=recipe.data.max_len,
                     gpus_per_node=gpus_per_node, nodes=nodes, optimizer=recipe.train.optimizer,
                     lora_r=m.lora.r, lora_targets=m.lora.target_modules, lora_dropout=m.lora.dropout,
@@ -344,4 +346,4 @@ def workload_of(recipe, gpus_per_node: int, nodes: int = 1, train_tokens: Option
                     sequence_parallel=recipe.distributed.sequence_parallel, packed=recipe.data.packing,
                     tiled_mlp=recipe.uses_tiled_mlp(), offload_activations=recipe.train.offload_activations is True,
                     async_save=recipe.checkpoint.async_save,
-                    attn=recipe.model.attn_implementation, kernels=recipe.model.kernels)
+                    attn="sdpa" if attn == "auto" else attn, kernels=recipe.model.kernels)

@@ -33,8 +33,11 @@ class ModelConfig(_Section):
     tokenizer: Optional[str] = Field(None, description="Tokenizer hub id or folder; default: model.path.")
     dtype: Literal["bf16", "fp16", "fp32"] = Field(
         "bf16", description="Training precision. bf16 on Ampere/Hopper GPUs; fp32 is exact on CPU.")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
-        "sdpa", description="Attention kernel passed to transformers.")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+        "auto", description="Attention kernel passed to transformers. auto: the fastest the model family "
+                            "supports (core/families.py): flash_attention_2 with flash_attn on CUDA, else sdpa; "
+                            "eager where it must be (Gemma 2's soft-capping); chosen before torchrun and "
+                            "recorded in RUN_DIR/recipe.yaml. An explicit kernel the family lacks is an error.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub (off by default).")
     kernels: Literal["auto", "liger", "none"] = Field(
         "auto", description="Fused kernels (training/model/kernels.py): liger = liger-kernel's RMSNorm, SwiGLU, RoPE "
@@ -251,6 +254,9 @@ class LoggingConfig(_Section):
     project: Optional[str] = Field(None, description="wandb project and MLflow experiment; default WANDB_PROJECT / "
                                                      "MLFLOW_EXPERIMENT_NAME, else zerotune.")
     every: int = Field(1, gt=0, description="Log train scalars every N steps.")
+    verbose: bool = Field(False, description="Show other packages' warnings and banners on the console too "
+                                             "(default: only in RUN_DIR/logs; core/quiet.py). ZEROTUNE_VERBOSE=1 "
+                                             "does the same for every command.")
     profile_start: Optional[int] = Field(None, gt=0, description="Profile optimizer steps from this one "
                                          "(torch.profiler): RUN_DIR/profile/ gets rank 0's trace and a summary of "
                                          "where the time went (attention, matmul, loss, optimizer, communication).")

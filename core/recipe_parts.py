@@ -19,7 +19,12 @@ class LoraConfig(_Section):
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r, or / sqrt(r) with rslora).")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: Union[Literal["all-linear"], list[str]] = Field(
-        "all-linear", description="'all-linear' or a list of module names (q_proj, v_proj, ...).")
+        "all-linear", description="'all-linear' or a list of module names (q_proj, v_proj, ...). A mixture of "
+                                  "experts (Mixtral, Qwen-MoE, OLMoE): all-linear adapts the linear layers outside "
+                                  "the MoE blocks (attention, dense MLP layers); the experts, shared experts and "
+                                  "the router stay frozen, "
+                                  "as is usual: an adapter per expert multiplies the adapter, and a trained "
+                                  "router easily loses its balance.")
     modules_to_save: list[str] = Field(default_factory=list, description="Extra modules trained in full (e.g. lm_head).")
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r).")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")

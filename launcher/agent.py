@@ -26,7 +26,9 @@ from pathlib import Path
 
 from zerotune.core.layout import (BAD_LOSS_EXIT_CODE, INTERRUPT_EXIT_CODE, OOM_EXIT_CODE, REQUEUE_EXIT_CODE,
                                   USER_ERROR_EXIT_CODE, latest_complete)
+from zerotune.core import quiet
 from zerotune.core.failure import ATTEMPT_ENV
+from zerotune.core.layout import LAUNCHER_LOG, LOGS_DIR
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 KILLED_EXIT_CODE = 128 + signal.SIGKILL
@@ -195,7 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m zerotune.launcher.agent [--grace SECONDS] TORCHRUN_ARGS... -m zerotune.training RUN_DIR",
               file=sys.stderr)
         return 2
-    return run_torchrun(argv, grace)
+    run_dir = Path(argv[-1])   # torchrun's own lines -> RUN_DIR/logs/launcher.log (core/quiet.py)
+    with quiet.route(run_dir / LOGS_DIR / LAUNCHER_LOG if run_dir.is_dir() else None, name="agent",
+                     verbose=quiet.run_verbose(run_dir)):
+        return run_torchrun(argv, grace)
 
 
 if __name__ == "__main__":

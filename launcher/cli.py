@@ -9,8 +9,11 @@ import argparse
 import importlib
 import sys
 
+from pathlib import Path
+
+from zerotune.core import quiet
 from zerotune.core.errors import UserError
-from zerotune.core.layout import USER_ERROR_EXIT_CODE
+from zerotune.core.layout import LAUNCHER_LOG, LOGS_DIR, RECIPE_FILE, USER_ERROR_EXIT_CODE
 
 COMMANDS = {
     "train": "zerotune.launcher.train",
@@ -41,6 +44,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with quiet.route(name=args.command):   # other packages' lines -> RUN_DIR/logs/launcher.log (core/quiet.py)
+        attach_run_log(args)
+        return run(args)
+
+
+def attach_run_log(args) -> None:
+    """A command given a run folder (export, generate, status, report) logs into it."""
+    for value in vars(args).values():
+        if isinstance(value, str) and (Path(value) / RECIPE_FILE).is_file():
+            quiet.attach(Path(value) / LOGS_DIR / LAUNCHER_LOG)
+            return
+
+
+def run(args) -> int:
     try:
         return args.func(args)
     except (UserError, FileNotFoundError) as e:

@@ -14,8 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from zerotune.core.families import choose_attention
 from zerotune.core.io import atomic_write
-from zerotune.core.layout import DS_CONFIG_FILE, RECIPE_FILE, check_fresh_start, latest_complete, read_state, step_of
+from zerotune.core import quiet
+from zerotune.core.layout import DS_CONFIG_FILE, LAUNCHER_LOG, LOGS_DIR, RECIPE_FILE, check_fresh_start, latest_complete, read_state, step_of
 from zerotune.core.long_context import check_sequence_parallel
 from zerotune.core.recipe import RESUME_SAFE_KEYS, Recipe, RecipeError
 from zerotune.core.memory import DEFAULT_GPU_MEMORY
@@ -58,9 +60,21 @@ def say_plan(recipe: Recipe, gpu: GpuMemory) -> None:
     """The line that prints what was chosen, and for which GPU size."""
     t, d = recipe.train, recipe.distributed
     print(f"zerotune: planned for {gpu.describe()}: ZeRO-{d.zero}, micro_batch_size {t.micro_batch_size}, "
-          f"kernels {recipe.model.kernels}, "
+          f"attention {recipe.model.attn_implementation}, kernels {recipe.model.kernels}, "
           f"gradient_checkpointing {str(t.gradient_checkpointing).lower()}, fused_loss {str(t.fused_loss).lower()}",
           file=sys.stderr, flush=True)
+
+
+def resolve_attention(recipe: Recipe, config: dict) -> Recipe:
+    """model.attn_implementation: auto -> the fastest kernel the model family supports here, an
+    explicit one checked against the family (core/families.py)."""
+    from .submit import visible_gpus
+    m = recipe.model
+    cuda = m.attn_implementation == "auto" and visible_gpus() > 0
+    chosen = choose_attention(config, m.attn_implementation, cuda)
+    if chosen == m.attn_implementation:
+        return recipe
+    return recipe.model_copy(update={"model": m.model_copy(update={"attn_implementation": chosen})})
 
 
 # ----------------------------------------------------------------------------- a changed recipe
@@ -146,8 +160,11 @@ def prepare_run(recipe_path: str, overrides: list[str], world_size: int, nodes: 
     --set that fits, a recipe that cannot fit it."""
     recipe = load_recipe(recipe_path, overrides)                       # the recipe; local paths made absolute
     gpu = planned_gpu_memory(recipe, gpu_flag, slurm)
+    if recipe.logging.verbose:
+        quiet.show_all()                                               # other packages' lines on the console too
     check_trackers(recipe)                                             # wandb / mlflow installed if asked for
     config, tokenizer = preflight.check_inputs(recipe, Path(recipe_path).parent)  # model, tokenizer, vocabulary, data
+    recipe = resolve_attention(recipe, config)                         # auto -> the family's kernel; or its error
     problem = check_sequence_parallel(recipe, gpus_per_node=world_size // nodes, nodes=nodes, model_config=config)
     if problem:                                                        # SP degree vs GPUs, heads, method, kernel
         raise RecipeError(problem)
@@ -164,6 +181,7 @@ def prepare_run(recipe_path: str, overrides: list[str], world_size: int, nodes: 
     preflight.prepare_data(recipe, tokenizer)    # the tokenized cache the ranks load
     say_plan(recipe, gpu)                        # every check passed: what was chosen, for which GPU
     run_dir.mkdir(parents=True, exist_ok=True)   # nothing is written before every check passed
+    quiet.attach(run_dir / LOGS_DIR / LAUNCHER_LOG)
     if keep is not None:
         archive, what = keep
         atomic_write(archive, (run_dir / RECIPE_FILE).read_text())

@@ -19,8 +19,8 @@ from pathlib import Path  # noqa: E402
 # silence exactly those, so the console shows the run.
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
-from zerotune.core import failure  # noqa: E402
-from zerotune.core.layout import INTERRUPT_EXIT_CODE, latest_complete  # noqa: E402
+from zerotune.core import failure, quiet  # noqa: E402
+from zerotune.core.layout import INTERRUPT_EXIT_CODE, latest_complete, rank_log  # noqa: E402
 from zerotune.training.run import ds_ops, faults  # noqa: E402
 
 
@@ -29,6 +29,11 @@ def main() -> int:
         print("usage: python -m zerotune.training RUN_DIR", file=sys.stderr)
         return 2
     run_dir, rank = Path(sys.argv[1]), int(os.environ.get("RANK", "0"))
+    with quiet.route(rank_log(run_dir, rank), fds=True, verbose=quiet.run_verbose(run_dir)):  # others -> the log
+        return run(run_dir, rank)
+
+
+def run(run_dir: Path, rank: int) -> int:
     started = failure.attempt_started(STARTED)
     try:
         ds_ops.use_environment_cache()

@@ -2,6 +2,7 @@
 
     build.py          HF weights, dtype, attention kernel, gradient checkpointing, compile, the method
     adapters.py       bottleneck adapters (zerotune's own; the others come from HF peft)
+    moe.py            mixtures of experts: ZeRO-3 leaf modules, the router's aux loss on
     loss.py           the chunked linear cross-entropy (the full logits are never held)
     long_sequence.py  tiled MLP and checkpointed activations offloaded to CPU (per-layer changes
                       build_model applies; sequence parallelism is in long_context/)

@@ -20,7 +20,8 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from zerotune.core.recipe import RecipeError
 
-from zerotune.training.model import kernels, long_sequence
+from zerotune.core.families import choose_attention
+from zerotune.training.model import kernels, long_sequence, moe
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PEFT_KINDS = ("lora", "qlora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning")  # built by HF peft
@@ -43,15 +44,16 @@ def quantization_config(recipe, zero_stage: int = 0):
         bnb_4bit_quant_storage=DTYPES[recipe.model.dtype] if zero_stage == 3 else torch.uint8)
 
 
-def peft_config(recipe):
-    """The HF peft config of the recipe's method (None for full and bottleneck adapters)."""
+def peft_config(recipe, model=None):
+    """The HF peft config of the recipe's method (None for full and bottleneck adapters). With
+    `model`, LoRA's all-linear on a mixture of experts names the layers outside its experts."""
     import peft
     m, kind = recipe.method, recipe.method.kind
     if kind in ("lora", "qlora"):
         lo = m.lora
         return peft.LoraConfig(
             task_type="CAUSAL_LM", r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
-            target_modules=lo.target_modules, modules_to_save=lo.modules_to_save or None,
+            target_modules=moe.lora_targets(model, lo.target_modules), modules_to_save=lo.modules_to_save or None,
             use_rslora=lo.use_rslora, use_dora=lo.use_dora)
     if kind == "ia3":
         return peft.IA3Config(task_type="CAUSAL_LM", target_modules=m.ia3.target_modules,
@@ -82,7 +84,7 @@ def apply_method(model, recipe):
         from zerotune.training.model.adapters import add_adapters
         return add_adapters(model, recipe.method.adapter)
     import peft
-    return peft.get_peft_model(model, peft_config(recipe))
+    return peft.get_peft_model(model, peft_config(recipe, model))
 
 
 def keep_4bit_cpu_layout(model) -> None:
@@ -124,10 +126,11 @@ def build_model(recipe, ds_config: dict):
     model = AutoModelForCausalLM.from_pretrained(
         recipe.model.path,
         dtype=DTYPES[recipe.model.dtype],
-        attn_implementation=recipe.model.attn_implementation,
+        attn_implementation=attention(recipe, config),
         trust_remote_code=recipe.model.trust_remote_code,
         **extra,
     )
+    moe.prepare(model, stage)   # ZeRO-3 leaf modules, the router's aux loss (training/model/moe.py)
     liger = kernels.apply(model, recipe)   # model.kernels: fused norms, SwiGLU, RoPE (training/model/kernels.py)
     gc_kwargs = {"use_reentrant": False}
     if quant is not None:
@@ -149,6 +152,14 @@ def build_model(recipe, ds_config: dict):
     if wants_compile(recipe.train.compile, kind, stage, reshaped):
         compile_layers(model, kind, stage)
     return apply_method(model, recipe)
+
+
+def attention(recipe, config) -> str | None:
+    """The launcher resolved auto (launcher/prepare.py); a recipe that did not come through it
+    (benchmarks, a family core/families.py does not know) gets the same rule here, or None:
+    transformers' own default."""
+    chosen = choose_attention(config.to_dict(), recipe.model.attn_implementation, torch.cuda.is_available())
+    return None if chosen == "auto" else chosen
 
 
 def wants_compile(setting, kind: str, stage: int, long: list[str] | None = None) -> bool:

@@ -77,10 +77,12 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
 
 
 def supported(model) -> bool:
-    """Models whose head is a plain linear layer over the decoder's last hidden state."""
+    """Models whose head is a plain linear layer over the decoder's last hidden state (not a
+    mixture of experts: the router's aux loss comes with the model's own forward, model/moe.py)."""
     cfg = model.config
     head = getattr(model, "lm_head", None)
     return (isinstance(head, torch.nn.Linear) and head.bias is None and hasattr(model, "model")
+            and not getattr(cfg, "output_router_logits", False)
             and not getattr(cfg, "final_logit_softcapping", None) and not getattr(cfg, "logit_scale", None))
 
 

@@ -9,6 +9,8 @@ import sys
 import time
 from collections import deque
 
+from zerotune.core import quiet
+
 SPIKE_FACTOR = 5.0          # grad norm above 5x the median of the recent steps is a spike
 SPIKE_WINDOW = 50
 SLOW_FACTOR = 0.5           # tokens/s below half the recent average is a throughput drop
@@ -41,13 +43,14 @@ class Console:
         self._last_plain = 0.0
         if rank == 0 and progress and sys.stderr.isatty():
             from tqdm import tqdm
-            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                            file=quiet.console())   # tqdm writes from its own module: not routed to the log
 
     def say(self, msg: str) -> None:
         if self.rank != 0:
             return
         if self.bar is not None:
-            self.bar.write(msg)
+            self.bar.write(msg, file=quiet.console())
         else:
             print(msg, flush=True)
 

@@ -148,7 +148,7 @@ class Metrics:
     # ------------------------------------------------------------------ events of the loop
     def step(self, step: int, *, seconds: float, loss: float, lr: float, grad_norm: float | None,
              tokens: float, samples: int, epoch: float, padded_tokens: float | None = None,
-             seq_len: int | None = None) -> None:
+             seq_len: int | None = None, router_aux: float | None = None) -> None:
         """One optimizer step done. `tokens` are the real (non-padding) tokens of the global
         batch; `padded_tokens` what the batch held with padding; `seq_len` its sequence length."""
         if self.rank != 0:
@@ -160,6 +160,7 @@ class Metrics:
         self.watchdog.check(step, grad_norm, tps)
         values = {
             "train/loss": loss,
+            "train/router_aux_loss": router_aux,   # a mixture of experts: coef x load balancing (model/moe.py)
             "train/lr": lr,
             "train/grad_norm": grad_norm,
             **rates,

@@ -22,8 +22,23 @@ def to_device(batch: dict, device) -> dict:
 
 def micro_loss(engine, batch: dict, n_target: float) -> torch.Tensor:
     """Summed token loss of one micro-batch / n_target. Only the loss is kept: the logits are
-    freed before the backward."""
-    return engine(**batch, num_items_in_batch=n_target).loss
+    freed before the backward. A mixture of experts: transformers added router_aux_loss_coef x
+    the router's load-balancing loss; that term rides along as `.router_aux` (training/model/moe.py)."""
+    out = engine(**batch, num_items_in_batch=n_target)
+    loss = out.loss
+    if getattr(out, "aux_loss", None) is not None:
+        loss.router_aux = out.aux_loss * engine.module.config.router_aux_loss_coef
+    return loss
+
+
+def router_aux(step_loss: torch.Tensor) -> float | None:
+    """The step's router aux loss (coef x load balancing, mean over micro-batches and ranks), or
+    None for dense models; every rank calls it (one all-reduce, MoE only)."""
+    aux = getattr(step_loss, "router_aux", None)
+    if aux is None:
+        return None
+    dist.all_reduce(aux)
+    return aux.item()
 
 
 def forward_backward(engine, micro: list[dict], n_target: float, world: int) -> torch.Tensor:
@@ -31,12 +46,20 @@ def forward_backward(engine, micro: list[dict], n_target: float, world: int) -> 
     the update is the caller's, at the boundary). Returns this rank's share of the step's loss
     as a float64 tensor on the device: no host sync here."""
     step_loss = torch.zeros((), dtype=torch.float64, device=engine.device)
+    aux_sum = None
     for i, batch in enumerate(micro):
         loss = micro_loss(engine, batch, n_target)
+        aux = getattr(loss, "router_aux", None)
+        if aux is not None:   # MoE: the router loss counts once per step (a mean), not per micro-batch and rank
+            share = aux / (len(micro) * world)
+            loss = loss - aux + share
+            aux_sum = share.detach().double() + (0 if aux_sum is None else aux_sum)
         engine.backward(loss * world, scale_wrt_gas=False)  # DeepSpeed averages over ranks
-        step_loss += loss.detach().double()
+        step_loss += (loss.detach() - (0 if aux is None else share.detach())).double()   # train/loss: the LM loss
         if i < len(micro) - 1:
             engine.step()  # not a boundary: DeepSpeed only accumulates
+    if aux_sum is not None:
+        step_loss.router_aux = aux_sum
     return step_loss
 
 
@@ -85,7 +108,8 @@ def evaluate(engine, dataset, rank: int, world: int, micro_batch_size: int, pad_
         if sp:   # the forward returns this shard's summed token loss / num_items_in_batch
             loss_sum += engine(**sp.shard(batch, engine.device), num_items_in_batch=1).loss.double()
         else:
-            loss_sum += engine(**to_device(batch, engine.device), num_items_in_batch=max(n, 1)).loss.double() * n
+            loss = micro_loss(engine, to_device(batch, engine.device), max(n, 1))
+            loss_sum += (loss - getattr(loss, "router_aux", 0)).double() * n   # the LM loss only
         tokens += n
     dist.all_reduce(loss_sum)   # with SP the shards of a batch sum to its loss; its tokens were counted N times
     dist.all_reduce(tokens)
