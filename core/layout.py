@@ -17,6 +17,8 @@ on login nodes.
     RUN_DIR/PREEMPTED                   written after a save forced by SIGUSR1/SIGTERM
     RUN_DIR/FAILED                      why the run stopped (an error, OOM, bad loss), one line first
     RUN_DIR/HEARTBEAT                   rank 0's pid, host, step and state, every ~30 s (HEARTBEAT_FILE)
+    RUN_DIR/LOCK                        the job that trains into RUN_DIR: host, pid, start, Slurm job
+                                        id; flock-held while it runs (LOCK_FILE, core/runlock.py)
     RUN_DIR/logs/rank-<N>.log           the full traceback of an error raised on rank N (LOGS_DIR)
     RUN_DIR/attempts.tsv                one line per requeueable Slurm attempt: job id, exit code,
                                         newest checkpoint, FAILED reason (ATTEMPTS_FILE)
@@ -45,6 +47,7 @@ STATE_FILE = "zerotune_state.json"
 MANIFEST_FILE = "MANIFEST.json"
 DAMAGED_MARKER = "DAMAGED"
 HEARTBEAT_FILE = "HEARTBEAT"
+LOCK_FILE = "LOCK"
 LOGS_DIR = "logs"
 ATTEMPTS_FILE = "attempts.tsv"
 TRACKERS_FILE = "trackers.json"      # wandb / MLflow run ids, so a resume continues the same tracker run

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from zerotune.core.layout import (BAD_LOSS_EXIT_CODE, INTERRUPT_EXIT_CODE, OOM_EXIT_CODE, REQUEUE_EXIT_CODE,
                                   USER_ERROR_EXIT_CODE, latest_complete)
+from zerotune.core import runlock
 from zerotune.core.failure import ATTEMPT_ENV
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
@@ -164,6 +165,8 @@ def exit_code(error, supervisor: Supervisor) -> int:
 def run_torchrun(args: list[str], grace: float) -> int:
     """torchrun ARGS in this process, supervised; returns the exit code (see the module docstring)."""
     run_dir = Path(args[-1]) if len(args) >= 3 and args[-3:-1] == ["-m", "zerotune.training"] else None
+    if run_dir is not None and first_node(args):
+        runlock.acquire(run_dir)   # one job per run folder (a no-op under `zerotune train`, which holds it)
     os.environ[ATTEMPT_ENV] = repr(time.time())
     supervisor = Supervisor(grace, run_dir)
     supervisor.install()
@@ -184,6 +187,20 @@ def run_torchrun(args: list[str], grace: float) -> int:
     finally:
         signal.signal = real   # first: close() puts the handlers from before back
         supervisor.close()
+        if run_dir is not None:
+            runlock.release(run_dir)
+
+
+def first_node(args: list[str]) -> bool:
+    """Node 0 of a manual multi-node start (--node-rank) takes the lock; each node of a Slurm job
+    takes or shares it (the same job id)."""
+    for i, a in enumerate(args):
+        for flag in ("--node-rank", "--node_rank"):
+            if a == flag and i + 1 < len(args):
+                return args[i + 1] == "0"
+            if a.startswith(flag + "="):
+                return a.split("=", 1)[1] == "0"
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,6 +50,7 @@ def _has_gpus() -> bool:
 
 
 def run(args) -> int:
+    from zerotune.core import runlock
     from zerotune.core.recipe import RecipeError
     from zerotune.core.recipe_load import load_recipe
 
@@ -70,8 +71,10 @@ def run(args) -> int:
         from zerotune.core.io import parse_size
         from .plan import check_fits
         check_fits(resolve(draft, nproc * nnodes, nnodes), nproc, nnodes, parse_size(args.gpu_memory))
-    recipe = prepare_run(args.recipe, args.set, world_size=nproc * nnodes, nodes=nnodes)
+    recipe = prepare_run(args.recipe, args.set, world_size=nproc * nnodes, nodes=nnodes, lock=args.node_rank == 0)
     run_dir = recipe.run_dir.resolve()
+    if args.slurm or args.dry_run:   # the job (or a later launch.sh) takes RUN_DIR/LOCK itself
+        runlock.release(run_dir)
     workdir = Path.cwd()
 
     if args.slurm:

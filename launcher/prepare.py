@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from zerotune.core.io import atomic_write
 from zerotune.core.layout import DS_CONFIG_FILE, RECIPE_FILE, check_fresh_start, latest_complete, read_state, step_of
+from zerotune.core import runlock
 from zerotune.core.long_context import check_sequence_parallel
 from zerotune.core.recipe import RESUME_SAFE_KEYS, Recipe, RecipeError
 from zerotune.core.recipe_load import load_recipe, load_run_recipe, validate_recipe
@@ -119,8 +120,20 @@ def check_recipe_change(recipe: Recipe) -> Optional[tuple[Path, str]]:
 
 
 # ----------------------------------------------------------------------------- the whole preparation
-def prepare_run(recipe_path: str, overrides: list[str], world_size: int, nodes: int = 1) -> Recipe:
+def prepare_run(recipe_path: str, overrides: list[str], world_size: int, nodes: int = 1, lock: bool = True) -> Recipe:
+    """Check everything, then write RUN_DIR. `lock`: take RUN_DIR/LOCK (core/runlock.py) first, held
+    until this process ends or releases it (not on the nodes after the first of a manual launch)."""
     recipe = load_recipe(recipe_path, overrides)                       # the recipe; local paths made absolute
+    if lock and recipe.run_dir.is_dir():
+        runlock.acquire(recipe.run_dir)                                # one job per run folder, before anything else
+    try:
+        return _prepare(recipe, recipe_path, world_size, nodes, lock)
+    except BaseException:
+        runlock.release(recipe.run_dir)
+        raise
+
+
+def _prepare(recipe: Recipe, recipe_path: str, world_size: int, nodes: int, lock: bool) -> Recipe:
     check_trackers(recipe)                                             # wandb / mlflow installed if asked for
     config, tokenizer = preflight.check_inputs(recipe, Path(recipe_path).parent)  # model, tokenizer, vocabulary, data
     problem = check_sequence_parallel(recipe, gpus_per_node=world_size // nodes, nodes=nodes, model_config=config)
@@ -135,6 +148,8 @@ def prepare_run(recipe_path: str, overrides: list[str], world_size: int, nodes: 
     cfg = ds_config.render(recipe, world_size)
     preflight.prepare_data(recipe, tokenizer)    # the tokenized cache the ranks load
     run_dir.mkdir(parents=True, exist_ok=True)   # nothing is written before every check passed
+    if lock:
+        runlock.acquire(run_dir)
     if keep is not None:
         archive, what = keep
         atomic_write(archive, (run_dir / RECIPE_FILE).read_text())

@@ -7,8 +7,10 @@ import os
 import sys
 import time
 
+from zerotune.training.run.heartbeat import die_with_parent
 from zerotune.training.run.signals import StopRequest
 
+die_with_parent()                # a launcher killed outright (SIGKILL, OOM) takes its ranks with it
 STOP = StopRequest().install()   # SIGINT/SIGTERM/SIGUSR1 while torch loads: remembered, not fatal
 STARTED = time.time()
 

@@ -110,10 +110,10 @@ def needs_universal(ckpt: Path, world: int) -> bool:
     return read_state(ckpt)["world_size"] != world and any(Path(ckpt).glob("*_optim_states.pt"))
 
 
-def load(engine, ckpt: Path, rank: int, world: int, frozen_params: bool, replicas: int | None = None) -> dict:
-    """Restore model, optimizer, LR scheduler and RNG; return the saved zerotune state with
-    `sampler` already translated for this rank and this run's data-parallel `replicas` (the world
-    size unless sequence parallelism groups ranks; it may differ from the checkpoint's)."""
+def load(engine, ckpt: Path, rank: int, world: int, frozen_params: bool) -> dict:
+    """Restore model, optimizer, LR scheduler and RNG; return the saved zerotune state (its
+    `sampler`: every saved rank's sampler state; ResumableSampler.resume turns it into this
+    rank's data position on this run's replica count)."""
     use_safe_loads(engine)
     state = read_state(ckpt)
     saved_world = state["world_size"]
@@ -135,12 +135,4 @@ def load(engine, ckpt: Path, rank: int, world: int, frozen_params: bool, replica
     rng = ckpt / f"rng-rank{rank}.safetensors"
     if saved_world == world and rng.is_file():
         _set_rng_state(rng)
-    samplers, replicas = state["sampler"], replicas or world
-    saved_replicas = int(samplers[0].get("world_size", saved_world))
-    if saved_replicas == replicas:
-        state["sampler"] = samplers[rank] if saved_world == world else dict(samplers[0])
-    else:
-        # All replicas consume in lockstep: continue after the same number of samples of the epoch.
-        consumed_global = samplers[0]["consumed"] * saved_replicas
-        state["sampler"] = {"epoch": samplers[0]["epoch"], "consumed": consumed_global // replicas}
     return state
