@@ -22,7 +22,7 @@ from zerotune.core.layout import (DAMAGED_MARKER, MARKER, checkpoints_dir, compl
 
 from zerotune.training.checkpoint import manifest
 from zerotune.training.checkpoint.reshard import place_step_counts, to_universal
-from zerotune.training.checkpoint.safe_load import use_safe_loads, weights_only_loads
+from zerotune.training.checkpoint.safe_load import UNIVERSAL_LOAD, safe_loads_in, use_safe_loads
 
 
 def _set_rng_state(path: Path) -> None:
@@ -119,7 +119,7 @@ def load(engine, ckpt: Path, rank: int, world: int, frozen_params: bool) -> dict
     saved_world = state["world_size"]
     ckpt_to_load = to_universal(ckpt, rank, world) if needs_universal(ckpt, world) else ckpt
     # a universal load reads its files with torch.load directly, not through the checkpoint engine
-    safe = weights_only_loads() if ckpt_to_load != ckpt else contextlib.nullcontext()
+    safe = safe_loads_in(UNIVERSAL_LOAD) if ckpt_to_load != ckpt else contextlib.nullcontext()
     try:
         with safe:
             loaded, _ = engine.load_checkpoint(str(ckpt_to_load.parent), tag=ckpt_to_load.name,
