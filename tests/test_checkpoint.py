@@ -149,7 +149,7 @@ def test_resume_on_another_replica_count_trains_each_sample_once(tmp_path, data2
     def r(name, **kw):
         return recipe(tmp_path, name, 3, data24, micro_batch_size=1, grad_accum=1, **kw)
     ref = tmp_path / "ref.jsonl"
-    zerotune("train", str(r("ref", max_steps=16)), "--nproc", "1", env={"ZEROTUNE_TEST_SAMPLES": str(ref)})
+    zerotune("train", str(r("ref", max_steps=16, every=100)), "--nproc", "1", env={"ZEROTUNE_TEST_SAMPLES": str(ref)})
     order = trained_samples(ref)
     assert len(order) == len(set(order)) == 16
     got = tmp_path / "got.jsonl"

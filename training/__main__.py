@@ -21,7 +21,7 @@ from pathlib import Path  # noqa: E402
 # silence exactly those, so the console shows the run.
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
-from zerotune.core import failure  # noqa: E402
+from zerotune.core import failure, runlock  # noqa: E402
 from zerotune.core.layout import INTERRUPT_EXIT_CODE, latest_complete  # noqa: E402
 from zerotune.training.run import ds_ops, faults  # noqa: E402
 
@@ -46,6 +46,8 @@ def main() -> int:
         return INTERRUPT_EXIT_CODE
     except Exception as e:  # SystemExit (the OOM guard's exit code) passes through
         return failure.report(run_dir, rank, e, started)
+    finally:
+        runlock.release(run_dir)   # rank 0 under plain torchrun took RUN_DIR/LOCK itself (else a no-op)
 
 
 def leave(code) -> None:
