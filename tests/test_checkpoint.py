@@ -11,9 +11,10 @@ import stat
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import train_losses, ALPACA, base_recipe, write_recipe, zerotune
-from zerotune.core.layout import MARKER, PREEMPT_MARKER, complete_checkpoints, read_state
+from zerotune.core.layout import MARKER, PREEMPT_MARKER, complete_checkpoints, read_state, tag
 from zerotune.core.io import umask
 from zerotune.core.layout import REQUEUE_EXIT_CODE
 
@@ -105,11 +106,11 @@ def test_preemption_signal_saves_and_requeue_code_then_exact_resume(tmp_path, da
 
 
 def crash_at_save(r: Path, nproc: int, step: int, **env) -> None:
-    """`zerotune train` whose rank 0 is SIGKILLed as the save of `step` starts: the agent reports
-    the rank's death (128 + SIGKILL), and that save never counts."""
+    """`zerotune train` whose rank 0 is SIGKILLed as the save of `step` starts: it fails (the agent
+    reports rank 0's death, 128 + SIGKILL, or first a peer's lost connection, 1); that save never counts."""
     p = zerotune("train", str(r), "--nproc", str(nproc), check=False, env={"ZEROTUNE_TEST_CRASH": f"start:{step}:0", **env})
-    assert p.returncode == 137, (p.returncode, p.stderr[-3000:])
-    assert "died of SIGKILL" in p.stderr, p.stderr[-3000:]
+    assert p.returncode in (1, 137), (p.returncode, p.stderr[-3000:])
+    assert not (r.parent / "runs" / yaml.safe_load(r.read_text())["name"] / "checkpoints" / tag(step) / MARKER).exists()
 
 
 @pytest.mark.parametrize("first,second", [(2, 3), (3, 2)])
