@@ -151,7 +151,7 @@ def continue_at(saved: dict, replicas: int) -> tuple[dict, int]:
     way round). `saved` is any rank's state (all ranks share epoch, consumed and offset)."""
     n, world, offset = int(saved["num_samples"]), int(saved["world_size"]), int(saved.get("offset", 0))
     at = offset + int(saved["consumed"]) * world
-    state = {"epoch": int(saved["epoch"]), "consumed": at // replicas, "offset": 0, "num_samples": n, "world_size": replicas}  # BROKEN: the old rule
+    state = {"epoch": int(saved["epoch"]), "consumed": 0, "offset": at, "num_samples": n, "world_size": replicas}
     differ = (n - at) // replicas * replicas - (n - at) // world * world
     if (n - at) // replicas == 0:   # the epoch's samples are used up: the next epoch starts
         state.update(epoch=state["epoch"] + 1, offset=0)
