@@ -33,7 +33,7 @@ def test_sigkill_to_the_launcher_group_takes_the_ranks_and_the_next_run_takes_ov
     run = tmp_path / "runs" / "killed"
     job = Started(train_cmd(r), tmp_path / "out.txt", ZEROTUNE_TEST_STEP_SLEEP="0.5")
     job.wait_for_step(run / "metrics.jsonl", 5)   # step-000004 saved (every 2)
-    ranks = [pid for pid, cmd in job.seen.items() if b"zerotune.training" in cmd]
+    ranks = [pid for pid, cmd in job.seen.items() if b"\0-m\0zerotune.training\0" in cmd]
     assert len(ranks) == 2, job.seen
     os.killpg(job.proc.pid, signal.SIGKILL)        # the launcher's group: the ranks run in their own session
     job.proc.wait(30)
@@ -107,7 +107,9 @@ def test_ranks_that_outlived_their_launcher_keep_the_run_folder_busy(tmp_path):
     """The launcher's lock is free (it died), but rank 0's heartbeat says running and its process lives."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "zerotune.training"])
+    orphan = subprocess.Popen([sys.executable, "-c", "print('up', flush=True); import time; time.sleep(60)",
+                               "zerotune.training"], stdout=subprocess.PIPE, text=True)
+    assert orphan.stdout.readline().strip() == "up"   # started (its command line is the training's)
     try:
         (run_dir / HEARTBEAT_FILE).write_text(json.dumps({"pid": orphan.pid, "host": socket.gethostname(),
                                                           "started": time.time(), "time": time.time(),
