@@ -102,6 +102,31 @@ def holder_alive(run_dir: Path, rec: dict | None, locked: bool | None) -> dict |
     return None
 
 
+def check(run_dir: Path) -> None:
+    """Raise RunBusyError when a live job holds the run folder; writes nothing (the checks before
+    anything is written: acquire takes the lock once they passed)."""
+    path = Path(run_dir) / LOCK_FILE
+    if str(Path(run_dir).resolve()) in _held:
+        return
+    locked = None
+    if path.is_file():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            locked = _flock(fd)
+        finally:
+            os.close(fd)   # closing drops a lock this look took
+    rec, job = _read(path), os.environ.get("SLURM_JOB_ID")
+    if job and rec and rec.get("slurm_job_id") == job:
+        return
+    live = holder_alive(run_dir, rec, locked)
+    if live is not None:
+        raise RunBusyError(_busy(run_dir, live))
+
+
+def _busy(run_dir: Path, live: dict) -> str:
+    return f"{run_dir} is in use by another job ({_job(live)}); wait for it to end, stop it, or give this run another name"
+
+
 def acquire(run_dir: Path, launcher: int | None = None) -> None:
     """Take RUN_DIR/LOCK for this process (held until it exits), or raise RunBusyError naming the
     running job. `launcher`: a pid whose lock this process may share (rank 0's own launcher)."""
@@ -120,8 +145,7 @@ def acquire(run_dir: Path, launcher: int | None = None) -> None:
     live = None if same_job else holder_alive(run_dir, rec, locked)
     if live is not None:
         os.close(fd)
-        raise RunBusyError(f"{run_dir} is in use by another job ({_job(live)}); wait for it to end, stop it, "
-                           "or give this run another name")
+        raise RunBusyError(_busy(run_dir, live))
     if same_job and locked is False:
         os.close(fd)   # another node of this job holds it
         return

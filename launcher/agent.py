@@ -10,6 +10,9 @@ its own process; RUN_DIR/launch.sh and each node of RUN_DIR/job.sbatch run
 - A second SIGINT (Ctrl-C) stops at once: SIGKILL to the workers and everything they started.
   So does the grace running out: `--grace` comes from the planner's save-time estimate
   (launcher/submit.py: grace_seconds), and is also torchrun's --shutdown-timeout.
+- RUN_DIR/LOCK (core/runlock.py) is taken first (node 0 of a manual multi-node start; every node of
+  a Slurm job shares it), so a second job on a live run folder stops in one line; the workers
+  die with this process if it is killed outright (training/run/heartbeat.py: die_with_parent).
 - The exit code is the first failing worker's own (2 a user error, 3 bad loss, 4 out of GPU
   memory, 85 saved for a requeue, 130 saved after Ctrl-C), not torchrun's 1, and torchrun's
   failure box and traceback are not shown: the worker printed its one line (core/failure.py).

@@ -124,8 +124,8 @@ def prepare_run(recipe_path: str, overrides: list[str], world_size: int, nodes: 
     """Check everything, then write RUN_DIR. `lock`: take RUN_DIR/LOCK (core/runlock.py) first, held
     until this process ends or releases it (not on the nodes after the first of a manual launch)."""
     recipe = load_recipe(recipe_path, overrides)                       # the recipe; local paths made absolute
-    if lock and recipe.run_dir.is_dir():
-        runlock.acquire(recipe.run_dir)                                # one job per run folder, before anything else
+    if lock:
+        runlock.check(recipe.run_dir)                                  # one job per run folder: refused before any work
     try:
         return _prepare(recipe, recipe_path, world_size, nodes, lock)
     except BaseException:

@@ -92,6 +92,11 @@ class ResumableSampler:
         """Samples each rank takes in this epoch from `offset` on."""
         return (self.n - self.offset) // self.world
 
+    @property
+    def epochs_done(self) -> float:
+        """Epochs trained, as a fraction (the global position in this epoch over its length)."""
+        return self.epoch + (self.offset + self.consumed * self.world) / (self.n - self.n % self.world)
+
     def _order(self, epoch: int) -> np.ndarray:
         """This rank's indices for `epoch`: an int64 array (8 bytes a row, not a Python list)."""
         if not self.shuffle:

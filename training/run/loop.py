@@ -242,7 +242,7 @@ def run_steps(run: Run) -> str:
                 log.step(step, seconds=time.perf_counter() - t0, loss=step_loss.item(), lr=lr,
                          grad_norm=float(grad_norm) if grad_norm is not None else None, tokens=real,
                          padded_tokens=padded, samples=step * g.global_batch_size,
-                         epoch=run.sampler.epoch + run.sampler.consumed / run.sampler.per_rank,
+                         epoch=run.sampler.epochs_done,
                          seq_len=seq_len)
             if between(step, t.eval_every, run.total_steps) and evaluate(run, step):
                 log.say(f"step {step}: early stopping after {run.state['evals_without_improvement']} "
