@@ -120,9 +120,10 @@ def check_recipe_change(recipe: Recipe) -> Optional[tuple[Path, str]]:
 
 
 # ----------------------------------------------------------------------------- the whole preparation
-def prepare_run(recipe_path: str, overrides: list[str], world_size: int, nodes: int = 1, lock: bool = True) -> Recipe:
-    """Check everything, then write RUN_DIR. `lock`: take RUN_DIR/LOCK (core/runlock.py) first, held
-    until this process ends or releases it (not on the nodes after the first of a manual launch)."""
+def prepare_run(recipe_path: str, overrides: list[str], world_size: int, nodes: int = 1, lock: bool = False) -> Recipe:
+    """Check everything, then write RUN_DIR. `lock` (`zerotune train`, `zerotune launch` on node 0):
+    refuse a run folder another job holds before any work, and take RUN_DIR/LOCK (core/runlock.py)
+    before writing it, held until this process ends or releases it."""
     recipe = load_recipe(recipe_path, overrides)                       # the recipe; local paths made absolute
     if lock:
         runlock.check(recipe.run_dir)                                  # one job per run folder: refused before any work
