@@ -17,6 +17,8 @@ on login nodes.
     RUN_DIR/PREEMPTED                   written after a save forced by SIGUSR1/SIGTERM
     RUN_DIR/FAILED                      why the run stopped (an error, OOM, bad loss), one line first
     RUN_DIR/HEARTBEAT                   rank 0's pid, host, step and state, every ~30 s (HEARTBEAT_FILE)
+    RUN_DIR/LOCK                        the job that trains into RUN_DIR: host, pid, start, Slurm job
+                                        id; flock-held while it runs (LOCK_FILE, core/runlock.py)
     RUN_DIR/logs/rank-<N>.log           rank N's lines from other packages, and the full traceback
                                         of an error raised on it (LOGS_DIR; core/quiet.py)
     RUN_DIR/logs/launcher.log           the same for the command and torchrun's agent (LAUNCHER_LOG)
@@ -47,6 +49,7 @@ STATE_FILE = "zerotune_state.json"
 MANIFEST_FILE = "MANIFEST.json"
 DAMAGED_MARKER = "DAMAGED"
 HEARTBEAT_FILE = "HEARTBEAT"
+LOCK_FILE = "LOCK"
 LOGS_DIR = "logs"
 LAUNCHER_LOG = "launcher.log"        # other packages' lines of the command (core/quiet.py); ranks: rank-<N>.log
 ATTEMPTS_FILE = "attempts.tsv"

@@ -10,6 +10,9 @@ its own process; RUN_DIR/launch.sh and each node of RUN_DIR/job.sbatch run
 - A second SIGINT (Ctrl-C) stops at once: SIGKILL to the workers and everything they started.
   So does the grace running out: `--grace` comes from the planner's save-time estimate
   (launcher/submit.py: grace_seconds), and is also torchrun's --shutdown-timeout.
+- RUN_DIR/LOCK (core/runlock.py) is taken first (node 0 of a manual multi-node start; every node of
+  a Slurm job shares it), so a second job on a live run folder stops in one line; the workers
+  die with this process if it is killed outright (training/run/heartbeat.py: die_with_parent).
 - The exit code is the first failing worker's own (2 a user error, 3 bad loss, 4 out of GPU
   memory, 85 saved for a requeue, 130 saved after Ctrl-C), not torchrun's 1, and torchrun's
   failure box and traceback are not shown: the worker printed its one line (core/failure.py).
@@ -26,7 +29,7 @@ from pathlib import Path
 
 from zerotune.core.layout import (BAD_LOSS_EXIT_CODE, INTERRUPT_EXIT_CODE, OOM_EXIT_CODE, REQUEUE_EXIT_CODE,
                                   USER_ERROR_EXIT_CODE, latest_complete)
-from zerotune.core import quiet
+from zerotune.core import quiet, runlock
 from zerotune.core.failure import ATTEMPT_ENV
 from zerotune.core.layout import LAUNCHER_LOG, LOGS_DIR
 
@@ -166,6 +169,8 @@ def exit_code(error, supervisor: Supervisor) -> int:
 def run_torchrun(args: list[str], grace: float) -> int:
     """torchrun ARGS in this process, supervised; returns the exit code (see the module docstring)."""
     run_dir = Path(args[-1]) if len(args) >= 3 and args[-3:-1] == ["-m", "zerotune.training"] else None
+    if run_dir is not None and first_node(args):
+        runlock.acquire(run_dir)   # one job per run folder (a no-op under `zerotune train`, which holds it)
     os.environ[ATTEMPT_ENV] = repr(time.time())
     supervisor = Supervisor(grace, run_dir)
     supervisor.install()
@@ -186,6 +191,20 @@ def run_torchrun(args: list[str], grace: float) -> int:
     finally:
         signal.signal = real   # first: close() puts the handlers from before back
         supervisor.close()
+        if run_dir is not None:
+            runlock.release(run_dir)
+
+
+def first_node(args: list[str]) -> bool:
+    """Node 0 of a manual multi-node start (--node-rank) takes the lock; each node of a Slurm job
+    takes or shares it (the same job id)."""
+    for i, a in enumerate(args):
+        for flag in ("--node-rank", "--node_rank"):
+            if a == flag and i + 1 < len(args):
+                return args[i + 1] == "0"
+            if a.startswith(flag + "="):
+                return a.split("=", 1)[1] == "0"
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:

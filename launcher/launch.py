@@ -52,6 +52,7 @@ def _has_gpus() -> bool:
 
 
 def run(args) -> int:
+    from zerotune.core import runlock
     from zerotune.core.recipe import RecipeError
     from zerotune.core.recipe_load import load_recipe
 
@@ -71,8 +72,10 @@ def run(args) -> int:
     # the fit check (prepare_run, before anything is written or any GPU time is spent) runs on GPUs
     # and wherever the GPU memory is known (nvidia-smi, --gpu-memory, cluster.gpu_memory)
     recipe = prepare_run(args.recipe, args.set, world_size=nproc * nnodes, nodes=nnodes, gpu_flag=args.gpu_memory,
-                         slurm=args.slurm, fit_check=True if on_gpus else None)
+                         slurm=args.slurm, fit_check=True if on_gpus else None, lock=args.node_rank == 0)
     run_dir = recipe.run_dir.resolve()
+    if args.slurm or args.dry_run:   # the job (or a later launch.sh) takes RUN_DIR/LOCK itself
+        runlock.release(run_dir)
     workdir = Path.cwd()
 
     if args.slurm:

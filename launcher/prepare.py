@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from zerotune.core.families import choose_attention
 from zerotune.core.io import atomic_write
-from zerotune.core import quiet
+from zerotune.core import quiet, runlock
 from zerotune.core.layout import DS_CONFIG_FILE, LAUNCHER_LOG, LOGS_DIR, RECIPE_FILE, check_fresh_start, latest_complete, read_state, step_of
 from zerotune.core.long_context import check_sequence_parallel
 from zerotune.core.recipe import RESUME_SAFE_KEYS, Recipe, RecipeError
@@ -153,15 +153,30 @@ def check_recipe_change(recipe: Recipe) -> Optional[tuple[Path, str]]:
 
 # ----------------------------------------------------------------------------- the whole preparation
 def prepare_run(recipe_path: str, overrides: list[str], world_size: int, nodes: int = 1,
-                gpu_flag: Optional[str] = None, slurm: bool = False, fit_check: Optional[bool] = None) -> Recipe:
-    """Everything before torchrun / sbatch. Every `auto` is planned for the GPU memory of
-    launcher/gpus.py (gpu_flag: --gpu-memory; slurm: the job's GPUs, cluster.gpu_memory); the fit
-    check (default: whenever that memory is known, not assumed) refuses, in one line naming the
-    --set that fits, a recipe that cannot fit it."""
+                gpu_flag: Optional[str] = None, slurm: bool = False, fit_check: Optional[bool] = None,
+                lock: bool = False) -> Recipe:
+    """Everything before torchrun / sbatch, then RUN_DIR written. Every `auto` is planned for the
+    GPU memory of launcher/gpus.py (gpu_flag: --gpu-memory; slurm: the job's GPUs,
+    cluster.gpu_memory); the fit check (default: whenever that memory is known, not assumed)
+    refuses, in one line naming the --set that fits, a recipe that cannot fit it. `lock`
+    (`zerotune train`, `zerotune launch` on node 0): refuse a run folder another job holds before
+    any work, and take RUN_DIR/LOCK (core/runlock.py) before writing it, held until this process
+    ends or releases it."""
     recipe = load_recipe(recipe_path, overrides)                       # the recipe; local paths made absolute
-    gpu = planned_gpu_memory(recipe, gpu_flag, slurm)
     if recipe.logging.verbose:
         quiet.show_all()                                               # other packages' lines on the console too
+    if lock:
+        runlock.check(recipe.run_dir)                                  # one job per run folder: refused before any work
+    try:
+        return _prepare(recipe, recipe_path, world_size, nodes, planned_gpu_memory(recipe, gpu_flag, slurm),
+                        fit_check, lock)
+    except BaseException:
+        runlock.release(recipe.run_dir)
+        raise
+
+
+def _prepare(recipe: Recipe, recipe_path: str, world_size: int, nodes: int, gpu: GpuMemory,
+             fit_check: Optional[bool], lock: bool) -> Recipe:
     check_trackers(recipe)                                             # wandb / mlflow installed if asked for
     config, tokenizer = preflight.check_inputs(recipe, Path(recipe_path).parent)  # model, tokenizer, vocabulary, data
     recipe = resolve_attention(recipe, config)                         # auto -> the family's kernel; or its error
@@ -182,6 +197,8 @@ def prepare_run(recipe_path: str, overrides: list[str], world_size: int, nodes: 
     say_plan(recipe, gpu)                        # every check passed: what was chosen, for which GPU
     run_dir.mkdir(parents=True, exist_ok=True)   # nothing is written before every check passed
     quiet.attach(run_dir / LOGS_DIR / LAUNCHER_LOG)
+    if lock:
+        runlock.acquire(run_dir)
     if keep is not None:
         archive, what = keep
         atomic_write(archive, (run_dir / RECIPE_FILE).read_text())

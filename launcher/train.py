@@ -33,6 +33,6 @@ def run(args) -> int:
     from .submit import grace_seconds, run_local, visible_gpus
     check_counts(args)
     nproc = args.nproc or visible_gpus() or 1
-    recipe = prepare_run(args.recipe, args.set, world_size=nproc)   # auto planned for the local GPUs; fit check
+    recipe = prepare_run(args.recipe, args.set, world_size=nproc, lock=True)   # auto planned for the local GPUs; fit check
     print(f"zerotune: run dir {recipe.run_dir} ({nproc} process(es))", flush=True)
     return run_local(recipe.run_dir, nproc, grace_seconds(recipe, nproc))

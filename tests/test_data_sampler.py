@@ -33,6 +33,32 @@ def test_sampler_partitions_and_reshuffles_per_epoch():
     assert [next(it) for _ in range(per_rank)] == epoch0[1]        # same seed, same order
 
 
+def global_stream(samplers: list, steps: int) -> list[int]:
+    """What the ranks train, step by step (one sample per rank a step), in global order."""
+    its = [iter(s) for s in samplers]
+    return [next(it) for _ in range(steps) for it in its]
+
+
+@pytest.mark.parametrize("n,first,second", [(24, 2, 3), (24, 3, 2), (23, 3, 2), (25, 2, 4), (24, 4, 1)])
+def test_resume_on_another_replica_count_continues_at_the_same_global_sample(n, first, second):
+    """Every stop point of the first epoch: the samples trained before and after a resume on
+    another count are the uninterrupted order's, none twice, none skipped (up to the epoch end,
+    where each count drops its own ragged tail)."""
+    straight = global_stream([ResumableSampler(n, r, 1, seed=5) for r in range(1)], n)
+    for stop in range(n // first):
+        before = [ResumableSampler(n, r, first, seed=5) for r in range(first)]
+        head = global_stream(before, stop)
+        saved = [s.state_dict() for s in before]
+        after = [ResumableSampler(n, r, second, seed=5) for r in range(second)]
+        notes = {s.resume(saved, first) for s in after}
+        rest = (n - len(head)) // second
+        tail = global_stream(after, rest)
+        assert head + tail == straight[:len(head) + len(tail)], (stop, head, tail)
+        left = n - len(head)   # a warning exactly when the epoch ends elsewhere than the saved count's would
+        assert (notes == {None}) == (left // second * second == left // first * first), (stop, notes)
+        assert rest == 0 or all(s.consumed == s.per_rank for s in after)   # the epoch is used up
+
+
 def test_resume_in_process_across_epoch_boundary():
     ref = ResumableSampler(10, 0, 2, seed=3)
     it = iter(ref)

@@ -129,6 +129,29 @@ def test_conversion_never_unpickles_objects(ckpt, tmp_path, one_rank):
     assert not marker.exists() and not (bad / "universal" / "COMPLETE").exists()
 
 
+def test_zero2_conversion_never_unpickles_objects(tmp_path, one_rank):
+    """ZeRO 1-2 go through DeepSpeed's ds_to_universal: its own torch.load calls (and only theirs)
+    are safe loads while it runs (safe_load.DS_TO_UNIVERSAL), in its worker processes too."""
+    import torch
+
+    from zerotune.core.errors import CheckpointError
+    from zerotune.training.checkpoint.reshard import to_universal
+    bad = make_checkpoint(tmp_path, stage=2)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    optim = next(bad.glob("*rank_0_mp_rank_00_optim_states.pt"))
+    state = torch.load(optim, weights_only=False)
+    state["optimizer_state_dict"]["evil"] = Evil()
+    torch.save(state, optim)
+    with pytest.raises(CheckpointError, match="converting .* for a new world size failed on rank 0"):
+        to_universal(bad, rank=0, world=1, local_world=1)
+    assert not marker.exists() and not (bad / "universal" / "COMPLETE").exists()
+    assert torch.load is torch.serialization.load   # nothing left patched
+
+
 def test_zero2_goes_through_ds_to_universal_with_workers(tmp_path, one_rank):
     """ZeRO 1-2: DeepSpeed's own converter, in a subprocess, weights-only, with the cores' workers."""
     import torch

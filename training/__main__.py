@@ -7,8 +7,10 @@ import os
 import sys
 import time
 
+from zerotune.training.run.heartbeat import die_with_parent
 from zerotune.training.run.signals import StopRequest
 
+die_with_parent()                # a launcher killed outright (SIGKILL, OOM) takes its ranks with it
 STOP = StopRequest().install()   # SIGINT/SIGTERM/SIGUSR1 while torch loads: remembered, not fatal
 STARTED = time.time()
 
@@ -19,7 +21,7 @@ from pathlib import Path  # noqa: E402
 # silence exactly those, so the console shows the run.
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
-from zerotune.core import failure, quiet  # noqa: E402
+from zerotune.core import failure, quiet, runlock  # noqa: E402
 from zerotune.core.layout import INTERRUPT_EXIT_CODE, latest_complete, rank_log  # noqa: E402
 from zerotune.training.run import ds_ops, faults  # noqa: E402
 
@@ -49,6 +51,8 @@ def run(run_dir: Path, rank: int) -> int:
         return INTERRUPT_EXIT_CODE
     except Exception as e:  # SystemExit (the OOM guard's exit code) passes through
         return failure.report(run_dir, rank, e, started)
+    finally:
+        runlock.release(run_dir)   # rank 0 under plain torchrun took RUN_DIR/LOCK itself (else a no-op)
 
 
 def leave(code) -> None:

@@ -169,16 +169,16 @@ def finish_zero3(ckpt: Path, out: Path) -> None:
 
 # ----------------------------------------------------------------------------- ZeRO 1-2
 def convert_with_deepspeed(ckpt: Path, out: Path, workers: int) -> None:
-    """deepspeed.checkpoint.ds_to_universal, in this process, with every torch.load weights-only.
+    """deepspeed.checkpoint.ds_to_universal, in this process, its torch.load calls (only theirs) safe_load.
     inject_missing_state: DeepSpeed records universal_checkpoint_info only for models that set it
     (Megatron); without it a ZeRO 1-2 checkpoint is refused, though data parallelism alone needs none."""
     from deepspeed.checkpoint import ds_to_universal
 
-    from zerotune.training.checkpoint.safe_load import weights_only_loads
+    from zerotune.training.checkpoint.safe_load import DS_TO_UNIVERSAL, safe_loads_in
     args = argparse.Namespace(input_folder=str(ckpt), output_folder=str(out), num_extract_workers=workers,
                               num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
                               inject_missing_state=True)
-    with weights_only_loads():
+    with safe_loads_in(DS_TO_UNIVERSAL):
         ds_to_universal.main(args)
 
 

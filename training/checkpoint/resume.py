@@ -22,7 +22,7 @@ from zerotune.core.layout import (DAMAGED_MARKER, MARKER, checkpoints_dir, compl
 
 from zerotune.training.checkpoint import manifest
 from zerotune.training.checkpoint.reshard import place_step_counts, to_universal
-from zerotune.training.checkpoint.safe_load import use_safe_loads, weights_only_loads
+from zerotune.training.checkpoint.safe_load import UNIVERSAL_LOAD, safe_loads_in, use_safe_loads
 
 
 def _set_rng_state(path: Path) -> None:
@@ -110,16 +110,16 @@ def needs_universal(ckpt: Path, world: int) -> bool:
     return read_state(ckpt)["world_size"] != world and any(Path(ckpt).glob("*_optim_states.pt"))
 
 
-def load(engine, ckpt: Path, rank: int, world: int, frozen_params: bool, replicas: int | None = None) -> dict:
-    """Restore model, optimizer, LR scheduler and RNG; return the saved zerotune state with
-    `sampler` already translated for this rank and this run's data-parallel `replicas` (the world
-    size unless sequence parallelism groups ranks; it may differ from the checkpoint's)."""
+def load(engine, ckpt: Path, rank: int, world: int, frozen_params: bool) -> dict:
+    """Restore model, optimizer, LR scheduler and RNG; return the saved zerotune state (its
+    `sampler`: every saved rank's sampler state; ResumableSampler.resume turns it into this
+    rank's data position on this run's replica count)."""
     use_safe_loads(engine)
     state = read_state(ckpt)
     saved_world = state["world_size"]
     ckpt_to_load = to_universal(ckpt, rank, world) if needs_universal(ckpt, world) else ckpt
     # a universal load reads its files with torch.load directly, not through the checkpoint engine
-    safe = weights_only_loads() if ckpt_to_load != ckpt else contextlib.nullcontext()
+    safe = safe_loads_in(UNIVERSAL_LOAD) if ckpt_to_load != ckpt else contextlib.nullcontext()
     try:
         with safe:
             loaded, _ = engine.load_checkpoint(str(ckpt_to_load.parent), tag=ckpt_to_load.name,
@@ -135,12 +135,4 @@ def load(engine, ckpt: Path, rank: int, world: int, frozen_params: bool, replica
     rng = ckpt / f"rng-rank{rank}.safetensors"
     if saved_world == world and rng.is_file():
         _set_rng_state(rng)
-    samplers, replicas = state["sampler"], replicas or world
-    saved_replicas = int(samplers[0].get("world_size", saved_world))
-    if saved_replicas == replicas:
-        state["sampler"] = samplers[rank] if saved_world == world else dict(samplers[0])
-    else:
-        # All replicas consume in lockstep: continue after the same number of samples of the epoch.
-        consumed_global = samplers[0]["consumed"] * saved_replicas
-        state["sampler"] = {"epoch": samplers[0]["epoch"], "consumed": consumed_global // replicas}
     return state

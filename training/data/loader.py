@@ -70,18 +70,31 @@ def pack(lengths: list[int], max_len: int) -> list[list[int]]:
 
 # ----------------------------------------------------------------------------- sampling
 class ResumableSampler:
-    """Shuffles indices per epoch with (seed, epoch); rank r takes every world-th index.
+    """Shuffles indices per epoch with (seed, epoch); the epoch's order is one global stream that
+    the ranks take in turn: rank r's k-th sample is order[offset + k * world + r].
 
-    The state is (epoch, consumed): `consumed` counts samples taken by each rank in the
-    current epoch, so a resumed sampler yields exactly the next sample on every rank.
+    The state is (epoch, consumed, offset): `consumed` counts samples taken by each rank since
+    `offset` (the global position in the epoch where this world size took over: 0, or where a
+    resume on another replica count continued), so a resumed sampler yields exactly the next
+    sample on every rank, on any replica count (`continue_at`). The ragged tail of an epoch (fewer
+    than `world` samples left) is dropped so ranks stay in step.
     """
 
     def __init__(self, num_samples: int, rank: int, world_size: int, seed: int, shuffle: bool = True):
         self.n, self.rank, self.world, self.seed, self.shuffle = num_samples, rank, world_size, seed, shuffle
-        self.per_rank = num_samples // world_size  # drop the ragged tail so ranks stay in step
-        if self.per_rank == 0:
+        if num_samples // world_size == 0:
             raise ValueError(f"{num_samples} samples cannot be split over {world_size} ranks")
-        self.epoch, self.consumed = 0, 0
+        self.epoch, self.consumed, self.offset = 0, 0, 0
+
+    @property
+    def per_rank(self) -> int:
+        """Samples each rank takes in this epoch from `offset` on."""
+        return (self.n - self.offset) // self.world
+
+    @property
+    def epochs_done(self) -> float:
+        """Epochs trained, as a fraction (the global position in this epoch over its length)."""
+        return self.epoch + (self.offset + self.consumed * self.world) / (self.n - self.n % self.world)
 
     def _order(self, epoch: int) -> np.ndarray:
         """This rank's indices for `epoch`: an int64 array (8 bytes a row, not a Python list)."""
@@ -91,7 +104,7 @@ class ResumableSampler:
             import torch  # imported here so `zerotune --help` and the launcher stay torch-free
             g = torch.Generator().manual_seed(self.seed + epoch)
             idx = torch.randperm(self.n, generator=g).numpy()
-        return idx[self.rank: self.per_rank * self.world: self.world]
+        return idx[self.offset + self.rank: self.offset + self.per_rank * self.world: self.world]
 
     def __iter__(self):
         while True:
@@ -100,17 +113,53 @@ class ResumableSampler:
                 i = int(order[self.consumed])
                 self.consumed += 1
                 yield i
-            self.epoch, self.consumed = self.epoch + 1, 0
+            self.epoch, self.consumed, self.offset = self.epoch + 1, 0, 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "consumed": self.consumed, "num_samples": self.n, "world_size": self.world}
+        return {"epoch": self.epoch, "consumed": self.consumed, "offset": self.offset, "num_samples": self.n,
+                "world_size": self.world}
 
     def load_state_dict(self, state: dict) -> None:
         for key, mine in (("num_samples", self.n), ("world_size", self.world)):
             if key in state and int(state[key]) != mine:
                 raise DataError(f"sampler state was saved with {key}={state[key]}, this run has {mine}: "
                                 "the data or the number of processes changed since the checkpoint")
-        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+        self.epoch, self.consumed, self.offset = int(state["epoch"]), int(state["consumed"]), int(state.get("offset", 0))
+
+    def resume(self, saved: list[dict], saved_world: int) -> str | None:
+        """Continue where a checkpoint's samplers (one state per saved rank) stopped, on this
+        sampler's replica count, which may differ from the saved one: the next sample is the same
+        global sample of the epoch either way. Returns a warning when the end of that epoch differs
+        from the saved run's (each replica count drops its own ragged tail), else None."""
+        saved_replicas = int(saved[0].get("world_size", saved_world))
+        if saved_replicas == self.world:
+            # same replicas on another world size (sequence parallel groups): all replicas share the state
+            self.load_state_dict(saved[self.rank] if saved_world == len(saved) == self.world else saved[0])
+            return None
+        if "num_samples" not in saved[0]:   # a checkpoint from before the sampler saved its size
+            self.load_state_dict({"epoch": saved[0]["epoch"], "consumed": saved[0]["consumed"] * saved_replicas // self.world})
+            return None
+        state, differ = continue_at({"world_size": saved_replicas, **saved[0]}, self.world)
+        self.load_state_dict(state)
+        if not differ:
+            return None
+        return (f"resuming on {self.world} replicas (saved on {saved_replicas}): {abs(differ)} sample(s) at the end "
+                f"of epoch {state['epoch']} are {'trained' if differ > 0 else 'skipped'} that the saved run would have "
+                f"{'dropped' if differ > 0 else 'trained'} (each replica count drops its own ragged tail)")
+
+
+def continue_at(saved: dict, replicas: int) -> tuple[dict, int]:
+    """A sampler state saved on another replica count -> the state that continues at the same
+    global sample on `replicas`, and how many samples of that epoch the two runs treat differently
+    (the ragged tail dropped: > 0 trained now that the saved run would have dropped, < 0 the other
+    way round). `saved` is any rank's state (all ranks share epoch, consumed and offset)."""
+    n, world, offset = int(saved["num_samples"]), int(saved["world_size"]), int(saved.get("offset", 0))
+    at = offset + int(saved["consumed"]) * world
+    state = {"epoch": int(saved["epoch"]), "consumed": 0, "offset": at, "num_samples": n, "world_size": replicas}
+    differ = (n - at) // replicas * replicas - (n - at) // world * world
+    if (n - at) // replicas == 0:   # the epoch's samples are used up: the next epoch starts
+        state.update(epoch=state["epoch"] + 1, offset=0)
+    return state, differ
 
 
 # ----------------------------------------------------------------------------- batches

@@ -23,7 +23,7 @@ from pathlib import Path
 from zerotune.core.io import parse_size
 from zerotune.core.layout import CHECKPOINTS_DIR, RECIPE_FILE, checkpoints_dir
 
-from zerotune.training.checkpoint.safe_load import weights_only_loads
+from zerotune.training.checkpoint.safe_load import ZERO_TO_FP32, safe_load, safe_loads_in
 from zerotune.training.export.folder import (ExportError, base_model_id, check_out, finish, fresh_tmp, replace_dir,  # noqa: F401
                             save_side_files)
 
@@ -104,9 +104,7 @@ def zero_stage(ckpt: Path) -> int:
 def module_states(ckpt: Path) -> dict:
     """The `module` state dict of a ZeRO 0/1/2 checkpoint (all parameters, or only the
     trainable ones when frozen parameters were excluded)."""
-    import torch
-    with weights_only_loads():
-        return torch.load(ckpt / MODEL_STATES, map_location="cpu", mmap=True)["module"]
+    return safe_load(ckpt / MODEL_STATES, map_location="cpu", mmap=True)["module"]
 
 
 def _refuse_pickles(ckpt: Path, error: Exception):
@@ -125,7 +123,7 @@ def checkpoint_tensors(ckpt: Path, trainable_only: bool) -> dict:
         if stage == 0 or (stage < 3 and trainable_only):
             return module_states(ckpt)
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        with weights_only_loads():
+        with safe_loads_in(ZERO_TO_FP32):
             return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=True,
                                                             exclude_frozen_parameters=trainable_only)
     except Exception as e:

@@ -19,6 +19,9 @@ these variables.
   ZEROTUNE_TEST_ENOSPC="<step>[:<rank>]"            the save of <step> fails with OSError ENOSPC
                                                     after this rank's shards are written (a disk
                                                     that fills up mid-save)
+  ZEROTUNE_TEST_SAMPLES="<file>"                    every rank appends one JSON line per optimizer
+                                                    step: {"attempt", "step", "rank", "samples"}
+                                                    (the sample indices that step trained)
 
 Steps are counted as DeepSpeed counts them (engine.global_steps: optimizer steps taken,
 skipped ones included, restored on resume), which equals the loop's step counter.
@@ -33,7 +36,7 @@ import sys
 import time
 
 VARS = ("ZEROTUNE_TEST_SIGNAL", "ZEROTUNE_TEST_NAN_STEPS", "ZEROTUNE_TEST_OOM_STEP", "ZEROTUNE_TEST_CRASH",
-        "ZEROTUNE_TEST_STEP_SLEEP", "ZEROTUNE_TEST_ENOSPC")
+        "ZEROTUNE_TEST_STEP_SLEEP", "ZEROTUNE_TEST_ENOSPC", "ZEROTUNE_TEST_SAMPLES")
 
 
 def parse_steps(spec: str) -> set[int]:
@@ -139,6 +142,36 @@ def _crash_in_save(point: str, at_step: int, rank: int | None) -> None:
     _wrap(checkpoint, phase, make)
 
 
+def _record_samples(path: str) -> None:
+    """The sampler's indices, drawn since the last optimizer step, written when the step is taken
+    (a step a stop vote abandons is not trained and not written)."""
+    import json
+    from zerotune.core.failure import ATTEMPT_ENV
+    from zerotune.training.data import loader
+    from zerotune.training.run import diagnostics
+    drawn: list[int] = []
+
+    def make_iter(original):
+        def sampler_iter(self):
+            for i in original(self):
+                drawn.append(i)
+                yield i
+        return sampler_iter
+
+    def make_step(original):
+        def optimizer_step(engine, skip):
+            applied = original(engine, skip)
+            line = {"attempt": os.environ.get(ATTEMPT_ENV), "step": engine.global_steps, "rank": _rank(),
+                    "samples": list(drawn)}
+            with open(path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+            drawn.clear()
+            return applied
+        return optimizer_step
+    _wrap(loader.ResumableSampler, "__iter__", make_iter)
+    _wrap(diagnostics, "optimizer_step", make_step)
+
+
 def install_from_env(env=os.environ) -> bool:
     """Patch in the faults the environment asks for; False (and nothing patched) when none."""
     if not any(env.get(v) for v in VARS):
@@ -155,6 +188,8 @@ def install_from_env(env=os.environ) -> bool:
     if env.get("ZEROTUNE_TEST_ENOSPC"):
         parts = env["ZEROTUNE_TEST_ENOSPC"].split(":")
         _disk_full_in_save(int(parts[0]), int(parts[1]) if len(parts) > 1 else None)
+    if env.get("ZEROTUNE_TEST_SAMPLES"):
+        _record_samples(env["ZEROTUNE_TEST_SAMPLES"])
     if env.get("ZEROTUNE_TEST_CRASH"):
         parts = env["ZEROTUNE_TEST_CRASH"].split(":")
         _crash_in_save(parts[0], int(parts[1]), int(parts[2]) if len(parts) > 2 else None)

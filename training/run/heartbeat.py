@@ -5,21 +5,28 @@ Rank 0 writes it when the attempt starts, every HEARTBEAT_EVERY_S seconds from a
 outcome (finished, interrupted, preempted, bad_loss, failed). A run whose file still says
 "running" is alive if its process exists (same host: a pid check, answered at once) or, seen
 from another host, if the file is younger than STALE_AFTER_S. Torch-free: the launcher reads it.
+
+Every rank also dies with its parent (`die_with_parent`): torchrun starts the ranks in their own
+session, so a SIGKILL to the launcher's process group (or an OOM kill of the launcher) would leave
+them training, orphaned, holding GPUs and writing RUN_DIR. A stop the launcher supervises
+(SIGINT/SIGTERM/SIGUSR1) is forwarded and saves as before: the launcher outlives its ranks then.
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
 
-from zerotune.core.io import atomic_write, process_exists
+from zerotune.core.io import atomic_write
 from zerotune.core.layout import HEARTBEAT_FILE
+from zerotune.core.runlock import HEARTBEAT_EVERY_S, STALE_AFTER_S, gone, pid_alive  # noqa: F401  (status reads them here)
 
-HEARTBEAT_EVERY_S = 30.0
-STALE_AFTER_S = 4 * HEARTBEAT_EVERY_S   # three missed beats and a margin
+PARENT_WATCH_S = 1.0   # where prctl is missing: how often a rank looks for its parent
 RUNNING = "running"
 
 
@@ -65,26 +72,35 @@ def read(run_dir: Path) -> dict | None:
         return None
 
 
-def pid_alive(pid: int) -> bool:
-    """A live process with that pid that is a zerotune training (not a reused pid)."""
-    if not process_exists(pid):
+def die_with_parent() -> None:
+    """SIGKILL this process when its parent (torchrun, i.e. the launcher's agent) dies: Linux's
+    PR_SET_PDEATHSIG, else a daemon thread that checks the parent every PARENT_WATCH_S. A parent
+    already gone before this ran (this process was reparented) stops it at once."""
+    parent = os.getppid()
+    if _pdeathsig(signal.SIGKILL):
+        if os.getppid() != parent:
+            _orphaned(parent)
+        return
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(PARENT_WATCH_S)
+        _orphaned(parent)
+    threading.Thread(target=watch, name="zerotune-parent-watch", daemon=True).start()
+
+
+def _pdeathsig(sig: int) -> bool:
+    if not sys.platform.startswith("linux"):
         return False
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no /proc: trust kill(0)
-    zombie = stat.rsplit(")", 1)[1].split()[0] == "Z"
-    return not zombie and b"zerotune" in cmdline
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(1, int(sig), 0, 0, 0) == 0   # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return False
 
 
-def gone(beat: dict, now: float | None = None) -> str | None:
-    """Why a "running" heartbeat's process is not running any more, or None while it is."""
-    now = time.time() if now is None else now
-    if beat.get("host") == socket.gethostname():
-        if pid_alive(int(beat["pid"])):
-            return None
-        return f"its process ({beat['pid']} on {beat['host']}) is gone"
-    if now - beat.get("time", 0) <= STALE_AFTER_S:
-        return None
-    return f"no heartbeat from {beat.get('host')} for {now - beat.get('time', 0):.0f}s"
+def _orphaned(parent: int) -> None:
+    print(f"zerotune: rank {os.environ.get('RANK', '?')}: its launcher (pid {parent}) is gone; stopping",
+          file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)

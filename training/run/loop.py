@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-
-from zerotune.core import failure
+from zerotune.core import failure, runlock
 from zerotune.core.io import atomic_write
 from zerotune.core.layout import BAD_LOSS_EXIT_CODE, DS_CONFIG_FILE, FINAL_DIR, PREEMPT_MARKER, check_fresh_start
 from zerotune.core.recipe import BatchGeometry
 from zerotune.core.recipe_load import load_run_recipe
-
 from zerotune.training.checkpoint import async_save, resume, save as checkpoint  # checkpoint.save: the save itself
 from zerotune.training.data import ResumableSampler, batches, build_data, load_tokenizer
 from zerotune.training.export.write import save_final
@@ -50,7 +49,6 @@ from zerotune.training.run.signals import INTERRUPTED, PREEMPTED, StopRequest
 
 DONE, EARLY_STOP, BAD_LOSS = "done", "early_stop", "bad_loss"
 REQUEUE_ENV = "ZEROTUNE_REQUEUE"   # set by job.sbatch: a SIGTERM/SIGUSR1 stop is requeued
-
 
 @dataclass
 class Run:
@@ -134,9 +132,10 @@ def build(recipe, ds_config: dict, tokenizer, data, total_steps: int, sp=None):
 
 
 def start_attempt(run_dir: Path, rank: int, state: dict, started: float) -> Heartbeat | None:
-    """Rank 0: an earlier attempt's FAILED is history; the heartbeat starts."""
+    """Rank 0: RUN_DIR/LOCK (unless its launcher holds it); earlier FAILED is history; the heartbeat."""
     if rank != 0:
         return None
+    runlock.acquire(run_dir, launcher=os.getppid())
     failure.clear_stale(run_dir, started)
     return Heartbeat(run_dir, state, started).start()
 
@@ -189,9 +188,11 @@ def setup(run_dir: Path, stop: StopRequest, started: float) -> Run:
 def restore(run: Run, ckpt: Path) -> float:
     """Weights, optimizer, schedule, RNG, loop state and data position from `ckpt`; returns seconds."""
     t0 = time.perf_counter()
-    saved = resume.load(run.engine, ckpt, run.rank, run.world, run.frozen, replicas=run.sampler.world)
+    saved = resume.load(run.engine, ckpt, run.rank, run.world, run.frozen)
     run.state.update(saved["loop"])
-    run.sampler.load_state_dict(saved["sampler"])
+    note = run.sampler.resume(saved["sampler"], saved["world_size"])   # the same next sample on any replica count
+    if note and run.rank == 0:
+        print(f"zerotune: warning: {note}", file=sys.stderr, flush=True)
     run.last_eval = saved.get("eval_loss")
     return time.perf_counter() - t0
 
@@ -241,7 +242,7 @@ def run_steps(run: Run) -> str:
                 log.step(step, seconds=time.perf_counter() - t0, loss=step_loss.item(), lr=lr,
                          grad_norm=float(grad_norm) if grad_norm is not None else None, tokens=real,
                          padded_tokens=padded, samples=step * g.global_batch_size,
-                         epoch=run.sampler.epoch + run.sampler.consumed / run.sampler.per_rank,
+                         epoch=run.sampler.epochs_done,
                          seq_len=seq_len, router_aux=steps.router_aux(step_loss))
             if between(step, t.eval_every, run.total_steps) and evaluate(run, step):
                 log.say(f"step {step}: early stopping after {run.state['evals_without_improvement']} "
