@@ -50,6 +50,7 @@ WORKLOADS = {
                          hidden=True),
     # one GPU, LoRA 8B at 32k tokens (issue 20): no sequence parallelism, the recipe's autos decide
     "lora-8b-32k": dict(size="8b", method="lora", mbs=1, gpus=1, zero=0, seq=32768, hidden=True),
+    "lora-8b-128k": dict(size="8b", method="lora", mbs=1, gpus=1, zero=0, seq=131072, hidden=True),
     "long-lora-8b-32k": dict(size="8b", method="lora", mbs=1, gpus="all", min_gpus=4, zero=3, seq=32768, sp=4,
                              hidden=True),
     # a CPU smoke test of bench.py (tests/test_bench.py); no peer (it needs CUDA); not in the default set
@@ -78,6 +79,7 @@ VARIANTS = {
     "long-8b-128k": {"default": [], "offload-activations": ["train.offload_activations=true"]},
     "long-lora-8b-32k": {"default": []},
     "lora-8b-32k": {"default": [], "kernels-none": ["model.kernels=none"]},
+    "lora-8b-128k": {"default": []},
 }
 for _wl in ("full-1b", "lora-8b", "qlora-8b"):   # issue 20: liger's share of the recipe as written
     VARIANTS[_wl]["kernels-none"] = ["model.kernels=none"]
