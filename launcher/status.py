@@ -138,11 +138,12 @@ def state_of(run_dir: Path, s: dict, last: dict | None, now: float) -> str:
 
 def from_heartbeat(beat: dict, s: dict, now: float) -> str | None:
     """What the heartbeat says, or None to let the other files decide (a finished run)."""
+    from zerotune.core import runlock
     from zerotune.training.run import heartbeat
     step, sig = beat.get("step"), beat.get("signal") or "a signal"
     s["heartbeat"] = beat
     if beat.get("state") == heartbeat.RUNNING:
-        why = heartbeat.gone(beat, now)
+        why = runlock.gone(beat, now)
         if why is None:
             return "running"
         s["eta_s"] = None

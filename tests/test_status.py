@@ -14,7 +14,8 @@ import pytest
 from conftest import base_recipe, write_recipe, zerotune
 from zerotune.core.layout import HEARTBEAT_FILE, MARKER, complete_checkpoints
 from zerotune.launcher.status import collect
-from zerotune.training.run.heartbeat import STALE_AFTER_S, Heartbeat, read
+from zerotune.core.runlock import STALE_AFTER_S
+from zerotune.training.run.heartbeat import Heartbeat, read
 
 
 def finished_metrics(run_dir: Path, step: int = 4) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from zerotune.core.io import atomic_write
 from zerotune.core.layout import HEARTBEAT_FILE
-from zerotune.core.runlock import HEARTBEAT_EVERY_S, STALE_AFTER_S, gone, pid_alive  # noqa: F401  (status reads them here)
+from zerotune.core.runlock import HEARTBEAT_EVERY_S
 
 PARENT_WATCH_S = 1.0   # where prctl is missing: how often a rank looks for its parent
 RUNNING = "running"
