@@ -46,20 +46,30 @@ class Log:
     """The other packages' lines: in memory until a file is known."""
 
     def __init__(self):
-        self.pending, self.file = io.StringIO(), None
+        self.pending, self.file, self.path = io.StringIO(), None, None
 
     def write(self, text: str) -> int:
+        if self.file is None and self.path is not None and text:
+            self._open()
         return (self.file or self.pending).write(text)
 
     def flush(self) -> None:
         if self.file:
             self.file.flush()
 
-    def attach(self, path: Path) -> None:
-        if self.file is not None:
+    def attach(self, path: Path, eager: bool = False) -> None:
+        """The log file from now on; created at the first line to write (a command that wrote
+        nothing leaves no empty log behind, e.g. in a run folder an export refused to touch),
+        or at once with `eager` (a rank points its descriptors 1 and 2 at it)."""
+        if self.path is not None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(path, "a", buffering=1, encoding="utf-8", errors="replace")
+        self.path = Path(path)
+        if eager or self.pending.getvalue():
+            self._open()
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a", buffering=1, encoding="utf-8", errors="replace")
         self.file.write(self.pending.getvalue())
         self.pending = io.StringIO()
 
@@ -113,7 +123,7 @@ def route(log_path: Path | None = None, fds: bool = False, verbose: bool = False
         return
     log = _LOG = Log()
     if log_path is not None:
-        log.attach(log_path)
+        log.attach(log_path, eager=fds)
     saved = sys.stdout, sys.stderr
     out, err = (_terminal(1, sys.stdout), _terminal(2, sys.stderr)) if fds else saved
     if fds and log.file is not None:
@@ -130,7 +140,7 @@ def route(log_path: Path | None = None, fds: bool = False, verbose: bool = False
 
 
 def _leave(log: Log, name: str) -> None:
-    if log.file is None and log.pending.getvalue():
+    if log.path is None and log.pending.getvalue():
         home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         with contextlib.suppress(OSError):
             log.attach(home / "zerotune" / "logs" / f"{name}.log")

@@ -48,6 +48,6 @@ def test_the_demos_console_has_only_zerotunes_lines(tmp_path):
     assert [line for line in lines if not OURS.match(line)] == []
     assert any(line.startswith("step 4/4 | ") for line in lines)
     logs = {p.name: p.read_text() for p in (tmp_path / "demo" / "logs").glob("*.log")}
-    assert "launcher.log" in logs and "rank-0.log" in logs
+    assert "rank-0.log" in logs and all(logs.values()), logs   # a log exists only with something in it
     assert "Setting accelerator to CPU" in logs["rank-0.log"]
     assert "gradient_checkpointing_enable" in logs["rank-0.log"]
