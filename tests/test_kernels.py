@@ -92,18 +92,20 @@ def test_kernels_match_without(tmp_path, dtype, tol, method):
     # liger also patches the family's module (RoPE function, norm and MLP classes): undo it after
     saved = {k: getattr(ml, k) for k in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP")}
     results = []
-    for liger in (False, True):
-        model = _tiny_llama(torch_dtype)
-        if liger:
-            assert kernels.apply(model, SimpleNamespace(model=SimpleNamespace(kernels="liger")))
-            assert zloss.enable(model, liger=True)
-        if method == "lora":
-            import peft
-            model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
-                                                                init_lora_weights=False))
-        results.append(_loss_and_grads(model, ids, labels))
-    for k, v in saved.items():
-        setattr(ml, k, v)
+    try:   # a failure with liger's patches in place must not leak them into the tests after this one
+        for liger in (False, True):
+            model = _tiny_llama(torch_dtype)
+            if liger:
+                assert kernels.apply(model, SimpleNamespace(model=SimpleNamespace(kernels="liger")))
+                assert zloss.enable(model, liger=True)
+            if method == "lora":
+                import peft
+                model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                                    init_lora_weights=False))
+            results.append(_loss_and_grads(model, ids, labels))
+    finally:
+        for k, v in saved.items():
+            setattr(ml, k, v)
     (l0, g0), (l1, g1) = results
     assert torch.allclose(l0, l1, rtol=tol, atol=tol), (l0, l1)
     assert g0.keys() == g1.keys() and g0

@@ -350,8 +350,12 @@ def test_real_cuda_oom_message_names_peak_memory(tmp_path, capsys):
     from zerotune.training.run import diagnostics
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+    import gc
     recipe = validate_recipe(base_recipe(tmp_path))
+    gc.collect()               # tensors of earlier tests in this process (pytest -m gpu runs them all in one)
     torch.cuda.empty_cache()   # a cached block from an earlier test would serve the allocation under any cap
+    torch.cuda.reset_peak_memory_stats()   # the message's peak is this process's: start it here
+    before = torch.cuda.memory_allocated()
     torch.cuda.set_per_process_memory_fraction(2 ** 30 / torch.cuda.get_device_properties(0).total_memory)
     try:
         keep = torch.empty(2 ** 27, device="cuda")  # 0.5 GiB of fp32 in use when the OOM comes
@@ -360,7 +364,8 @@ def test_real_cuda_oom_message_names_peak_memory(tmp_path, capsys):
                 torch.empty(2 ** 30, device="cuda")
         assert e.value.code == diagnostics.OOM_EXIT_CODE
         err = capsys.readouterr().err
-        assert "zerotune: out of GPU memory at step 7/10 on rank 0 (peak 0.5 GiB allocated" in err
+        peak = f"{(before + 2 ** 29) / 2 ** 30:.1f}"
+        assert f"zerotune: out of GPU memory at step 7/10 on rank 0 (peak {peak} GiB allocated" in err, err
         assert "asking for 4.00 GiB more" in err and (tmp_path / "FAILED").is_file()
         del keep
     finally:
