@@ -9,22 +9,19 @@
 # Lead's command (carry [".whl"]):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1; (setsid nohup bash benchmarks/calls/2026-12-06-h200-callA.sh > /tmp/callA-driver.log 2>&1 < /dev/null &); sleep 2; bash benchmarks/detached.sh wait /tmp/callA 540
 set -u
-LOG=/tmp/callA DEADLINE=1000
+LOG=/tmp/callA DEADLINE=560
 source benchmarks/detached.sh
-export PYTHONPATH=/tmp/site TORCH_CUDA_ARCH_LIST=9.0 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export TORCH_EXTENSIONS_DIR=/tmp/torch_extensions PYTHONPATH=/tmp/site TORCH_CUDA_ARCH_LIST=9.0 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,compute_cap --format=csv > "$LOG/gpu.txt"
 python3 -c 'import sys; sys.path.insert(0, "benchmarks"); from pathlib import Path; from bench_setup import make_package; make_package(Path("/tmp/pkg"))'
 stage testgpu 240 make test-gpu GPU_PIP_ARGS="--no-deps --no-build-isolation" PYTEST_ARGS="-p no:cacheprovider -rs -q"
-stage fp8probe 150 python3 benchmarks/calls/2026-12-06-probe-fp8.py
-stage attention 90 python3 benchmarks/attention_kernels.py --lengths 2048x4,8192x1,32768x1,131072x1
-B=(python3 benchmarks/bench.py --work-dir /tmp/wb --results "$LOG/results" --timeout 200 --steps 18 --warmup 3)
+stage fp8probe 120 python3 benchmarks/calls/2026-12-06-probe-fp8.py
+stage attention 90 python3 benchmarks/attention_kernels.py --lengths 2048x4,32768x1,131072x1
+B=(python3 benchmarks/bench.py --work-dir /tmp/wb --results "$LOG/results" --timeout 150 --steps 13 --warmup 3)
 keep() { mkdir -p "$LOG/runs"; cp -r /tmp/wb/logs "$LOG/" 2>/dev/null; for m in /tmp/wb/runs/*/metrics.jsonl; do cp "$m" "$LOG/runs/$(basename "$(dirname "$m")").metrics.jsonl"; done 2>/dev/null; }
-stage partA 480 "${B[@]}" --only full-1b --variants none --peer-settings none \
+stage partA 300 "${B[@]}" --only full-1b --variants none --peer-settings none \
   --variant 'z3-save=distributed.zero=3 train.micro_batch_size=4 checkpoint.every=6 checkpoint.keep=2' \
-  --variant 'z3=distributed.zero=3 train.micro_batch_size=4' \
   --variant 'z0=distributed.zero=0 train.micro_batch_size=4'; keep
-[ "$(left)" -ge 120 ] && stage partAprof 120 "${B[@]}" --only full-1b --variants none --peer-settings none --steps 9 \
-  --variant 'z3-save-prof=distributed.zero=3 train.micro_batch_size=4 checkpoint.every=6 checkpoint.keep=2 logging.profile_start=5 logging.profile_steps=3'
 keep
 rm -rf /tmp/wb/runs/*/checkpoints
 finish
