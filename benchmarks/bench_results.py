@@ -43,7 +43,7 @@ def train_records(metrics_file: Path) -> tuple[list[dict], int]:
 
 def parse_metrics(metrics_file: Path, warmup: int) -> dict:
     """Median tokens/s per GPU and MFU over the steps after `warmup`, peak GPU memory (GiB) of
-    rank 0 over the whole run. train/tokens_per_sec is global (real tokens of all ranks); memory
+    rank 0 over the whole run, and the loss of every step (bf16 and fp8 variants compare curves). train/tokens_per_sec is global (real tokens of all ranks); memory
     is train/gpu_mem_peak_gib (GiB), or the older train/gpu_mem_peak_gb (1e9-byte GB) converted."""
     recs, world = train_records(metrics_file)
     timed = [r for r in recs if r["step"] > warmup]
@@ -64,7 +64,8 @@ def parse_metrics(metrics_file: Path, warmup: int) -> dict:
             "peak_gib": round(max(peaks), 2) if peaks else None,
             "step_s": round(statistics.median(secs), 4) if all(secs) else None,
             "packing_efficiency": round(statistics.median(eff), 4) if eff else None,
-            "world": world, "timed_steps": len(timed), "last_step": recs[-1]["step"] if recs else 0}
+            "world": world, "timed_steps": len(timed), "last_step": recs[-1]["step"] if recs else 0,
+            "losses": [r.get("train/loss") for r in recs]}   # every step's train loss, from step 1: the curve
 
 
 def parse_peer(log: Path) -> dict | None:

@@ -20,9 +20,6 @@ from pydantic import Field, field_validator, model_validator
 
 from .errors import RecipeError
 
-
-
-
 from .recipe_parts import (METHODS, AdapterConfig, ClusterConfig, IA3Config, LoraConfig,  # noqa: F401,E402
                            MethodConfig, PromptConfig, QuantConfig, _Section)
 
@@ -143,6 +140,10 @@ class TrainConfig(_Section):
         "auto", description="torch.compile each decoder layer (fuses norms, activations and rotary embeddings: "
                             "~1.25x measured; the first step compiles for ~1 min). full/lora at ZeRO 0-2 only. "
                             "auto: on for those on a CUDA GPU, decided on each rank.")
+    precision: Literal["bf16", "fp8", "auto"] = Field(
+        "auto", description="Decoder linears' matmuls: bf16 (model.dtype) or fp8 (torchao float8; full: every decoder "
+                            "linear, lora: the frozen base's; core/precision.py says where it runs). auto: fp8 only "
+                            "where core/precision.py measured it faster; RUN_DIR/recipe.yaml records the choice.")
     eval_every: Optional[int] = Field(None, gt=0, description="Evaluate every N steps (and at the end).")
     eval_batches: Optional[int] = Field(None, gt=0, description="Cap on eval micro-batches per evaluation.")
     eval_prompts: list[str] = Field(

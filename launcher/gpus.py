@@ -12,6 +12,7 @@ Where the size comes from, first match:
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 from dataclasses import dataclass
 from typing import Optional
@@ -90,3 +91,16 @@ def kernels_for(recipe, gpu: GpuMemory) -> str:
         return setting
     local = gpu.where == "gpus" and has
     return "liger" if local and read_model_config(recipe.model.path).get("model_type") in LIGER_FAMILIES else "none"
+
+
+def local_compute_capability() -> Optional[tuple[int, int]]:
+    """The lowest compute capability of the local GPUs (nvidia-smi's compute_cap, e.g. (9, 0) on
+    H100/H200); None without nvidia-smi or GPUs. train.precision: auto reads it (launcher/prepare.py)."""
+    try:
+        proc = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    caps = [tuple(int(p) for p in line.strip().split(".")[:2]) for line in proc.stdout.splitlines()
+            if proc.returncode == 0 and re.fullmatch(r"\d+\.\d+", line.strip())]
+    return min(caps) if caps else None

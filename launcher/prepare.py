@@ -24,7 +24,7 @@ from zerotune.core.memory import DEFAULT_GPU_MEMORY
 from zerotune.core.recipe_load import load_recipe, load_run_recipe, validate_recipe
 
 from . import ds_config, preflight
-from .gpus import GpuMemory, kernels_for, planned_gpu_memory
+from .gpus import GpuMemory, kernels_for, local_compute_capability, planned_gpu_memory
 from zerotune.training.monitoring.tracker_setup import check_trackers
 
 _NONE = object()
@@ -56,13 +56,33 @@ def resolve(recipe: Recipe, world_size: int, nodes: int = 1, gpu: Optional[GpuMe
     return validate_recipe(data, source="resolved recipe")
 
 
-def say_plan(recipe: Recipe, gpu: GpuMemory) -> None:
+def say_plan(recipe: Recipe, gpu: GpuMemory, precision_why: str = "") -> None:
     """The line that prints what was chosen, and for which GPU size."""
     t, d = recipe.train, recipe.distributed
     print(f"zerotune: planned for {gpu.describe()}: ZeRO-{d.zero}, micro_batch_size {t.micro_batch_size}, "
           f"attention {recipe.model.attn_implementation}, kernels {recipe.model.kernels}, "
-          f"gradient_checkpointing {str(t.gradient_checkpointing).lower()}, fused_loss {str(t.fused_loss).lower()}",
-          file=sys.stderr, flush=True)
+          f"gradient_checkpointing {str(t.gradient_checkpointing).lower()}, fused_loss {str(t.fused_loss).lower()}, "
+          f"precision {t.precision}" + (f" ({precision_why})" if precision_why else ""), file=sys.stderr, flush=True)
+
+
+def resolve_precision(recipe: Recipe, gpu: GpuMemory, config: dict) -> tuple[Recipe, str]:
+    """train.precision (core/precision.py) after the plan: (the recipe, why). Local GPUs: auto
+    becomes bf16 or fp8 for their compute capability (nvidia-smi); explicit fp8 that cannot run is
+    one line here, before torchrun. A Slurm job's auto stays auto (its ranks decide,
+    training/model/fp8.py); its explicit fp8 is checked for all but the GPU, which the ranks check."""
+    import importlib.util
+    from zerotune.core import precision
+    t = recipe.train
+    slurm = gpu.where == "slurm"
+    if t.precision == "bf16" or (slurm and t.precision == "auto"):
+        return recipe, "decided on each rank" if t.precision == "auto" else ""
+    cap = precision.FP8_CAPABILITY if slurm else local_compute_capability()
+    value, why = precision.choose(
+        t.precision, method=recipe.method.kind, zero=recipe.zero_stage(), dtype=recipe.model.dtype, capability=cap,
+        has_torchao=importlib.util.find_spec("torchao") is not None, hidden=config.get("hidden_size"),
+        tokens=precision.tokens_per_micro_batch(t.micro_batch_size, recipe.data.max_len,
+                                                recipe.distributed.sequence_parallel))
+    return recipe.model_copy(update={"train": t.model_copy(update={"precision": value})}), why
 
 
 def resolve_attention(recipe: Recipe, config: dict) -> Recipe:
@@ -184,6 +204,7 @@ def _prepare(recipe: Recipe, recipe_path: str, world_size: int, nodes: int, gpu:
     if problem:                                                        # SP degree vs GPUs, heads, method, kernel
         raise RecipeError(problem)
     recipe = resolve(recipe, world_size, nodes, gpu)
+    recipe, precision_why = resolve_precision(recipe, gpu, config)   # train.precision: bf16 / fp8 (or its one-line refusal)
     if gpu.known if fit_check is None else fit_check:   # before the data is tokenized, anything is written or torchrun starts
         from .plan import check_fits
         check_fits(recipe, max(1, world_size // nodes), nodes, gpu.bytes)
@@ -194,7 +215,7 @@ def _prepare(recipe: Recipe, recipe_path: str, world_size: int, nodes: int, gpu:
     preflight.check_disk(recipe, config)
     cfg = ds_config.render(recipe, world_size)
     preflight.prepare_data(recipe, tokenizer)    # the tokenized cache the ranks load
-    say_plan(recipe, gpu)                        # every check passed: what was chosen, for which GPU
+    say_plan(recipe, gpu, precision_why)         # every check passed: what was chosen, for which GPU
     run_dir.mkdir(parents=True, exist_ok=True)   # nothing is written before every check passed
     quiet.attach(run_dir / LOGS_DIR / LAUNCHER_LOG)
     if lock:

@@ -161,6 +161,13 @@ def test_parse_metrics(tmp_path):
 
 
 
+def test_parse_metrics_keeps_the_loss_curve(tmp_path):
+    """Issue 26: a run's row carries every step's loss (warm-up steps too), so a bf16 and an fp8
+    variant of one workload can be compared step by step."""
+    f = _metrics(tmp_path / "m.jsonl", world=1, steps=5, tps=lambda s: 100.0, peak_gb=lambda s: 1.0)
+    assert bench.parse_metrics(f, warmup=2)["losses"] == [2.0] * 5
+
+
 def test_parse_metrics_reads_gib_and_zerotune_keeps_the_old_gb_keys(tmp_path):
     """Runs from 2026-12 log train/gpu_mem_*_gib (GiB); metrics.jsonl also keeps the old _gb keys
     (1e9-byte GB) for one release: both give the same peak."""

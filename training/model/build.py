@@ -21,7 +21,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from zerotune.core.recipe import RecipeError
 
 from zerotune.core.families import choose_attention
-from zerotune.training.model import kernels, long_sequence, moe
+from zerotune.training.model import fp8, kernels, long_sequence, moe
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PEFT_KINDS = ("lora", "qlora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning")  # built by HF peft
@@ -151,7 +151,7 @@ def build_model(recipe, ds_config: dict):
     reshaped = long_sequence.options(recipe) + (["model.kernels liger"] if liger else [])
     if wants_compile(recipe.train.compile, kind, stage, reshaped):
         compile_layers(model, kind, stage)
-    return apply_method(model, recipe)
+    return fp8.apply(apply_method(model, recipe), recipe, stage)   # train.precision: FP8 linears (model/fp8.py)
 
 
 def attention(recipe, config) -> str | None:

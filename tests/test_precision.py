@@ -1,0 +1,184 @@
+"""train.precision (issue 26): the recipe key, `auto` resolved by core/precision.py (GPU capability,
+the measured table), the refusals before torchrun, and which linears training/model/fp8.py puts
+in FP8 (converted on CPU through torchao's emulation of the FP8 GEMM). The GPU numerics are
+tests/test_fp8.py."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import yaml
+
+from conftest import base_recipe, write_recipe, zerotune
+from zerotune.core import precision
+from zerotune.core.precision import Measured, choose
+from zerotune.core.recipe import RecipeError
+from zerotune.core.recipe_load import validate_recipe
+
+H100 = (9, 0)
+RUN = dict(method="lora", zero=0, dtype="bf16", has_torchao=True, hidden=4096, tokens=8192)
+
+
+def test_recipe_key(tmp_path):
+    def recipe(**train):
+        return validate_recipe(base_recipe(tmp_path, train={"max_steps": 1, **train}))
+    assert recipe().train.precision == "auto"
+    for v in ("bf16", "fp8", "auto"):
+        assert recipe(precision=v).train.precision == v
+    with pytest.raises(Exception, match="train.precision"):
+        recipe(precision="fp16")
+
+
+def test_auto_is_bf16_unless_measured_faster():
+    value, why = choose("auto", capability=H100, **RUN)
+    assert value == "bf16" and why == "fp8 not measured faster for lora at hidden 4096, 8192 tokens per micro-batch"
+    row = Measured("lora", H100, 4096, 8192, 1.3, "H200 test")
+    assert choose("auto", capability=H100, table=(row,), **RUN) == (
+        "fp8", "measured 1.30x for lora at hidden 4096, 8192 tokens (H200 test)")
+    # a row at fewer tokens is a lower bound; one at more tokens, another GPU or method, or too small a gain is not
+    assert choose("auto", capability=H100, table=(row,), **{**RUN, "tokens": 32768})[0] == "fp8"
+    assert choose("auto", capability=H100, table=(row,), **{**RUN, "tokens": 4096})[0] == "bf16"
+    assert choose("auto", capability=(10, 0), table=(row,), **RUN)[0] == "bf16"
+    assert choose("auto", capability=H100, table=(row,), **{**RUN, "method": "full"})[0] == "bf16"
+    assert choose("auto", capability=H100, table=(Measured("lora", H100, 4096, 8192, 1.02, "x"),), **RUN)[0] == "bf16"
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"capability": (8, 0)}, "compute capability 8.0 has no FP8"),
+    ({"capability": None}, "no CUDA GPU"),
+    ({"has_torchao": False}, "torchao is not installed"),
+    ({"method": "qlora"}, "NF4 base is dequantised to bf16"),
+    ({"method": "ia3"}, "FP8 is for full and lora"),
+    ({"zero": 3}, "distributed.zero 3"),
+    ({"dtype": "fp32"}, "model.dtype fp32"),
+])
+def test_fp8_refused_or_auto_bf16_where_it_cannot_run(change, says):
+    row = Measured("lora", H100, 4096, 8192, 1.3, "H200 test")
+    args = {**RUN, "capability": H100, "table": (row,), **change}
+    value, why = choose("auto", **args)
+    assert value == "bf16" and says in why
+    with pytest.raises(RecipeError, match=f"^train.precision: fp8 cannot run here: .*{says}"):
+        choose("fp8", **args)
+    assert choose("bf16", **args) == ("bf16", "as set")
+
+
+def test_launcher_resolves_auto_for_the_local_gpu(tmp_path, monkeypatch):
+    from zerotune.launcher import prepare
+    from zerotune.launcher.gpus import GpuMemory
+    recipe = validate_recipe(base_recipe(tmp_path, model={"dtype": "bf16"}, distributed={"zero": 0},
+                                         data={"max_len": 256}, train={"max_steps": 1, "micro_batch_size": 4}))
+    monkeypatch.setattr(prepare, "local_compute_capability", lambda: H100)
+    gpu = GpuMemory(80 * 2 ** 30, "nvidia-smi", "gpus")
+    out, why = prepare.resolve_precision(recipe, gpu, {"hidden_size": 64})
+    assert out.train.precision == "bf16" and why == "fp8 not measured faster for full at hidden 64, 1024 tokens per micro-batch"
+    monkeypatch.setattr(precision, "MEASURED", (Measured("full", H100, 64, 1024, 1.2, "test"),))
+    out, why = prepare.resolve_precision(recipe, gpu, {"hidden_size": 64})
+    assert out.train.precision == "fp8" and why.startswith("measured 1.20x")
+    slurm = GpuMemory(80 * 2 ** 30, "cluster.gpu_memory", "slurm")   # its ranks decide
+    assert prepare.resolve_precision(recipe, slurm, {"hidden_size": 64}) == (recipe, "decided on each rank")
+
+
+def fake_smi(tmp_path, cap: str) -> str:
+    """An nvidia-smi answering compute_cap queries with `cap` and memory queries with an H200's."""
+    d = tmp_path / "bin"
+    d.mkdir(exist_ok=True)
+    smi = d / "nvidia-smi"
+    smi.write_text(f'#!/bin/sh\ncase "$*" in *compute_cap*) echo {cap};; *) echo 143771;; esac\n')
+    smi.chmod(0o755)
+    return f"{d}{os.pathsep}{os.environ['PATH']}"
+
+
+def test_fp8_without_fp8_gpu_is_one_line_before_torchrun(tmp_path):
+    recipe = write_recipe(tmp_path, base_recipe(tmp_path, model={"dtype": "bf16"}, distributed={"zero": 0},
+                                                train={"max_steps": 1, "precision": "fp8"}))
+    r = zerotune("train", str(recipe), check=False, timeout=300, env={"PATH": fake_smi(tmp_path, "8.0")})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("zerotune: error: train.precision: fp8 cannot run here: GPU compute capability 8.0"), lines
+    assert not (tmp_path / "runs").exists()
+
+
+def test_auto_is_recorded_and_said_in_the_plan_line(tmp_path):
+    recipe = write_recipe(tmp_path, base_recipe(tmp_path, model={"dtype": "bf16"}, distributed={"zero": 0},
+                                                train={"max_steps": 1, "micro_batch_size": 2}))
+    r = zerotune("launch", str(recipe), "--dry-run", env={"PATH": fake_smi(tmp_path, "9.0")})
+    assert "precision bf16 (fp8 not measured faster for full at hidden 64, 256 tokens per micro-batch)" in r.stderr
+    saved = yaml.safe_load((tmp_path / "runs" / "t" / "recipe.yaml").read_text())
+    assert saved["train"]["precision"] == "bf16"
+
+
+# ----------------------------------------------------------------------------- which linears
+def tiny_llama():
+    """hidden 32 (attention projections convert), intermediate 40 (MLP: not a multiple of 16)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).to(torch.bfloat16)
+
+
+def test_full_converts_decoder_linears_only():
+    pytest.importorskip("torchao")
+    from torchao.float8.float8_linear import Float8Linear
+    from zerotune.training.model import fp8
+    model = tiny_llama()
+    names = fp8.convert(model, emulate=True)
+    assert names == [f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qkvo"]
+    kinds = {n: type(m).__name__ for n, m in model.named_modules()}
+    assert kinds["lm_head"] == "Linear" and kinds["model.embed_tokens"] == "Embedding"
+    assert kinds["model.layers.0.mlp.gate_proj"] == "Linear"      # 32 x 40: not a multiple of 16
+    assert type(model.model.layers[0].self_attn.q_proj) is Float8Linear   # trainable: torchao's own
+    ids = __import__("torch").randint(0, 64, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
+
+
+def test_lora_converts_the_frozen_base_not_the_adapters():
+    pytest.importorskip("torchao")
+    import peft
+    import torch
+    from zerotune.training.model import fp8
+    from zerotune.training.model.fp8_frozen import FrozenFloat8Linear
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "gate_proj"]))
+    names = fp8.convert(model, emulate=True)
+    layer = "base_model.model.model.layers.0"
+    assert f"{layer}.self_attn.q_proj.base_layer" in names and f"{layer}.self_attn.k_proj" in names
+    assert not [n for n in names if "lora_" in n or "gate_proj" in n or "lm_head" in n]
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(q.base_layer) is FrozenFloat8Linear and type(q.lora_A["default"]) is torch.nn.Linear
+    ids = torch.randint(0, 64, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert q.lora_B["default"].weight.grad is not None and q.base_layer.weight.grad is None
+
+
+def test_frozen_fp8_linear_matches_torchao_without_the_weight_gradient():
+    """FrozenFloat8Linear's output and input gradient equal torchao's Float8Linear's bit for bit
+    (same casts, same GEMMs); only the weight's gradient GEMM is skipped."""
+    pytest.importorskip("torchao")
+    import dataclasses
+    import torch
+    from torchao.float8 import Float8LinearConfig
+    from torchao.float8.float8_linear import Float8Linear
+    from zerotune.training.model.fp8_frozen import FrozenFloat8Linear
+    for name in ("tensorwise", "rowwise"):
+        config = dataclasses.replace(Float8LinearConfig.from_recipe_name(name), emulate=True)
+        linear = torch.nn.Linear(64, 32, bias=True).to(torch.bfloat16).requires_grad_(False)
+        x = torch.randn(2, 8, 64, dtype=torch.bfloat16, requires_grad=True)
+        outs = []
+        for cls in (Float8Linear, FrozenFloat8Linear):
+            y = cls.from_float(linear, config=config)(x)
+            outs.append((y, torch.autograd.grad(y.square().sum(), x)[0]))
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_fp8_gemm_benchmark_imports_and_helps_on_cpu():
+    import subprocess
+    import sys
+    from conftest import ROOT
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fp8_gemm.py"), "--help"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and "--compile {off,on,both}" in r.stdout, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fp8_gemm.py")], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 1 and '"error": "needs a CUDA GPU with FP8' in r.stdout
