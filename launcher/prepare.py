@@ -158,8 +158,9 @@ def prepare_run(recipe_path: str, overrides: list[str], world_size: int, nodes: 
                 lock: bool = False) -> Recipe:
     """Everything before torchrun / sbatch, then RUN_DIR written. Every `auto` is planned for the
     GPU memory of launcher/gpus.py (gpu_flag: --gpu-memory; slurm: the job's GPUs,
-    cluster.gpu_memory); the fit check (default: whenever that memory is known, not assumed)
-    refuses, in one line naming the --set that fits, a recipe that cannot fit it. `lock`
+    cluster.gpu_memory) and for the data's real lengths (the tokenized cache, written first and
+    kept for a retry: launcher/data_size.py); the fit check (default: whenever that memory is
+    known, not assumed) refuses, in one line naming the --set that fits, a recipe that cannot fit it. `lock`
     (`zerotune train`, `zerotune launch` on node 0): refuse a run folder another job holds before
     any work, and take RUN_DIR/LOCK (core/runlock.py) before writing it, held until this process
     ends or releases it."""
