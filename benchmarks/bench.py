@@ -1,9 +1,11 @@
 """One benchmark command: zerotune (through `zerotune train`, the path users run) beside the
-HF Trainer peer (benchmarks/peer_hf.py in each of its settings), workload by workload, in one
-GPU call.
+HF Trainer peer (benchmarks/peer_hf.py in each of its settings) and, on the chat workloads, TRL's
+SFTTrainer (benchmarks/peer_trl.py, settings named trl-*), workload by workload, in one GPU call.
 
     python3 benchmarks/bench.py --only full-1b                      # one workload, every variant and peer setting
     python3 benchmarks/bench.py --only full-1b,lora-8b --variants default --peer-settings default,no-gc
+    python3 benchmarks/bench.py --only chat-lora-8b --peer-settings trl-packing-liger-no-gc,liger-no-gc-mbs16
+    python3 benchmarks/bench.py --only chat-lora-8b --size tiny --seq 256 --peer-settings trl-packing   # CPU smoke
     python3 benchmarks/bench.py --dry-run                            # print every command, run nothing
     python3 benchmarks/bench.py table benchmarks/results/2026-11-27-h100-80gb-hbm3.jsonl   # the README table
 
@@ -44,9 +46,9 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # the sibling modules,
 from bench_proc import detect_gpus, error_tail, is_oom, run_command  # noqa: E402
 from bench_results import (RESULT_KEYS, device_slug, fmt_num, last_step, merge_results,  # noqa: E402,F401
                            parse_metrics, parse_peer, render_table, summarize, summarize_main, table_main)
-from bench_setup import (PACKAGE_DIRS, PEER_SETTINGS, REPO, SHAREGPT, SIZES, TOKENIZER,  # noqa: E402,F401
-                         VARIANTS, WORKLOADS, Plan, child_env, make_model, make_package, model_dir,
-                         random_words_file)
+from bench_setup import (ALPACA, PACKAGE_DIRS, PEER_SETTINGS, REPO, SHAREGPT, SIZES, TOKENIZER,  # noqa: E402,F401
+                         TRL_SETTINGS, VARIANTS, WORKLOADS, Plan, child_env, make_model, make_package, model_dir,
+                         random_words_file, repeated_file)
 
 
 def say(msg: str) -> None:
@@ -75,7 +77,7 @@ class Bench:
         p = self.plan
         make_package(p.pkg)
         self.env = child_env(p.pkg)
-        for size in dict.fromkeys(WORKLOADS[w]["size"] for w in workloads):
+        for size in dict.fromkeys(p.size(w) for w in workloads):
             path = model_dir(p.models, size)
             if (path / ".done").is_file():
                 continue
@@ -87,7 +89,10 @@ class Bench:
                 raise SystemExit(f"making the {size} model failed:\n{(proc.stderr or proc.stdout)[-3000:]}")
             say(f"model {size}: saved in {time.time() - t:.0f}s")
         for wl in workloads:
-            if not WORKLOADS[wl].get("data"):
+            w = WORKLOADS[wl]
+            if w.get("repeat"):
+                repeated_file(REPO / w["data"][0], p.work / "data", w["repeat"])
+            elif not w.get("data"):
                 random_words_file(p.work / "data", p.rows(wl), p.seq(wl))
             path = p.recipe_path(wl)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,7 +128,7 @@ class Bench:
     def peer_run(self, wl: str, name: str, extra: list[str]) -> dict:
         p, a = self.plan, self.a
         log = p.work / "logs" / f"{p.run_name(wl, name)}.peer.log"
-        cmd = p.peer_cmd(wl, extra)
+        cmd = p.peer_cmd(wl, extra, name)
         say(f"{wl} peer {name}: {' '.join(extra) or '(defaults)'}")
         r = run_command(cmd, log, self.env, a.timeout)
         rec = {"workload": wl, "side": "peer", "name": name, "args": extra, "cmd": shlex.join(cmd), "log": str(log), **r}
@@ -155,7 +160,7 @@ class Bench:
         """The workload's results line from the runs so far, written at once (after every run,
         so a call cut short by its time limit keeps what it measured)."""
         w, p = WORKLOADS[wl], self.plan
-        meta = {"date": time.strftime("%Y-%m-%d"), "size": w["size"], "method": w["method"], "mbs": w["mbs"],
+        meta = {"date": time.strftime("%Y-%m-%d"), "size": p.size(wl), "method": w["method"], "mbs": w["mbs"],
                 "seq": p.seq(wl), "steps": self.a.steps, "warmup": self.a.warmup,
                 "data": w["data"][1] if w.get("data") else "random-words"}
         line = summarize(wl, self.device, gpus, zt, peer, meta)
@@ -214,9 +219,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", type=_named, action="append", default=[], metavar="NAME='KEY=VALUE ...'",
                    help="an extra zerotune variant for every selected workload: --set overrides, space-separated")
     p.add_argument("--peer-settings", type=_names, default=None, metavar="S1,S2",
-                   help=f"peer settings to run (default: all: {', '.join(PEER_SETTINGS)}; 'none': no peer)")
+                   help=f"peer settings to run (default: all of each workload's: {', '.join(PEER_SETTINGS)}; on the "
+                        f"chat workloads also TRL's {', '.join(TRL_SETTINGS)}; 'none': no peer)")
     p.add_argument("--peer-setting", type=_named, action="append", default=[], metavar="NAME='ARGS'",
-                   help="an extra peer setting: peer_hf.py arguments, e.g. 'mbs16=--mbs 16'")
+                   help="an extra peer setting: peer_hf.py arguments, e.g. 'mbs16=--mbs 16' (a trl-* NAME: "
+                        "peer_trl.py's)")
+    p.add_argument("--size", choices=sorted(SIZES), default=None,
+                   help="model size for every selected workload (tiny: the CPU smoke shape, fp32)")
+    p.add_argument("--seq", type=int, default=None, help="sequence length (data.max_len) for every selected workload")
     p.add_argument("--steps", type=int, default=12, help="optimizer steps per run (default 12)")
     p.add_argument("--warmup", type=int, default=4, help="steps left out of the medians (default 4)")
     p.add_argument("--timeout", type=float, default=600, help="seconds per run before it is killed (default 600)")
@@ -246,7 +256,8 @@ def select(a) -> list[str]:
     if a.variants == ["none"]:
         a.variants = []
     for flag, given, known in (("--variants", a.variants, {v for t in VARIANTS.values() for v in t}),
-                               ("--peer-settings", a.peer_settings, set(PEER_SETTINGS))):
+                               ("--peer-settings", a.peer_settings,
+                                {*PEER_SETTINGS, *TRL_SETTINGS, *(k for w in WORKLOADS.values() for k in w.get("peer_settings", {}))})):
         bad = sorted(set(given or []) - known)
         if bad:
             raise SystemExit(f"bench.py: {flag}: unknown {', '.join(bad)}; known: {', '.join(sorted(known))}")
@@ -257,7 +268,7 @@ def dry_run(a, plan: Plan, names: list[str], device: str) -> None:
     env = f"PYTHONPATH={plan.pkg}{os.pathsep}$PYTHONPATH"
     print(f"# device {device}, {plan.machine_gpus} GPU(s); every command runs in {REPO} with {env}")
     print(f"# zerotune is importable from {plan.pkg}/zerotune -> symlinks to {', '.join(PACKAGE_DIRS)}")
-    for size in dict.fromkeys(WORKLOADS[w]["size"] for w in names):
+    for size in dict.fromkeys(plan.size(w) for w in names):
         print(f"$ {shlex.join([sys.executable, __file__, '_make-model', size, str(model_dir(plan.models, size))])}"
               "   # unless it exists")
     for wl in names:
@@ -269,7 +280,7 @@ def dry_run(a, plan: Plan, names: list[str], device: str) -> None:
         for name, sets in plan.variants(wl).items():
             print(f"$ {shlex.join(plan.zerotune_cmd(wl, name, sets))}   # zerotune {name}")
         for name, extra in plan.peer_settings(wl).items():
-            print(f"$ {shlex.join(plan.peer_cmd(wl, extra))}   # peer {name}")
+            print(f"$ {shlex.join(plan.peer_cmd(wl, extra, name))}   # peer {name}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.dry_run:
         dry_run(a, plan, names, device)
         return 0
-    if device == "cpu" and any(not WORKLOADS[w].get("dtype") == "fp32" for w in names):
+    if device == "cpu" and any(plan.dtype(w) != "fp32" for w in names):
         say("no GPU found (nvidia-smi): bf16 workloads will be slow or fail; only `tiny` is meant for CPU")
     bench = Bench(a, plan, device)
     say(f"bench: {', '.join(names)} on {device} x{machine_gpus}; results -> {bench.results_file}")

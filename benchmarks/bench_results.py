@@ -113,8 +113,19 @@ def summarize(wl: str, device: str, gpus: int, zt: list[dict], peer: list[dict],
         "peer_best_mfu": pbest and pbest["mfu"],
         "zerotune_variants": {r["name"]: brief(r) for r in zt},
         "peer_settings": {r["name"]: brief(r) for r in peer},
+        **trl_best(best, peer, ratio),
         **meta,
     }
+
+
+def trl_best(best: dict | None, peer: list[dict], ratio) -> dict:
+    """TRL's SFTTrainer (settings named trl-*) on its own, when it ran: its fastest setting and zerotune's ratio."""
+    trl = [r for r in peer if r["name"].startswith("trl-")]
+    if not trl:
+        return {}
+    t = best_of(trl)
+    return {"peer_trl_best_tok_s_gpu": t and t["tok_s_gpu"], "peer_trl_best_setting": t and t["name"],
+            "peer_trl_best_peak_gib": t and t["peak_gib"], "ratio_best_trl": ratio(best, t)}
 
 
 def merge_results(path: Path, lines: list[dict]) -> None:

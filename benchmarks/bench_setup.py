@@ -1,6 +1,7 @@
 """benchmarks/bench.py's setup: what every bench call runs, before anything runs.
 
-The constants (paths, peer_hf.py's model SIZES, the WORKLOADS, zerotune VARIANTS and PEER_SETTINGS),
+The constants (paths, peer_hf.py's model SIZES, the WORKLOADS, zerotune VARIANTS, PEER_SETTINGS (HF
+Trainer, peer_hf.py) and TRL_SETTINGS (TRL's SFTTrainer, peer_trl.py: every name starts with trl-)),
 the package shim that makes `zerotune` importable from this checkout without installing it, the
 random-initialised models and random-words data, and the Plan: each workload's recipe, zerotune
 and peer commands, variants and peer settings, derived from the command line.
@@ -16,6 +17,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PEER = "benchmarks/peer_hf.py"
+TRL_PEER = "benchmarks/peer_trl.py"
 TOKENIZER = "examples/tokenizers/phi-3-mini"
 ALPACA = "examples/data/alpaca/alpaca_en_demo.json"
 SHAREGPT = "examples/data/sharegpt/dummy_conversation.json"
@@ -43,6 +45,10 @@ WORKLOADS = {
     "qlora-8b": dict(size="8b", method="qlora", mbs=4, gpus=1, zero=0),
     "chat-alpaca": dict(size="1b", method="full", mbs=8, gpus=1, zero=3, data=(ALPACA, "alpaca")),
     "chat-sharegpt": dict(size="1b", method="full", mbs=8, gpus=1, zero=3, data=(SHAREGPT, "sharegpt")),
+    # issue 26: LoRA 8B on the Alpaca demo (1,000 rows, repeated 4x so no run runs out), chat template, loss on
+    # the responses, data.packing: true as a user turns it on; beside HF Trainer and TRL's SFTTrainer (trl-*)
+    "chat-lora-8b": dict(size="8b", method="lora", mbs=4, gpus=1, zero=0, data=(ALPACA, "alpaca"), repeat=4,
+                         peers=("hf", "trl"), peer_settings={"liger-no-gc-mbs16": ["--liger", "--no-gc", "--mbs", "16"]}),
     # long context (issue 15), run with --only: full 8B, sequences split over sp GPUs of the machine
     # (distributed.sequence_parallel); the peer trains the same length without sequence parallelism
     "long-8b-32k": dict(size="8b", method="full", mbs=1, gpus="all", min_gpus=4, zero=3, seq=32768, sp=4, hidden=True),
@@ -75,6 +81,9 @@ VARIANTS = {
     "chat-sharegpt": {"default": [], "unfused-loss": UNFUSED, "no-gc": NO_GC,
                       "flex": ["model.attn_implementation=flex_attention"]},
     "tiny": {"default": [], "no-gc": NO_GC},
+    # unpacked-mbs16: packing off at micro-batch 16 (the issue's 0.81x); the plan reads the real lengths
+    "chat-lora-8b": {"default": [], "no-gc": NO_GC,
+                     "unpacked-mbs16": ["data.packing=false", "train.micro_batch_size=16"]},
     "long-8b-32k": {"default": [], "sp2": ["distributed.sequence_parallel=2"]},
     "long-8b-128k": {"default": [], "offload-activations": ["train.offload_activations=true"]},
     "long-lora-8b-32k": {"default": []},
@@ -83,10 +92,17 @@ VARIANTS = {
 }
 for _wl in ("full-1b", "lora-8b", "qlora-8b"):   # issue 20: liger's share of the recipe as written
     VARIANTS[_wl]["kernels-none"] = ["model.kernels=none"]
-# peer settings: name -> extra peer_hf.py arguments. "Best peer" = the fastest that ran.
+# peer settings: name -> extra peer_hf.py arguments. "Best peer" = the fastest that ran (HF Trainer's and
+# TRL's alike).
 PEER_SETTINGS = {"default": [], "no-gc": ["--no-gc"], "liger": ["--liger"], "liger-no-gc": ["--liger", "--no-gc"],
                  # one GPU without DeepSpeed (full mode; the adapter modes never use DeepSpeed)
                  "plain-no-gc": ["--plain", "--no-gc"], "plain-liger-no-gc": ["--plain", "--liger", "--no-gc"]}
+# TRL's SFTTrainer (peer_trl.py), for the workloads whose peers include "trl": packing = best-fit-decreasing rows
+# of max_len tokens, padding-free; padding-free alone flattens each batch of samples; Liger is CUDA-only
+# (trl-packing runs on CPU: the smoke test). Micro-batch: the workload's rows when packed, 16 samples padding-free.
+TRL_SETTINGS = {"trl-packing": ["--packing"], "trl-packing-liger": ["--packing", "--liger"],
+                "trl-packing-liger-no-gc": ["--packing", "--liger", "--no-gc"],
+                "trl-padding-free-liger-no-gc": ["--padding-free", "--liger", "--no-gc", "--mbs", "16"]}
 
 
 # ----------------------------------------------------------------------------- making zerotune importable
@@ -165,6 +181,18 @@ def random_words_file(folder: Path, rows: int, seq: int) -> Path:
     return path
 
 
+def repeated_file(src: Path, folder: Path, times: int) -> Path:
+    """A .json list of `src`'s rows `times` over (a chat set too small for every run's steps)."""
+    path = folder / f"{src.stem}-x{times}.json"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = json.loads(src.read_text())
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rows * times))
+        tmp.replace(path)
+    return path
+
+
 # ----------------------------------------------------------------------------- commands
 class Plan:
     """Everything one bench call runs, derived from the command line (dry-run prints it)."""
@@ -176,7 +204,14 @@ class Plan:
         self.pkg = self.work / "pkg"
 
     def seq(self, wl: str) -> int:
-        return WORKLOADS[wl].get("seq", SEQ)
+        return self.a.seq or WORKLOADS[wl].get("seq", SEQ)
+
+    def size(self, wl: str) -> str:
+        """The model size: the workload's, or --size for every workload (tiny: the CPU smoke shape)."""
+        return self.a.size or WORKLOADS[wl]["size"]
+
+    def dtype(self, wl: str) -> str:
+        return "fp32" if self.size(wl) == "tiny" else WORKLOADS[wl].get("dtype", "bf16")
 
     def gpus(self, wl: str) -> tuple[int, str | None]:
         """GPUs of the workload, and why it is skipped (None: it runs)."""
@@ -194,6 +229,8 @@ class Plan:
 
     def data_file(self, wl: str) -> Path:
         w = WORKLOADS[wl]
+        if w.get("repeat"):
+            return self.work / "data" / f"{Path(w['data'][0]).stem}-x{w['repeat']}.json"   # Bench.prepare writes it
         if w.get("data"):
             return REPO / w["data"][0]
         return self.work / "data" / f"random-words-{self.seq(wl)}x{self.rows(wl)}.jsonl"
@@ -206,8 +243,8 @@ class Plan:
         fmt = w["data"][1] if w.get("data") else "text"
         return {
             "name": wl, "output_dir": str(self.work / "runs"),
-            "model": {"path": str(model_dir(self.models, w["size"])), "tokenizer": str(REPO / TOKENIZER),
-                      "dtype": w.get("dtype", "bf16"), "attn_implementation": "sdpa", "chat_template": None},
+            "model": {"path": str(model_dir(self.models, self.size(wl))), "tokenizer": str(REPO / TOKENIZER),
+                      "dtype": self.dtype(wl), "attn_implementation": "sdpa", "chat_template": None},
             "method": method,
             "data": {"train": [{"path": str(self.data_file(wl)), "format": fmt}], "max_len": self.seq(wl),
                      "packing": True, "eval_split": 0.0},
@@ -236,20 +273,23 @@ class Plan:
             cmd += ["--set", s]
         return cmd
 
-    def peer_cmd(self, wl: str, extra: list[str]) -> list[str]:
+    def peer_cmd(self, wl: str, extra: list[str], name: str = "") -> list[str]:
+        """The peer's torchrun command: peer_trl.py for a trl-* setting, else peer_hf.py."""
         w = WORKLOADS[wl]
         g = self.gpus(wl)[0]
         mode = "full" if w["method"] == "full" else w["method"]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(g), PEER, mode,
-               "--size", w["size"], "--seq", str(self.seq(wl)), "--mbs", str(w["mbs"]),
-               "--steps", str(self.a.steps), "--warmup", str(self.a.warmup)]
+        trl = name.startswith("trl-")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(g),
+               TRL_PEER if trl else PEER, mode, "--size", self.size(wl)]
+        cmd += [] if trl else ["--seq", str(self.seq(wl))]
+        cmd += ["--mbs", str(w["mbs"]), "--steps", str(self.a.steps), "--warmup", str(self.a.warmup)]
         if w.get("offload"):
             cmd.append("--offload")
-        if w["method"] != "full":
-            cmd += ["--model-dir", str(model_dir(self.models, w["size"]))]
+        if w["method"] != "full" or trl:
+            cmd += ["--model-dir", str(model_dir(self.models, self.size(wl)))]
         if w.get("data"):
-            cmd += ["--data", w["data"][0], "--format", w["data"][1], "--tokenizer", TOKENIZER,
-                    "--max-len", str(self.seq(wl))]
+            data = str(self.data_file(wl)) if w.get("repeat") else w["data"][0]
+            cmd += ["--data", data, "--format", w["data"][1], "--tokenizer", TOKENIZER, "--max-len", str(self.seq(wl))]
         return cmd + list(extra)
 
     def variants(self, wl: str) -> dict[str, list[str]]:
@@ -260,9 +300,14 @@ class Plan:
         return out
 
     def peer_settings(self, wl: str) -> dict[str, list[str]]:
-        if WORKLOADS[wl].get("peer", True) is False:
+        """HF Trainer's settings, TRL's where the workload's peers include "trl", the workload's own;
+        --peer-settings filters them, --peer-setting adds one (a trl-* name runs peer_trl.py)."""
+        w = WORKLOADS[wl]
+        if w.get("peer", True) is False:
             return {}
+        table = {**(PEER_SETTINGS if "hf" in w.get("peers", ("hf",)) else {}),
+                 **(TRL_SETTINGS if "trl" in w.get("peers", ("hf",)) else {}), **w.get("peer_settings", {})}
         keep = self.a.peer_settings
-        out = {k: v for k, v in PEER_SETTINGS.items() if keep is None or k in keep}
+        out = {k: v for k, v in table.items() if keep is None or k in keep}
         out.update(self.a.peer_setting)
         return out

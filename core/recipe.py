@@ -66,7 +66,9 @@ class DataConfig(_Section):
     eval: list[DataSource] = Field(default_factory=list, description="Validation sources (else eval_split of train).")
     eval_split: float = Field(0.0, ge=0, lt=1, description="Fraction of train held out for eval when eval is empty.")
     max_len: int = Field(2048, gt=8, description="Maximum tokens per sample (and per packed sequence).")
-    packing: bool = Field(False, description="Pack several samples per sequence (no cross-attention).")
+    packing: bool = Field(False, description="Pack several samples per sequence (no cross-attention). Off "
+                                             "unless set: a packed row holds several samples, so steps per epoch "
+                                             "and samples per step change (the plan line says the padding it saves).")
     train_on_prompt: bool = Field(False, description="Also train on prompt tokens.")
     train_on: Literal["all_assistant", "last_assistant"] = Field(
         "all_assistant", description="Assistant turns that train: all, or only the last (history masked); "

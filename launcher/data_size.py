@@ -1,12 +1,24 @@
 """How many tokens a run processes, from its recipe and local data files (the planner's time and
-cost columns; launcher/plan.py)."""
+cost columns; launcher/plan.py), and how long its micro-batches can be, from the tokenized cache
+`zerotune train` writes before it plans (DataLengths: the planner's sequence length).
+
+A micro-batch is padded to its longest row (training/data/loader.py: no length grouping), so the
+most tokens one can hold is micro_batch_size x the longest row the loader batches: the longest
+sample, or with data.packing the longest packed row (<= data.max_len). The planner is handed
+that (planning_recipe: data.max_len set to the longest row), not micro_batch_size x data.max_len:
+short chat rows at a large max_len no longer plan for memory no batch ever needs.
+"""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from zerotune.core.recipe import Recipe, RecipeError
+from zerotune.core.recipe_load import validate_recipe
+
+PADDING_WORTH_PACKING = 0.10   # the plan line suggests data.packing: true above this padding fraction
 
 
 def _count_local_rows(path: Path) -> Optional[tuple[int, int]]:
@@ -56,3 +68,77 @@ def estimate_train_tokens(recipe: Recipe, world: int) -> tuple[Optional[float], 
     train_rows = rows * (1 - d.eval_split)
     tokens = t.epochs * train_rows * per_sample
     return tokens, f"{t.epochs:g} epoch(s) of ~{train_rows:,.0f} samples, ~{per_sample:,.0f} tokens each"
+
+
+# ----------------------------------------------------------------------------- lengths from the cache
+def padding_fraction(lengths: Any, micro_batch_size: int, seed: int = 0) -> float:
+    """Padding share of micro-batches of `micro_batch_size` rows drawn in a random order (seeded,
+    as the sampler shuffles), each padded to its longest row."""
+    import numpy as np
+    lengths = np.asarray(lengths, dtype=np.int64)
+    n = len(lengths) - len(lengths) % micro_batch_size or len(lengths)
+    if n == 0:
+        return 0.0
+    order = np.random.default_rng(seed).permutation(len(lengths))[:n]
+    groups = lengths[order]
+    if n % micro_batch_size == 0:
+        groups = groups.reshape(-1, micro_batch_size)
+        padded = float(groups.max(axis=1).sum() * micro_batch_size)
+    else:   # fewer rows than one micro-batch
+        padded = float(groups.max() * n)
+    return 1.0 - float(groups.sum()) / padded if padded else 0.0
+
+
+@dataclass(frozen=True)
+class DataLengths:
+    """The tokenized training data's lengths: `samples` (tokens of each sample, weights repeat
+    them) and `rows` (tokens of each row the loader batches: the samples, or the packed rows)."""
+    samples: Any
+    rows: Any
+    packed: bool
+    seed: int = 0
+
+    @classmethod
+    def of(cls, bundle, recipe: Recipe) -> "DataLengths":
+        """From build_data / prepare_data's DataBundle (training/data)."""
+        train = bundle.train
+        return cls(train.sample_lengths(), train.lengths(), train.packed, recipe.train.seed)
+
+    @property
+    def longest(self) -> int:
+        return int(self.rows.max()) if len(self.rows) else 0
+
+    def planning_recipe(self, recipe: Recipe) -> Recipe:
+        """`recipe` with data.max_len the longest row the loader can batch: the planner's
+        sequence length (its micro-batch x that = the most tokens a micro-batch holds)."""
+        seq = max(9, min(recipe.data.max_len, self.longest))   # the schema's data.max_len > 8
+        return with_max_len(recipe, seq)
+
+    def lines(self, recipe: Recipe) -> list[str]:
+        """What the plan was made for and what packing does here (printed by `zerotune train`)."""
+        d, mbs = recipe.data, recipe.train.micro_batch_size
+        n = len(self.samples)
+        mean = float(self.samples.mean()) if n else 0.0
+        unpacked = padding_fraction(self.samples, mbs, self.seed)
+        first = (f"data: {n:,} samples, mean {mean:,.0f} tokens, longest {int(self.samples.max()) if n else 0:,} "
+                 f"(data.max_len {d.max_len:,}): planned for micro-batches of {mbs} x {self.longest:,} tokens at most")
+        if self.packed:
+            second = (f"packing on (data.packing: true): {n:,} samples in {len(self.rows):,} rows, "
+                      f"{100 * padding_fraction(self.rows, mbs, self.seed):.0f}% padding (unpacked, micro-batches of "
+                      f"{mbs} would be {100 * unpacked:.0f}% padding)")
+        elif unpacked >= PADDING_WORTH_PACKING:
+            per_row = d.max_len / mean if mean else 1.0
+            second = (f"packing off (data.packing: false): micro-batches of {mbs} would be {100 * unpacked:.0f}% "
+                      f"padding; data.packing: true would avoid it (a row of up to {d.max_len:,} tokens then holds "
+                      f"~{per_row:.1f} samples: fewer optimizer steps per epoch at the same global_batch_size)")
+        else:
+            second = f"packing off (data.packing: false): micro-batches of {mbs} would be {100 * unpacked:.0f}% padding"
+        return [first, second]
+
+
+def with_max_len(recipe: Recipe, max_len: int) -> Recipe:
+    if recipe.data.max_len == max_len:
+        return recipe
+    data = recipe.model_dump(mode="json")
+    data["data"]["max_len"] = max_len
+    return validate_recipe(data, source="resolved recipe")

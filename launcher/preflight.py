@@ -108,16 +108,18 @@ def check_data(recipe: Recipe) -> None:
     validate_sources(recipe)
 
 
-def prepare_data(recipe: Recipe, tokenizer) -> None:
+def prepare_data(recipe: Recipe, tokenizer):
     """Tokenize every row on every core into the cache the job reads (training/data/prepare.py),
     so the ranks only load it; the errors only tokenizing finds (a turn that renders empty) and
-    the warnings (a data.max_len that cuts every sample) come here, one line each. Run last, after
-    every check that writes nothing."""
+    the warnings (a data.max_len that cuts every sample) come here, one line each. Returns the
+    DataBundle: the planner reads its real lengths (launcher/data_size.py). Run after every
+    check that needs no plan and writes nothing."""
     from zerotune.training.data.prepare import prepare_data as fill_cache
     bundle = fill_cache(recipe, tokenizer)
     if bundle.stats.get("cache") == "hit":   # a fresh build printed them itself
         for warning in bundle.stats.get("warnings", []):
             print(f"zerotune: warning: {warning}", file=sys.stderr, flush=True)
+    return bundle
 
 
 def warn_context(recipe: Recipe, config: dict) -> None:

@@ -24,6 +24,7 @@ from zerotune.core.memory import DEFAULT_GPU_MEMORY
 from zerotune.core.recipe_load import load_recipe, load_run_recipe, validate_recipe
 
 from . import ds_config, preflight
+from .data_size import DataLengths, with_max_len
 from .gpus import GpuMemory, kernels_for, local_compute_capability, planned_gpu_memory
 from zerotune.training.monitoring.tracker_setup import check_trackers
 
@@ -177,8 +178,9 @@ def prepare_run(recipe_path: str, overrides: list[str], world_size: int, nodes: 
                 lock: bool = False) -> Recipe:
     """Everything before torchrun / sbatch, then RUN_DIR written. Every `auto` is planned for the
     GPU memory of launcher/gpus.py (gpu_flag: --gpu-memory; slurm: the job's GPUs,
-    cluster.gpu_memory); the fit check (default: whenever that memory is known, not assumed)
-    refuses, in one line naming the --set that fits, a recipe that cannot fit it. `lock`
+    cluster.gpu_memory) and for the data's real lengths (the tokenized cache, written first and
+    kept for a retry: launcher/data_size.py); the fit check (default: whenever that memory is
+    known, not assumed) refuses, in one line naming the --set that fits, a recipe that cannot fit it. `lock`
     (`zerotune train`, `zerotune launch` on node 0): refuse a run folder another job holds before
     any work, and take RUN_DIR/LOCK (core/runlock.py) before writing it, held until this process
     ends or releases it."""
@@ -203,19 +205,23 @@ def _prepare(recipe: Recipe, recipe_path: str, world_size: int, nodes: int, gpu:
     problem = check_sequence_parallel(recipe, gpus_per_node=world_size // nodes, nodes=nodes, model_config=config)
     if problem:                                                        # SP degree vs GPUs, heads, method, kernel
         raise RecipeError(problem)
-    recipe = resolve(recipe, world_size, nodes, gpu)
-    recipe, precision_why = resolve_precision(recipe, gpu, config)   # train.precision: bf16 / fp8 (or its one-line refusal)
-    if gpu.known if fit_check is None else fit_check:   # before the data is tokenized, anything is written or torchrun starts
-        from .plan import check_fits
-        check_fits(recipe, max(1, world_size // nodes), nodes, gpu.bytes)
+    kernels_for(recipe, gpu)                                           # model.kernels' one line, before tokenizing
     run_dir = recipe.run_dir
     check_fresh_start(run_dir, recipe.checkpoint.resume, recipe.checkpoint.overwrite)
     preflight.check_resume(recipe)
+    lengths = DataLengths.of(preflight.prepare_data(recipe, tokenizer), recipe)   # the cache the ranks load
+    planned = resolve(lengths.planning_recipe(recipe), world_size, nodes, gpu)    # x the longest row, not max_len
+    planned, precision_why = resolve_precision(planned, gpu, config)   # train.precision: bf16 / fp8 (or its one-line refusal)
+    if gpu.known if fit_check is None else fit_check:   # before anything is written or torchrun starts
+        from .plan import check_fits
+        check_fits(planned, max(1, world_size // nodes), nodes, gpu.bytes)
+    recipe = with_max_len(planned, recipe.data.max_len)
     keep = check_recipe_change(recipe)
     preflight.check_disk(recipe, config)
     cfg = ds_config.render(recipe, world_size)
-    preflight.prepare_data(recipe, tokenizer)    # the tokenized cache the ranks load
-    say_plan(recipe, gpu, precision_why)         # every check passed: what was chosen, for which GPU
+    say_plan(recipe, gpu, precision_why)                       # every check passed: what was chosen, for which GPU
+    for line in lengths.lines(recipe):
+        print(f"zerotune: {line}", file=sys.stderr, flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)   # nothing is written before every check passed
     quiet.attach(run_dir / LOGS_DIR / LAUNCHER_LOG)
     if lock:

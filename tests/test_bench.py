@@ -108,13 +108,59 @@ def test_recipes_and_variants_validate(tmp_path):
         path.write_text(json.dumps(plan.recipe(wl)))
         for name, sets in plan.variants(wl).items():
             r = load_recipe(path, [f"name={plan.run_name(wl, name)}", *sets], check_paths=False)
-            assert r.train.max_steps == 12 and r.data.packing and r.checkpoint.save_final is False
+            unpacked = "data.packing=false" in sets   # chat-lora-8b's padded variant
+            assert r.train.max_steps == 12 and r.data.packing is not unpacked and r.checkpoint.save_final is False
             assert r.model.tokenizer.endswith("phi-3-mini")
-            assert r.train.micro_batch_size == bench.WORKLOADS[wl]["mbs"]
+            assert r.train.micro_batch_size == (16 if unpacked else bench.WORKLOADS[wl]["mbs"])
     off = load_recipe(tmp_path / "full-1b-offload.yaml", check_paths=False)
     assert off.distributed.offload_optimizer and off.distributed.offload_params and off.distributed.zero == 3
     q = load_recipe(tmp_path / "qlora-8b.yaml", check_paths=False)
     assert q.method.kind == "qlora" and q.train.optimizer == "paged_adamw_8bit" and q.method.lora.r == 16
+
+
+def test_chat_workload_runs_hf_trainer_and_trl(tmp_path):
+    """chat-lora-8b (issue 26): LoRA 8B on the Alpaca demo repeated, packing on as a user writes it;
+    HF Trainer's settings through peer_hf.py and TRL's (trl-*) through peer_trl.py, on the same
+    data file; --size / --seq change the model and length of every selected workload."""
+    cmds, out = dry_run("--only", "chat-lora-8b")
+    recipe = json.loads(out.split("# chat-lora-8b: 1 GPU(s); recipe ")[1].split(" = ", 1)[1].splitlines()[0])
+    data = "/tmp/zb-dry/data/alpaca_en_demo-x4.json"
+    assert recipe["method"]["kind"] == "lora" and recipe["data"]["packing"] is True and recipe["model"]["chat_template"] is None
+    assert recipe["data"]["train"] == [{"path": data, "format": "alpaca"}] and recipe["train"]["micro_batch_size"] == 4
+    trl = [c for c in cmds if "benchmarks/peer_trl.py" in c]
+    hf = [c for c in cmds if "benchmarks/peer_hf.py" in c]
+    assert len(trl) == len(bench.TRL_SETTINGS) and len(hf) == len(bench.PEER_SETTINGS) + 1   # + liger-no-gc-mbs16
+    assert all(name.startswith("trl-") for name in bench.TRL_SETTINGS)
+    for c in trl + hf:
+        assert _after(c, "--data", data, "--format", "alpaca", "--tokenizer", bench.TOKENIZER, "--max-len", "2048")
+        assert _after(c, "lora", "--size", "8b") and c[c.index("--model-dir") + 1].endswith("llama3-8b-random")
+    assert sorted(tuple(c[c.index("2048") + 1:]) for c in trl) == sorted(tuple(v) for v in bench.TRL_SETTINGS.values())
+    assert any(_after(c, "--packing", "--liger", "--no-gc") for c in trl)
+    assert any(_after(c, "--padding-free", "--liger", "--no-gc", "--mbs", "16") for c in trl)
+    zt = [c for c in cmds if "zerotune.launcher.cli" in c]
+    assert any(_after(c, "--set", "data.packing=false", "--set", "train.micro_batch_size=16") for c in zt)
+    cmds, out = dry_run("--only", "chat-lora-8b", "--size", "tiny", "--seq", "256", "--peer-settings", "trl-packing")
+    [peer] = [c for c in cmds if "benchmarks/peer_trl.py" in c]
+    assert _after(peer, "benchmarks/peer_trl.py", "lora", "--size", "tiny") and _after(peer, "--max-len", "256")
+    assert '"dtype": "fp32"' in out and '"max_len": 256' in out and "llama3-tiny-random" in out
+
+
+def test_peer_trl_rows_and_real_tokens():
+    """peer_trl.py's prompt-completion rows (the last assistant turn trains) and its real-token
+    count: padded batches by the mask, padding-free ones by the runs of position_ids."""
+    import torch
+
+    import peer_trl
+    row = {"instruction": "Add", "input": "2 and 3", "output": "5", "system": "Be brief"}
+    pc = peer_trl.prompt_completion(row, "alpaca")
+    assert pc["completion"] == [{"role": "assistant", "content": "5"}] and pc["prompt"][-1]["role"] == "user"
+    flat = {"input_ids": torch.ones(1, 9, dtype=torch.long), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])}
+    assert peer_trl.sample_lengths(flat) == [3, 2, 4]
+    padded = {"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])}
+    c = peer_trl.Counter()
+    c.add(flat)
+    c.add(padded)
+    assert (c.real, c.padded, c.sq) == (9 + 7, 9 + 8, 9 + 4 + 16 + 9 + 16)
 
 
 def test_sizes_are_the_peers_and_flops_agree():
@@ -334,3 +380,27 @@ def test_tiny_zerotune_run_through_bench(tmp_path):
     assert not (Path(run["run_dir"]) / "checkpoints").exists()
     log = Path(run["log"]).read_text()
     assert "1 process(es)" in log and "truncated" in log
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_chat_workload_against_trl_on_cpu(tmp_path):
+    """chat-lora-8b at the tiny shape on CPU: `zerotune train` (LoRA, packing on) and TRL's SFTTrainer
+    (trl-packing: Liger is CUDA-only), both counting real tokens, in one results line."""
+    proc = run_bench("--only", "chat-lora-8b", "--size", "tiny", "--seq", "256", "--variants", "default",
+                     "--peer-settings", "trl-packing", "--steps", "3", "--warmup", "1",
+                     "--work-dir", str(tmp_path / "w"), "--results", str(tmp_path / "res"), timeout=1480)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [results] = list((tmp_path / "res").glob("*-cpu.jsonl"))
+    [line] = [json.loads(x) for x in results.read_text().splitlines()]
+    assert line["workload"] == "chat-lora-8b" and line["size"] == "tiny" and line["seq"] == 256
+    assert line["zerotune_tok_s_gpu"] > 0 and line["peer_trl_best_setting"] == line["peer_best_setting"] == "trl-packing"
+    assert line["peer_trl_best_tok_s_gpu"] > 0 and line["ratio_best_trl"] == line["ratio_best"]
+    runs = [json.loads(x) for x in (tmp_path / "res" / results.name.replace(".jsonl", "-runs.jsonl")).read_text().splitlines()]
+    zt, peer = [r for r in runs if r["side"] == "zerotune"], [r for r in runs if r["side"] == "peer"]
+    assert zt[0]["ok"] and zt[0]["timed_steps"] == 2
+    res = peer[0]["result"]
+    assert res["peer"] == "trl-sft" and res["packing"] and res["padding_free"] and res["timed_steps"] == 2
+    assert res["tok_s_gpu"] == res["real_tok_s_gpu"] > 0 and res["pad_fraction"] == 0.0 and res["max_len"] == 256
+    log = Path(zt[0]["log"]).read_text()
+    assert "zerotune: packing on (data.packing: true)" in log and "planned for micro-batches of 4 x " in log

@@ -255,7 +255,8 @@ def test_launch_refuses_a_run_that_cannot_fit(tmp_path):
                                                 train={"micro_batch_size": 4096}))
     r = zerotune("launch", str(recipe), "--slurm", "--dry-run", "--gpu-memory", "3GB", check=False)
     assert r.returncode == 2 and "will not fit" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert not (tmp_path / "runs").exists()
+    # RUN_DIR untouched; only the tokenized cache the plan read its lengths from (kept for the retry)
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [".zerotune-cache"]
 
 
 def test_job_state_of_a_run_never_submitted(tmp_path):

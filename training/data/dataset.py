@@ -182,6 +182,10 @@ class TokenDataset:
             return per_sample
         return np.add.reduceat(per_sample, self.row_ptr[:-1]) if len(per_sample) else np.zeros(0, np.int64)
 
+    def sample_lengths(self) -> np.ndarray:
+        """Tokens in each sample (int64), packed or not: what unpacked rows would be."""
+        return self.store.lengths(self.rows)
+
     def num_tokens(self) -> int:
         return int(self.store.lengths(self.rows).sum())
 

@@ -1,0 +1,96 @@
+"""Issue 26: `zerotune train` plans from the tokenized data's real lengths (launcher/data_size.py).
+
+A micro-batch is padded to its longest row, so the most tokens it can hold is micro_batch_size x
+the longest row the loader batches (a sample, or a packed row), not micro_batch_size x
+data.max_len. The tokenized cache, written before the plan, knows that length: short chat rows
+at a large max_len no longer turn gradient checkpointing on where the real batches fit without.
+The plan line says what the plan was made for, and what packing does to this data's padding.
+The CLI runs in-process (launcher.cli.main), as tests/test_preflight.py does."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import base_recipe, write_recipe
+
+GPU = "3GiB"   # stories260K at micro-batch 16: x max_len 4096 needs checkpointing here, x its real rows do not
+
+
+def launch(capsys, recipe_path, *args) -> tuple[int, str]:
+    from zerotune.launcher.cli import main
+    rc = main(["launch", str(recipe_path), "--dry-run", "--nproc", "1", "--gpu-memory", GPU, *map(str, args)])
+    return rc, capsys.readouterr().err
+
+
+def short_rows(tmp_path, **data) -> dict:
+    """The Alpaca demo (mean ~500 tokens with stories260K's tokenizer, longest ~1,850) at max_len 4096, mbs 16."""
+    return base_recipe(tmp_path, model={"dtype": "bf16"}, data={"max_len": 4096, **data},
+                       train={"micro_batch_size": 16, "gradient_checkpointing": "auto"}, distributed={"zero": 0})
+
+
+def saved(tmp_path) -> dict:
+    return yaml.safe_load((tmp_path / "runs" / "t" / "recipe.yaml").read_text())
+
+
+def test_short_rows_at_a_large_max_len_plan_without_checkpointing(tmp_path, capsys):
+    from zerotune.core.recipe_load import validate_recipe
+    from zerotune.launcher.plan import choose
+    recipe = short_rows(tmp_path)
+    # what the planner alone says for micro_batch_size x data.max_len: checkpointing on
+    assert choose(validate_recipe(recipe), 1, 1, 3 * 2 ** 30).strategy.grad_ckpt is True
+    rc, err = launch(capsys, write_recipe(tmp_path, recipe))
+    assert rc == 0, err
+    got = saved(tmp_path)
+    assert got["train"]["gradient_checkpointing"] is False and got["data"]["max_len"] == 4096   # max_len kept as written
+    line = next(ln for ln in err.splitlines() if ln.startswith("zerotune: data: "))
+    longest = int(line.split(" x ")[1].split()[0].replace(",", ""))
+    assert 500 < longest < 4096 and f"longest {longest:,} (data.max_len 4,096)" in line
+    assert f"planned for micro-batches of 16 x {longest:,} tokens at most" in line
+
+
+def test_a_recipe_that_needs_checkpointing_at_its_real_lengths_still_gets_it(tmp_path, capsys):
+    """The same data truncated to 1,024 tokens at micro-batch 64: the real rows need it too."""
+    recipe = short_rows(tmp_path, max_len=1024)
+    recipe["train"]["micro_batch_size"] = 64
+    rc, err = launch(capsys, write_recipe(tmp_path, recipe))
+    assert rc == 0, err
+    assert saved(tmp_path)["train"]["gradient_checkpointing"] is True
+    assert "planned for micro-batches of 64 x 1,024 tokens at most" in err
+
+
+def test_packing_off_says_the_padding_it_would_avoid(tmp_path, capsys):
+    rc, err = launch(capsys, write_recipe(tmp_path, short_rows(tmp_path)))
+    assert rc == 0, err
+    [line] = [ln for ln in err.splitlines() if ln.startswith("zerotune: packing ")]
+    assert line.startswith("zerotune: packing off (data.packing: false): micro-batches of 16 would be ")
+    pct = int(line.split(" would be ")[1].split("%")[0])
+    assert 30 < pct < 90 and "data.packing: true would avoid it" in line and "fewer optimizer steps per epoch" in line
+    assert saved(tmp_path)["data"]["packing"] is False   # the default stays off: the recipe decides
+
+
+def test_packing_on_as_written_plans_for_its_packed_rows(tmp_path, capsys):
+    recipe = short_rows(tmp_path, packing=True)
+    recipe["train"]["micro_batch_size"] = 2   # rows of ~4,096 tokens (sdpa's packed-row mask is 4,096^2 a row)
+    rc, err = launch(capsys, write_recipe(tmp_path, recipe))
+    assert rc == 0, err
+    got = saved(tmp_path)
+    assert got["data"]["packing"] is True and got["data"]["max_len"] == 4096
+    [line] = [ln for ln in err.splitlines() if ln.startswith("zerotune: packing ")]
+    assert line.startswith("zerotune: packing on (data.packing: true): 999 samples in ")
+    rows = int(line.split(" samples in ")[1].split()[0].replace(",", ""))
+    assert 100 < rows < 999   # ~8 samples a row
+    longest = int(next(ln for ln in err.splitlines() if "planned for micro-batches" in ln).split(" x ")[1].split()[0]
+                  .replace(",", ""))
+    assert 3500 < longest <= 4096   # packed rows fill max_len
+
+
+def test_padding_fraction_by_hand():
+    from zerotune.launcher.data_size import padding_fraction
+    assert padding_fraction([5, 7, 9, 11], 1) == 0.0               # one row a batch: never padded
+    assert padding_fraction([4, 4, 4, 4, 4, 4], 3) == 0.0          # equal rows
+    assert padding_fraction([2, 4, 6, 8], 4) == pytest.approx(1 - 20 / 32)   # one batch, padded to 8
+    assert padding_fraction([1, 9], 8) == pytest.approx(1 - 10 / 18)         # fewer rows than a batch
+    lengths = np.random.default_rng(1).integers(1, 100, 1000)
+    assert padding_fraction(lengths, 16, seed=3) == padding_fraction(lengths, 16, seed=3)   # seeded
+    assert 0.3 < padding_fraction(lengths, 16) < 0.7
