@@ -206,6 +206,7 @@ def _prepare(recipe: Recipe, recipe_path: str, world_size: int, nodes: int, gpu:
     if problem:                                                        # SP degree vs GPUs, heads, method, kernel
         raise RecipeError(problem)
     kernels_for(recipe, gpu)                                           # model.kernels' one line, before tokenizing
+    resolve_precision(recipe, gpu, config)                             # an explicit fp8 that cannot run: likewise
     run_dir = recipe.run_dir
     check_fresh_start(run_dir, recipe.checkpoint.resume, recipe.checkpoint.overwrite)
     preflight.check_resume(recipe)
