@@ -15,6 +15,7 @@ from typing import Any, Optional
 from zerotune.core.recipe import Recipe, RecipeError
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "ds_configs"
+ONE_PROCESS_PERSISTENCE = 10 ** 12   # ZeRO-3 in one process: no parameter is ever partitioned away
 
 
 def template_name(stage: int, offload_optimizer: bool, offload_params: bool) -> str:
@@ -69,6 +70,11 @@ def render(recipe: Recipe, world_size: int, stage: Optional[int] = None,
     if zero.get("stage3_param_persistence_threshold") == "auto":
         # parameters smaller than this stay whole on every rank (norms, biases): HF's 10 x hidden
         zero["stage3_param_persistence_threshold"] = 10 * hidden if hidden else 100_000
+        if world_size == 1 and not d.offload_params:
+            # One process: its partition is the whole model, so gathering a layer before each use
+            # saves no memory and costs a copy and a hook per parameter. Every parameter stays whole
+            # (DeepSpeed keeps its partition copy beside it: 2 bytes a parameter, core/memory.py).
+            zero["stage3_param_persistence_threshold"] = ONE_PROCESS_PERSISTENCE
     cfg["zero_allow_untested_optimizer"] = True
     left = find_auto(cfg)
     if left:

@@ -46,6 +46,18 @@ def test_rendered_config_has_no_auto_and_recipe_values(tmp_path, zero, opt, para
         assert z["stage3_param_persistence_threshold"] == 10 * hidden
 
 
+@pytest.mark.parametrize("params", [False, True])
+def test_zero3_in_one_process_keeps_every_parameter_whole(tmp_path, params):
+    """World size 1: nothing to partition across, so no parameter is gathered before use (issue 29:
+    ZeRO-3 on one GPU paid for gathers that save nothing); with offload_params they still live on
+    the CPU between uses. Two processes keep the 10 x hidden rule."""
+    hidden = json.loads((STORIES / "config.json").read_text())["hidden_size"]
+    one = ds_config.render(recipe(tmp_path, 3, params, params), world_size=1)["zero_optimization"]
+    two = ds_config.render(recipe(tmp_path, 3, params, params), world_size=2)["zero_optimization"]
+    assert one["stage3_param_persistence_threshold"] == (10 * hidden if params else ds_config.ONE_PROCESS_PERSISTENCE)
+    assert two["stage3_param_persistence_threshold"] == 10 * hidden
+
+
 @pytest.mark.parametrize("zero,opt,params", CASES)
 def test_deepspeed_accepts_the_config(tmp_path, zero, opt, params):
     from deepspeed.runtime.config import DeepSpeedConfig
