@@ -13,9 +13,11 @@ from transformers import AutoTokenizer
 from zerotune.launcher.cli import main
 from zerotune.core.recipe import DataConfig, DataSource
 from zerotune.core.recipe_load import validate_recipe
-from zerotune.training.data import DataError, build_data, tokenize_source
+from zerotune.training.data.formats import DataError
+from zerotune.training.data.build import build_data
+from zerotune.training.data.samples import tokenize_source
 from zerotune.training.data.templates import BUILTIN
-from zerotune.training.data import load_tokenizer
+from zerotune.training.data.build import load_tokenizer
 
 BAD = Path(__file__).parent / "fixtures" / "data"
 
