@@ -7,8 +7,9 @@
                               (deepspeed.utils.set_z3_leaf_modules: its experts are gathered whole,
                               so a rank whose tokens reach no expert does not skip a gather and hang)
 
-`model.attn_implementation: auto` (the default) is chosen here, in the launcher, and recorded in
-RUN_DIR/recipe.yaml: flash_attention_2 when the family supports it, the flash_attn package is
+`model.attn_implementation: auto` (the default) is chosen here (choose_attention) where the GPUs
+are: by the launcher for a local run (recorded in RUN_DIR/recipe.yaml), by each rank for a Slurm
+job (training/model/build.py; the login node has no GPU): flash_attention_2 when the family supports it, the flash_attn package is
 installed and a CUDA GPU is visible; else sdpa when the family supports it; else eager (Gemma 2:
 its attention logit soft-capping is in eager and flash attention only, not in sdpa). An explicit
 kernel the family does not support is one line before any rank starts.

@@ -58,20 +58,24 @@ def resolve(recipe: Recipe, world_size: int, nodes: int = 1, gpu: Optional[GpuMe
 
 def say_plan(recipe: Recipe, gpu: GpuMemory) -> None:
     """The line that prints what was chosen, and for which GPU size."""
-    t, d = recipe.train, recipe.distributed
+    t, d, m = recipe.train, recipe.distributed, recipe.model
+    ranks = " (each rank decides)" if gpu.where == "slurm" else ""
     print(f"zerotune: planned for {gpu.describe()}: ZeRO-{d.zero}, micro_batch_size {t.micro_batch_size}, "
-          f"attention {recipe.model.attn_implementation}, kernels {recipe.model.kernels}, "
+          f"attention {m.attn_implementation}{ranks if m.attn_implementation == 'auto' else ''}, "
+          f"kernels {m.kernels}{ranks if m.kernels == 'auto' else ''}, "
           f"gradient_checkpointing {str(t.gradient_checkpointing).lower()}, fused_loss {str(t.fused_loss).lower()}",
           file=sys.stderr, flush=True)
 
 
-def resolve_attention(recipe: Recipe, config: dict) -> Recipe:
-    """model.attn_implementation: auto -> the fastest kernel the model family supports here, an
-    explicit one checked against the family (core/families.py)."""
-    from .submit import visible_gpus
+def resolve_attention(recipe: Recipe, config: dict, gpu: GpuMemory) -> Recipe:
+    """model.attn_implementation: an explicit kernel checked against the model family
+    (core/families.py); auto -> the fastest kernel the family supports on this machine's GPUs
+    (`gpu`: launcher/gpus.py), except for a Slurm job: there auto stays auto and each rank decides
+    on its own GPU, as for model.kernels (training/model/build.py: attention; rank 0 prints it)."""
     m = recipe.model
-    cuda = m.attn_implementation == "auto" and visible_gpus() > 0
-    chosen = choose_attention(config, m.attn_implementation, cuda)
+    chosen = choose_attention(config, m.attn_implementation, gpu.where == "gpus")
+    if gpu.where == "slurm" and m.attn_implementation == "auto":
+        return recipe
     if chosen == m.attn_implementation:
         return recipe
     return recipe.model_copy(update={"model": m.model_copy(update={"attn_implementation": chosen})})
@@ -179,7 +183,7 @@ def _prepare(recipe: Recipe, recipe_path: str, world_size: int, nodes: int, gpu:
              fit_check: Optional[bool], lock: bool) -> Recipe:
     check_trackers(recipe)                                             # wandb / mlflow installed if asked for
     config, tokenizer = preflight.check_inputs(recipe, Path(recipe_path).parent)  # model, tokenizer, vocabulary, data
-    recipe = resolve_attention(recipe, config)                         # auto -> the family's kernel; or its error
+    recipe = resolve_attention(recipe, config, gpu)                    # auto -> the family's kernel; or its error
     problem = check_sequence_parallel(recipe, gpus_per_node=world_size // nodes, nodes=nodes, model_config=config)
     if problem:                                                        # SP degree vs GPUs, heads, method, kernel
         raise RecipeError(problem)
