@@ -28,7 +28,7 @@ from dataclasses import replace
 from typing import Optional
 
 from .checkpoint_cost import snapshot_bytes_per_node
-from .families import choose_attention
+from .families import choose_attention, experts, is_moe
 from .flops import shape
 from .memory import Strategy, Workload, dtype_bytes, estimate_memory
 
@@ -67,8 +67,18 @@ def check_sequence_parallel(recipe, gpus_per_node: int, nodes: int = 1,
                 f"is not supported{' by this model' if attn != recipe.model.attn_implementation else ''}; "
                 f"use {' or '.join(SP_ATTENTION)}")
     if model_config is not None:
-        return heads_problem(model_config, n)
+        return moe_problem(model_config) or heads_problem(model_config, n)
     return None
+
+
+def moe_problem(model_config: dict) -> Optional[str]:
+    """A mixture of experts under sequence parallelism: the sharded forward (training/model/loss.py
+    decoder_loss) returns the LM loss only, so the router's load-balancing loss would be dropped."""
+    if not is_moe(model_config):
+        return None
+    return (f"distributed.sequence_parallel: a mixture of experts ({experts(model_config)} experts) does not "
+            "train with sequence parallelism (its router's load-balancing loss would be lost); "
+            "use distributed.sequence_parallel: 1")
 
 
 def sp_memory(w: Workload, st: Strategy, sp: int, packed: bool = False, attn: str = "sdpa") -> dict:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from zerotune.core.families import choose_attention
+from zerotune.core.families import choose_attention, zero3_problem
 from zerotune.core.io import atomic_write
 from zerotune.core import quiet, runlock
 from zerotune.core.layout import DS_CONFIG_FILE, LAUNCHER_LOG, LOGS_DIR, RECIPE_FILE, check_fresh_start, latest_complete, read_state, step_of
@@ -188,6 +188,8 @@ def _prepare(recipe: Recipe, recipe_path: str, world_size: int, nodes: int, gpu:
     if problem:                                                        # SP degree vs GPUs, heads, method, kernel
         raise RecipeError(problem)
     recipe = resolve(recipe, world_size, nodes, gpu)
+    if recipe.zero_stage() == 3 and zero3_problem(config):             # a mixture of experts without a known block
+        raise RecipeError(zero3_problem(config))
     if gpu.known if fit_check is None else fit_check:   # before the data is tokenized, anything is written or torchrun starts
         from .plan import check_fits
         check_fits(recipe, max(1, world_size // nodes), nodes, gpu.bytes)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from zerotune.core.long_context import check_sequence_parallel, heads_problem
+from zerotune.core.long_context import check_sequence_parallel, heads_problem, moe_problem
 
 from zerotune.training.long_context import sp_attention
 from zerotune.training.model.loss import decoder_loss
@@ -62,7 +62,7 @@ class SequenceParallel:
         (`shift_labels`): labels shift across shard borders, so they are shifted before sharding."""
         lm = model.get_base_model() if hasattr(model, "get_base_model") else model
         impl = lm.config._attn_implementation   # what the rank built (model.attn_implementation: auto decided there)
-        problem = heads_problem(lm.config.to_dict(), self.size)
+        problem = moe_problem(lm.config.to_dict()) or heads_problem(lm.config.to_dict(), self.size)
         if problem:
             raise RuntimeError(problem)
         self.attention = sp_attention.register(lm.config, self.group, impl)
