@@ -11,10 +11,11 @@
 
 `model.attn_implementation: auto` (the default) is chosen here (choose_attention) where the GPUs
 are: by the launcher for a local run (recorded in RUN_DIR/recipe.yaml), by each rank for a Slurm
-job (training/model/build.py; the login node has no GPU): flash_attention_2 when the family supports it, the flash_attn package is
-installed and a CUDA GPU is visible; else sdpa when the family supports it; else eager (Gemma 2:
-its attention logit soft-capping is in eager and flash attention only, not in sdpa). An explicit
-kernel the family does not support is one line before any rank starts.
+job (training/model/build.py; the login node has no GPU): flash_attention_2 when the family
+supports it, the flash_attn package is installed and a CUDA GPU is visible; else sdpa when the
+family supports it; else eager (Gemma 2: its attention logit soft-capping is in eager and flash
+attention only, not in sdpa). An explicit kernel the family does not support is one line before
+any rank starts.
 """
 from __future__ import annotations
 
