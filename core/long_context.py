@@ -28,6 +28,7 @@ from dataclasses import replace
 from typing import Optional
 
 from .checkpoint_cost import snapshot_bytes_per_node
+from .families import choose_attention, experts, is_moe
 from .flops import shape
 from .memory import Strategy, Workload, dtype_bytes, estimate_memory
 
@@ -58,12 +59,26 @@ def check_sequence_parallel(recipe, gpus_per_node: int, nodes: int = 1,
     if recipe.method.kind not in SP_METHODS:
         return (f"distributed.sequence_parallel: method.kind {recipe.method.kind} changes the sequence "
                 f"(virtual tokens); sequence parallelism runs with {', '.join(SP_METHODS)}")
-    if recipe.model.attn_implementation not in SP_ATTENTION:
+    attn = recipe.model.attn_implementation
+    if attn == "auto" and model_config is not None:   # a Slurm job's auto, left to the ranks: sdpa or better
+        attn = choose_attention(model_config, "auto", cuda=False)
+    if attn not in SP_ATTENTION and not (attn == "auto" and model_config is None):   # a rank checks the built model
         return (f"distributed.sequence_parallel: model.attn_implementation {recipe.model.attn_implementation} "
-                f"is not supported; use {' or '.join(SP_ATTENTION)}")
+                f"is not supported{' by this model' if attn != recipe.model.attn_implementation else ''}; "
+                f"use {' or '.join(SP_ATTENTION)}")
     if model_config is not None:
-        return heads_problem(model_config, n)
+        return moe_problem(model_config) or heads_problem(model_config, n)
     return None
+
+
+def moe_problem(model_config: dict) -> Optional[str]:
+    """A mixture of experts under sequence parallelism: the sharded forward (training/model/loss.py
+    decoder_loss) returns the LM loss only, so the router's load-balancing loss would be dropped."""
+    if not is_moe(model_config):
+        return None
+    return (f"distributed.sequence_parallel: a mixture of experts ({experts(model_config)} experts) does not "
+            "train with sequence parallelism (its router's load-balancing loss would be lost); "
+            "use distributed.sequence_parallel: 1")
 
 
 def sp_memory(w: Workload, st: Strategy, sp: int, packed: bool = False, attn: str = "sdpa") -> dict:

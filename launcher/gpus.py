@@ -1,7 +1,8 @@
 """The GPU memory a run is planned for: every `auto` (launcher/prepare.py) and the fit check are
 chosen against it. Torch-free (the CLI starts without torch): the local GPUs are read from
-`nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits` (MiB per GPU; the smallest
-GPU of the node counts).
+`nvidia-smi --query-gpu=index,uuid,memory.total --format=csv,noheader,nounits` (MiB per GPU; the
+smallest GPU counts), CUDA_VISIBLE_DEVICES applied (indices or UUIDs, as CUDA reads it): one
+query gives both how many processes `zerotune train` / `launch` start and the memory planned for.
 
 Where the size comes from, first match:
   --gpu-memory SIZE                 (zerotune launch / plan)
@@ -12,6 +13,7 @@ Where the size comes from, first match:
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import subprocess
 from dataclasses import dataclass
@@ -23,24 +25,26 @@ from zerotune.core.memory import DEFAULT_GPU_MEMORY, LIGER_FAMILIES
 from zerotune.core.recipe import RecipeError
 
 MIB = 1 << 20
-QUERY = ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"]
+QUERY = ["nvidia-smi", "--query-gpu=index,uuid,memory.total", "--format=csv,noheader,nounits"]
 
 
 @dataclass(frozen=True)
 class GpuMemory:
     bytes: float         # memory of one GPU planned for
     source: str          # "nvidia-smi", "--gpu-memory", "cluster.gpu_memory" or "assumed"
-    where: str = "local"  # "local": runs here ("gpus" when nvidia-smi sees some); "slurm": a job's GPUs
+    where: str = "local"  # "local": runs here, no GPU seen (a CPU run); "gpus": here, on GPUs; "slurm": a job's GPUs
 
     @property
     def known(self) -> bool:
         return self.source != "assumed"
 
     def describe(self) -> str:
-        """'140.4 GiB per GPU (nvidia-smi)' / '80 GiB per GPU (assumed: ...)'."""
+        """'140.4 GiB per GPU (nvidia-smi)' / 'a CPU run (...)' / '80 GiB per GPU (assumed: ...)'."""
         size = f"{self.bytes / GIB:.1f}".removesuffix(".0") + " GiB per GPU"
         if self.known:
             return f"{size} ({self.source})"
+        if self.where == "local":
+            return f"a CPU run (no GPU seen here; auto chosen as for {size.removesuffix(' per GPU')} GPUs)"
         return f"{size} (assumed: no GPU memory known; set cluster.gpu_memory or --gpu-memory)"
 
     def recorded(self) -> str:
@@ -48,26 +52,44 @@ class GpuMemory:
         return f"{self.bytes / GIB:.1f}GiB"
 
 
-def local_gpu_memory() -> Optional[float]:
-    """Bytes of the smallest local GPU, from nvidia-smi; None without nvidia-smi or GPUs."""
+def _visible(rows: list[tuple[str, str, float]]) -> list[tuple[str, str, float]]:
+    """The rows CUDA_VISIBLE_DEVICES leaves, in its order (an index or a UUID prefix each; CUDA
+    stops at the first entry that names no GPU; set but empty: none)."""
+    setting = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if setting is None:
+        return rows
+    out = []
+    for entry in (e.strip() for e in setting.split(",") if e.strip()):
+        match = [r for r in rows if entry == r[0] or (entry.startswith("GPU-") and r[1].startswith(entry))]
+        if not match or match[0] in out:
+            break
+        out.append(match[0])
+    return out
+
+
+def local_gpus() -> tuple[int, Optional[float]]:
+    """(how many GPUs this process may use, bytes of the smallest of them) from one nvidia-smi
+    query, CUDA_VISIBLE_DEVICES applied; (0, None) without nvidia-smi or GPUs."""
     try:
         proc = subprocess.run(QUERY, capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired):
-        return None
+        return 0, None
     if proc.returncode != 0:
-        return None
-    sizes = []
+        return 0, None
+    rows = []
     for line in proc.stdout.splitlines():
+        parts = [p.strip() for p in line.split(",")]
         try:
-            sizes.append(float(line.strip()) * MIB)
-        except ValueError:
+            rows.append((parts[0], parts[1], float(parts[2]) * MIB))
+        except (IndexError, ValueError):
             continue
-    return min(sizes) if sizes else None
+    rows = _visible(rows)
+    return len(rows), (min(r[2] for r in rows) if rows else None)
 
 
 def planned_gpu_memory(recipe, flag: Optional[str] = None, slurm: bool = False) -> GpuMemory:
     """The GPU memory `recipe` is planned for (module docstring)."""
-    local = None if slurm else local_gpu_memory()
+    local = None if slurm else local_gpus()[1]
     where = "slurm" if slurm else ("gpus" if local is not None else "local")
     if flag:
         return GpuMemory(parse_size(flag), "--gpu-memory", where)

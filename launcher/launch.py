@@ -42,13 +42,13 @@ def processes_per_node(args, recipe_gpus) -> int:
         return recipe_gpus
     if args.slurm:
         return 1
-    from .submit import visible_gpus
-    return visible_gpus() or 1
+    from .gpus import local_gpus
+    return local_gpus()[0] or 1
 
 
 def _has_gpus() -> bool:
-    from .submit import visible_gpus
-    return visible_gpus() > 0
+    from .gpus import local_gpus
+    return local_gpus()[0] > 0
 
 
 def run(args) -> int:

@@ -134,8 +134,7 @@ def check_inputs(recipe: Recipe, folder: Path) -> tuple[dict, object]:
     """Model, tokenizer, vocabulary, data, context length, in that order. Returns config.json
     and the tokenizer (prepare_data tokenizes with it once everything else passed)."""
     config = check_model(recipe, folder)
-    from zerotune.training.data import prepare_tokenizer
-    from zerotune.training.data import load_tokenizer
+    from zerotune.training.data.build import load_tokenizer, prepare_tokenizer
     tokenizer = load_tokenizer(recipe)
     _, added = prepare_tokenizer(recipe, tokenizer)
     check_vocab(recipe, tokenizer, added, config)

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from zerotune.core.families import choose_attention
+from zerotune.core.families import choose_attention, zero3_problem
 from zerotune.core.io import atomic_write
 from zerotune.core import quiet, runlock
 from zerotune.core.layout import DS_CONFIG_FILE, LAUNCHER_LOG, LOGS_DIR, RECIPE_FILE, check_fresh_start, latest_complete, read_state, step_of
@@ -59,9 +59,11 @@ def resolve(recipe: Recipe, world_size: int, nodes: int = 1, gpu: Optional[GpuMe
 
 def say_plan(recipe: Recipe, gpu: GpuMemory, precision_why: str = "") -> None:
     """The line that prints what was chosen, and for which GPU size."""
-    t, d = recipe.train, recipe.distributed
+    t, d, m = recipe.train, recipe.distributed, recipe.model
+    ranks = " (each rank decides)" if gpu.where == "slurm" else ""
     print(f"zerotune: planned for {gpu.describe()}: ZeRO-{d.zero}, micro_batch_size {t.micro_batch_size}, "
-          f"attention {recipe.model.attn_implementation}, kernels {recipe.model.kernels}, "
+          f"attention {m.attn_implementation}{ranks if m.attn_implementation == 'auto' else ''}, "
+          f"kernels {m.kernels}{ranks if m.kernels == 'auto' else ''}, "
           f"gradient_checkpointing {str(t.gradient_checkpointing).lower()}, fused_loss {str(t.fused_loss).lower()}, "
           f"precision {t.precision}" + (f" ({precision_why})" if precision_why else ""), file=sys.stderr, flush=True)
 
@@ -86,13 +88,15 @@ def resolve_precision(recipe: Recipe, gpu: GpuMemory, config: dict) -> tuple[Rec
     return recipe.model_copy(update={"train": t.model_copy(update={"precision": value})}), why
 
 
-def resolve_attention(recipe: Recipe, config: dict) -> Recipe:
-    """model.attn_implementation: auto -> the fastest kernel the model family supports here, an
-    explicit one checked against the family (core/families.py)."""
-    from .submit import visible_gpus
+def resolve_attention(recipe: Recipe, config: dict, gpu: GpuMemory) -> Recipe:
+    """model.attn_implementation: an explicit kernel checked against the model family
+    (core/families.py); auto -> the fastest kernel the family supports on this machine's GPUs
+    (`gpu`: launcher/gpus.py), except for a Slurm job: there auto stays auto and each rank decides
+    on its own GPU, as for model.kernels (training/model/build.py: attention; rank 0 prints it)."""
     m = recipe.model
-    cuda = m.attn_implementation == "auto" and visible_gpus() > 0
-    chosen = choose_attention(config, m.attn_implementation, cuda)
+    chosen = choose_attention(config, m.attn_implementation, gpu.where == "gpus")
+    if gpu.where == "slurm" and m.attn_implementation == "auto":
+        return recipe
     if chosen == m.attn_implementation:
         return recipe
     return recipe.model_copy(update={"model": m.model_copy(update={"attn_implementation": chosen})})
@@ -201,7 +205,7 @@ def _prepare(recipe: Recipe, recipe_path: str, world_size: int, nodes: int, gpu:
              fit_check: Optional[bool], lock: bool) -> Recipe:
     check_trackers(recipe)                                             # wandb / mlflow installed if asked for
     config, tokenizer = preflight.check_inputs(recipe, Path(recipe_path).parent)  # model, tokenizer, vocabulary, data
-    recipe = resolve_attention(recipe, config)                         # auto -> the family's kernel; or its error
+    recipe = resolve_attention(recipe, config, gpu)                    # auto -> the family's kernel; or its error
     problem = check_sequence_parallel(recipe, gpus_per_node=world_size // nodes, nodes=nodes, model_config=config)
     if problem:                                                        # SP degree vs GPUs, heads, method, kernel
         raise RecipeError(problem)
@@ -213,6 +217,8 @@ def _prepare(recipe: Recipe, recipe_path: str, world_size: int, nodes: int, gpu:
     lengths = DataLengths.of(preflight.prepare_data(recipe, tokenizer), recipe)   # the cache the ranks load
     planned = resolve(lengths.planning_recipe(recipe), world_size, nodes, gpu)    # x the longest row, not max_len
     planned, precision_why = resolve_precision(planned, gpu, config)   # train.precision: bf16 / fp8 (or its one-line refusal)
+    if planned.zero_stage() == 3 and zero3_problem(config):            # a mixture of experts without a known block
+        raise RecipeError(zero3_problem(config))
     if gpu.known if fit_check is None else fit_check:   # before anything is written or torchrun starts
         from .plan import check_fits
         check_fits(planned, max(1, world_size // nodes), nodes, gpu.bytes)

@@ -25,11 +25,6 @@ class SlurmError(UserError, RuntimeError):
     """sbatch / squeue / scontrol refused or are missing."""
 
 
-def visible_gpus() -> int:
-    import torch
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 def grace_seconds(recipe, gpus_per_node: int, nodes: int = 1) -> int:
     """How long a stop signal may take before SIGKILL: the planner's save-time estimate
     (core/checkpoint_cost.py: save_seconds) plus STOP_MARGIN_S."""

@@ -47,7 +47,8 @@ def samples(seed: int, n: int, lo: int, hi: int) -> list[tuple[list[int], list[i
 
 def micro_batches(case: dict, seed: int):
     """(collated micro-batches for the SP engine, the samples each holds, for the reference)."""
-    from zerotune.training.data import TokenDataset, collate
+    from zerotune.training.data.dataset import TokenDataset
+    from zerotune.training.data.loader import collate
     mbs, gas = case["mbs"], case["gas"]
     per_row = 3 if case["packed"] else 1
     raw = samples(seed, mbs * gas * per_row, 5, 29)

@@ -183,3 +183,16 @@ def test_files_and_functions_stay_small():
                         long_functions.append(f"{rel}:{node.name} ({n} lines)")
     assert not long_files, f"files over {MAX_FILE_LINES} lines: {long_files}"
     assert not long_functions, f"functions over {MAX_FUNCTION_LINES} lines: {long_functions}"
+
+
+def test_room_init_files_import_nothing():
+    """docs/architecture.md: a room's __init__.py imports nothing, so importing one module of a room
+    never drags in the others (callers import the module they need)."""
+    bad = []
+    for path in sorted((ROOT / "training").rglob("__init__.py")):
+        tree = ast.parse(path.read_text())
+        found = [ast.unparse(n) for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))
+                 and not (isinstance(n, ast.ImportFrom) and n.module == "__future__")]
+        if found:
+            bad.append(f"{path.relative_to(ROOT)}: {found}")
+    assert not bad, f"__init__ files that import: {bad}"

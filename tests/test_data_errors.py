@@ -13,9 +13,11 @@ from transformers import AutoTokenizer
 from zerotune.launcher.cli import main
 from zerotune.core.recipe import DataConfig, DataSource
 from zerotune.core.recipe_load import validate_recipe
-from zerotune.training.data import DataError, build_data, tokenize_source
+from zerotune.training.data.formats import DataError
+from zerotune.training.data.build import build_data
+from zerotune.training.data.samples import tokenize_source
 from zerotune.training.data.templates import BUILTIN
-from zerotune.training.data import load_tokenizer
+from zerotune.training.data.build import load_tokenizer
 
 BAD = Path(__file__).parent / "fixtures" / "data"
 
@@ -155,3 +157,49 @@ def test_preview_cli_error_is_one_line(tmp_path, capsys):
     assert main(["data", "preview", str(write_recipe(tmp_path, r))]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.match(r"zerotune: error: .*sharegpt_unknown_role.jsonl line 2: turn 2 has unknown role 'wizard'", err[0]), err
+
+def _cli_lines(capsys, *argv) -> tuple[int, list[str]]:
+    capsys.readouterr()
+    rc = main(list(argv))
+    return rc, capsys.readouterr().err.strip().splitlines()
+
+
+def test_a_row_the_tokenizer_cannot_take_is_one_line_naming_file_and_row(tmp_path, capsys):
+    """Issue 27: a lone UTF-16 surrogate (JSON "\\ud800", valid JSON, not encodable text) made
+    `data validate --tokenize` and `train` end in the tokenizer's TypeError (exit 1, no row named)."""
+    rows = [{"instruction": "Say hi", "output": "Hi!"}] * 3
+    f = tmp_path / "surrogate.json"
+    f.write_text(json.dumps(rows)[:-1] + ', {"instruction": "broken \\ud800 text", "output": "ok"}]')
+    recipe = write_recipe(tmp_path, base_recipe(tmp_path, data={"train": [{"path": str(f), "format": "alpaca"}]}))
+    want = (f"zerotune: error: {f} row 4: holds a lone UTF-16 surrogate (e.g. JSON \"\\ud800\"), text no tokenizer "
+            "can encode; fix or drop the row, or set data.on_bad_rows: skip")
+    assert _cli_lines(capsys, "data", "validate", str(recipe), "--tokenize") == (2, [want])
+    assert _cli_lines(capsys, "train", str(recipe)) == (2, [want])
+    assert not (tmp_path / "runs" / "t").exists()   # no run folder (the tokenized cache beside it is not one)
+    samples, st = _tokenize(tok=AutoTokenizer.from_pretrained(str(STORIES)), path=f, on_bad_rows="skip")
+    assert (st["rows"], st["bad_rows"], st["samples"]) == (4, 1, 3) and "row 4: holds a lone" in st["bad_examples"][0]
+
+
+def test_a_prompt_longer_than_max_len_is_named_by_validate_and_train(tmp_path, capsys):
+    """Issue 27: validate said "ok" for a row whose prompt alone exceeds data.max_len, without a
+    word (the warning came only when every sample was cut). Such a sample is truncated as before
+    (its prompt's start and its response's: it still has targets) and a warning names the file
+    and its first such row, from validate and from train's tokenizing."""
+    rows = [{"instruction": "Say hi", "output": "Hi!"}, {"instruction": "word " * 200, "output": "short answer"}]
+    f = tmp_path / "long_prompt.json"
+    f.write_text(json.dumps(rows))
+    recipe = write_recipe(tmp_path, base_recipe(tmp_path, data={"train": [{"path": str(f), "format": "alpaca"}],
+                                                                "max_len": 128}))
+    capsys.readouterr()
+    assert main(["data", "validate", str(recipe), "--tokenize"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    warning = [line for line in out if line.startswith("warning")]
+    assert len(warning) == 1 and re.fullmatch(
+        rf"warning      data.max_len 128 is shorter than the prompt alone of 1 sample\(s\) of {re.escape(str(f))} "
+        rf"\(first: {re.escape(str(f))} row 2, \d+ prompt tokens\): truncation keeps the prompt's first 96 tokens, "
+        r"loses its end and trains on the response's start; raise data.max_len, .*", warning[0]), out
+    r = validate_recipe(base_recipe(tmp_path, data={"train": [{"path": str(f), "format": "alpaca"}], "max_len": 128}))
+    data = build_data(r, load_tokenizer(r), use_cache=False)   # what train tokenizes: the same warning
+    assert capsys.readouterr().err.strip() == "zerotune: warning: " + warning[0].removeprefix("warning      ")
+    assert data.stats["warnings"] and len(data.train) == 2
+    assert all(any(l != -100 for l in data.train[i]["labels"]) for i in range(2))   # never zero target tokens

@@ -11,11 +11,13 @@ from transformers import AutoTokenizer
 
 from zerotune.core.recipe import DataConfig, DataSource
 from zerotune.core.recipe_load import validate_recipe
-from zerotune.training.data import IGNORE, build_data, tokenize_source
+from zerotune.training.data.tokenize import IGNORE
+from zerotune.training.data.build import build_data
+from zerotune.training.data.samples import tokenize_source
 from zerotune.training.data.formats import to_conversation
 from zerotune.training.data.templates import BUILTIN
 from zerotune.training.data.tokenize import add_template_tokens, resolve_template, tokenize_conversation
-from zerotune.training.data import load_tokenizer
+from zerotune.training.data.build import load_tokenizer
 
 
 @pytest.fixture(scope="module")

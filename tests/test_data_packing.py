@@ -13,8 +13,10 @@ from conftest import STORIES, base_recipe
 from transformers import AutoModelForCausalLM
 
 from zerotune.core.recipe_load import validate_recipe
-from zerotune.training.data import IGNORE, build_data, collate, pack, real_tokens, target_tokens
-from zerotune.training.data import load_tokenizer
+from zerotune.training.data.tokenize import IGNORE
+from zerotune.training.data.build import build_data
+from zerotune.training.data.loader import collate, pack, real_tokens, target_tokens
+from zerotune.training.data.build import load_tokenizer
 
 
 @pytest.fixture(scope="module")

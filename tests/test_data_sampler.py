@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from zerotune.training.data import ResumableSampler, batches
+from zerotune.training.data.loader import ResumableSampler, batches
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,8 +86,8 @@ def worker(out_dir: str, recipe_path: str) -> None:
     import torch.distributed as dist
 
     from zerotune.core.recipe_load import load_recipe
-    from zerotune.training.data import build_data
-    from zerotune.training.data import load_tokenizer
+    from zerotune.training.data.build import build_data
+    from zerotune.training.data.build import load_tokenizer
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     recipe = load_recipe(recipe_path)
@@ -107,7 +107,7 @@ def worker(out_dir: str, recipe_path: str) -> None:
     stream2 = batches(data.train, resumed, mbs, tok.pad_token_id)
     rest2 = [_digest(next(stream2)) for _ in range(M)]
     # a data error on rank 0 reaches every rank as the same one-line error (no rank hangs at the barrier)
-    from zerotune.training.data import DataError
+    from zerotune.training.data.formats import DataError
     bad = recipe.model_copy(deep=True)
     bad.data.train[0].path = str(ROOT / "tests/fixtures/data/sharegpt_unknown_role.jsonl")
     bad.data.train[0].format = "sharegpt"

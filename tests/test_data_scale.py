@@ -20,10 +20,12 @@ import pytest
 from conftest import ALPACA, MESSAGES, ROOT, base_recipe
 
 from zerotune.core.recipe_load import validate_recipe
-from zerotune.training.data import ResumableSampler, batches, build_data, dataset, samples
+from zerotune.training.data import dataset, samples
+from zerotune.training.data.loader import ResumableSampler, batches
+from zerotune.training.data.build import build_data
 from zerotune.training.data.loader import pack
 from zerotune.training.data.prepare import prepare_data
-from zerotune.training.data import load_tokenizer
+from zerotune.training.data.build import load_tokenizer
 
 CASES = {
     "plain": {"train": [{"path": str(ALPACA), "format": "alpaca"}], "max_len": 128, "eval_split": 0.05},
@@ -97,10 +99,11 @@ sys.path.insert(0, {tests!r})
 from pathlib import Path
 from conftest import base_recipe
 from zerotune.core.recipe_load import validate_recipe
-from zerotune.training.data import ResumableSampler, batches, build_data
+from zerotune.training.data.loader import ResumableSampler, batches
+from zerotune.training.data.build import build_data
 from zerotune.training.data.prepare import prepare_data
 from zerotune.training.data.tokenize import tokenize_text
-from zerotune.training.data import load_tokenizer
+from zerotune.training.data.build import load_tokenizer
 
 n, tmp = {rows}, Path({tmp!r})
 words = ["cat", "dog", "sun", "tree", "ran", "big", "red", "home", "play", "sky"]
@@ -159,8 +162,10 @@ from pathlib import Path
 sys.path.insert(0, {tests!r})
 import torch.distributed as dist
 from zerotune.core.recipe_load import validate_recipe
-from zerotune.training.data import DataError, build, build_data
-from zerotune.training.data import load_tokenizer
+from zerotune.training.data import build
+from zerotune.training.data.formats import DataError
+from zerotune.training.data.build import build_data
+from zerotune.training.data.build import load_tokenizer
 
 rank, out = int(sys.argv[1]), Path({tmp!r})
 # the training group: a 3 s timeout stands for NCCL's, far shorter than rank 0's tokenizing

@@ -11,7 +11,9 @@ from conftest import EXAMPLES, PHI3_TOKENIZER, STORIES
 from transformers import AutoTokenizer
 
 from zerotune.core.recipe import DataConfig, DataSource
-from zerotune.training.data import IGNORE, DataError, tokenize_source
+from zerotune.training.data.tokenize import IGNORE
+from zerotune.training.data.formats import DataError
+from zerotune.training.data.samples import tokenize_source
 from zerotune.training.data.formats import to_conversation
 from zerotune.training.data.templates import BUILTIN
 from zerotune.training.data.tokenize import add_template_tokens, render

@@ -12,9 +12,10 @@ from transformers import AutoTokenizer
 
 from zerotune.core.recipe_load import validate_recipe
 from zerotune.launcher.cli import main
-from zerotune.training.data import DataError, build_data
+from zerotune.training.data.formats import DataError
+from zerotune.training.data.build import build_data
 from zerotune.training.data.templates import BUILTIN
-from zerotune.training.data import load_tokenizer
+from zerotune.training.data.build import load_tokenizer
 
 U = {"role": "user", "content": "Is 91 prime?"}
 THINKING = {"role": "assistant", "content": "No: 91 = 7 x 13.",

@@ -12,9 +12,10 @@ from test_data_tools import TOOLS
 
 from zerotune.core.recipe_load import validate_recipe
 from zerotune.launcher.cli import main
-from zerotune.training.data import DataError, build_data
+from zerotune.training.data.formats import DataError
+from zerotune.training.data.build import build_data
 from zerotune.training.data.validate import validate_sources
-from zerotune.training.data import load_tokenizer
+from zerotune.training.data.build import load_tokenizer
 
 
 def recipe_for(tmp_path, sources, **data):

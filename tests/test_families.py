@@ -175,3 +175,65 @@ def test_auto_picks_per_family_and_refuses_what_a_family_lacks(tmp_path, capsys)
     assert err == ["zerotune: error: model.attn_implementation: sdpa is not supported by Gemma2ForCausalLM "
                    "(gemma2); use auto or one of flash_attention_2, flex_attention, eager"]
     assert not (tmp_path / "runs" / "gemma2").exists()
+
+
+def tiny_granitemoe(folder: Path) -> Path:
+    """A mixture of experts core/families.py has no block for (Granite-MoE: num_local_experts 4)."""
+    import torch
+    from transformers import AutoModelForCausalLM, GraniteMoeConfig
+    torch.manual_seed(0)
+    config = GraniteMoeConfig(**{**SMALL, "num_local_experts": 4, **MOE})
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+def test_moe_is_read_from_config_json():
+    from zerotune.core.families import experts, is_moe, zero3_problem
+    assert experts({"model_type": "deepseek_v3", "n_routed_experts": 256}) == 256
+    assert experts({"model_type": "dbrx", "ffn_config": {"moe_num_experts": 16}}) == 16
+    assert experts({"model_type": "x", "text_config": {"num_local_experts": 8}}) == 8
+    assert not is_moe({"model_type": "llama", "num_experts": 1}) and zero3_problem({"model_type": "llama"}) is None
+    assert zero3_problem({"model_type": "mixtral", "num_local_experts": 8}) is None   # a known block: a ZeRO-3 leaf
+    line = zero3_problem({"model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"], "n_routed_experts": 64})
+    assert "DeepseekV3ForCausalLM (deepseek_v3)" in line and "64 experts" in line and "\n" not in line
+
+
+def test_moe_refused_where_it_would_train_wrong_before_torchrun(tmp_path):
+    """An unknown MoE block at ZeRO-3 (the ranks would hang) and any MoE with sequence parallelism
+    (the router's loss would be dropped): one line, exit 2, before torchrun, nothing written."""
+    model = {"path": str(tiny_granitemoe(tmp_path / "granitemoe")), "tokenizer": str(STORIES), "dtype": "fp32",
+             "chat_template": "chatml"}
+    granite = write_recipe(tmp_path, base_recipe(tmp_path, name="granite", model=model, train={"max_steps": 2},
+                                                 data={"train": [{"path": str(MESSAGES), "format": "messages"}]}),
+                           "granite.yaml")
+    for command in (("launch", str(granite), "--dry-run"), ("train", str(granite))):
+        r = zerotune(*command, check=False, timeout=300)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1, r.stderr
+        assert "distributed.zero: 3 cannot train GraniteMoeForCausalLM (granitemoe)" in lines[0]
+    r = zerotune("launch", str(granite), "--dry-run", "--set", "distributed.zero=2", timeout=300)   # ZeRO-2 runs it
+    sp = recipe(tmp_path, "mixtral", distributed={"zero": 3, "sequence_parallel": 2})
+    r = zerotune("launch", str(sp), "--dry-run", "--nproc", "2", check=False, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0] == ("zerotune: error: distributed.sequence_parallel: a mixture of experts (4 experts) does not "
+                        "train with sequence parallelism (its router's load-balancing loss would be lost); "
+                        "use distributed.sequence_parallel: 1")
+    assert not (tmp_path / "runs" / "mixtral").exists()
+
+
+def test_a_rank_refuses_moe_without_a_leaf_at_zero3(tmp_path, monkeypatch):
+    """training/model/moe.py, where the launcher was bypassed (benchmarks) or the block class was
+    renamed in transformers: no ZeRO-3 leaf -> a RecipeError, not a hang."""
+    from transformers import AutoModelForCausalLM
+    from zerotune.core import families
+    from zerotune.core.recipe import RecipeError
+    from zerotune.training.model import moe
+    model = AutoModelForCausalLM.from_pretrained(tiny_granitemoe(tmp_path / "granitemoe"))
+    with pytest.raises(RecipeError, match="granitemoe"):
+        moe.prepare(model, zero_stage=3)
+    assert moe.prepare(model, zero_stage=2) == [] and model.config.output_router_logits
+    mixtral = AutoModelForCausalLM.from_pretrained(tiny_model(tmp_path / "mixtral", "mixtral"))
+    monkeypatch.setitem(families.MOE_BLOCKS, "mixtral", "RenamedSparseMoeBlock")
+    with pytest.raises(RecipeError, match="no RenamedSparseMoeBlock module"):
+        moe.prepare(mixtral, zero_stage=3)

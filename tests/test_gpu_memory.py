@@ -13,16 +13,17 @@ from conftest import base_recipe, write_recipe, zerotune
 from test_plan import LLAMA_1B, LLAMA_8B
 from zerotune.core.recipe import RecipeError
 from zerotune.core.recipe_load import validate_recipe
-from zerotune.launcher.gpus import local_gpu_memory, planned_gpu_memory
+from zerotune.launcher.gpus import local_gpus, planned_gpu_memory
 from zerotune.launcher.prepare import resolve
 
 
 def fake_smi(tmp_path, *mib: int) -> str:
-    """A directory holding an `nvidia-smi` that prints these MiB, one GPU a line; returns a PATH."""
+    """A directory holding an `nvidia-smi` that prints `index, uuid, MiB` of these GPUs, one a
+    line (the query launcher/gpus.py asks); returns a PATH."""
     d = tmp_path / "bin"
     d.mkdir(exist_ok=True)
     smi = d / "nvidia-smi"
-    smi.write_text("#!/bin/sh\n" + "".join(f"echo {m}\n" for m in mib))
+    smi.write_text("#!/bin/sh\n" + "".join(f"echo '{i}, GPU-{i}a{i}b-0000, {m}'\n" for i, m in enumerate(mib)))
     smi.chmod(0o755)
     return f"{d}{os.pathsep}{os.environ['PATH']}"
 
@@ -43,12 +44,25 @@ def peft_8b(tmp_path, kind="lora", **train):
 
 
 def test_nvidia_smi_is_read_smallest_gpu_counts(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setenv("PATH", fake_smi(tmp_path, 143771, 81920))
-    assert local_gpu_memory() == 81920 * 2 ** 20
+    assert local_gpus() == (2, 81920 * 2 ** 20)
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
-    assert local_gpu_memory() is None
+    assert local_gpus() == (0, None)
     gpu = planned_gpu_memory(peft_8b(tmp_path))
-    assert not gpu.known and "assumed" in gpu.describe() and gpu.describe().startswith("80 GiB")
+    assert not gpu.known and gpu.describe().startswith("a CPU run") and "80 GiB" in gpu.describe()
+    assert planned_gpu_memory(peft_8b(tmp_path), slurm=True).describe().startswith("80 GiB per GPU (assumed")
+
+
+def test_cuda_visible_devices_picks_the_gpus_counted(tmp_path, monkeypatch):
+    """One nvidia-smi query gives the count and the memory, as CUDA sees them: indices or UUID
+    prefixes, in order, up to the first that names no GPU; set but empty: none."""
+    monkeypatch.setenv("PATH", fake_smi(tmp_path, 143771, 81920, 40960))
+    for visible, want in (("0", (1, 143771)), ("2,0", (2, 40960)), ("GPU-1a1b", (1, 81920)),
+                          ("0,7,1", (1, 143771)), ("", (0, None)), ("-1", (0, None))):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        count, size = local_gpus()
+        assert (count, size and size / 2 ** 20) == want, visible
 
 
 @pytest.mark.parametrize("kind", ["lora", "qlora"])
@@ -117,4 +131,46 @@ def test_train_records_the_memory_planned_for(tmp_path):
     saved = yaml.safe_load((tmp_path / "runs" / "t" / "recipe.yaml").read_text())
     assert saved["cluster"]["gpu_memory"] == "140.4GiB" and saved["train"]["gradient_checkpointing"] is False
     r = zerotune("launch", str(recipe), "--dry-run", env={"PATH": str(tmp_path / "nowhere") + os.pathsep + "/usr/bin:/bin"})
-    assert "planned for 80 GiB per GPU (assumed" in r.stderr
+    assert "planned for a CPU run (no GPU seen here; auto chosen as for 80 GiB GPUs)" in r.stderr
+
+
+def test_slurm_leaves_attention_auto_to_the_ranks(tmp_path):
+    """A Slurm job's attention auto is not decided on the login node (no GPU there: it would be
+    sdpa): RUN_DIR/recipe.yaml keeps auto, as for model.kernels; a local run with a GPU and
+    flash_attn decides it at once (the GPU count from nvidia-smi, not torch)."""
+    fake = tmp_path / "site"
+    (fake / "flash_attn").mkdir(parents=True)
+    (fake / "flash_attn" / "__init__.py").write_text("")
+    recipe = write_recipe(tmp_path, base_recipe(tmp_path, train={"max_steps": 1, "micro_batch_size": 2}))
+    env = {"PATH": fake_smi(tmp_path, 143771), "PYTHONPATH": str(fake)}
+    r = zerotune("launch", str(recipe), "--slurm", "--dry-run", "--gpu-memory", "80GB", env=env)
+    saved = yaml.safe_load((tmp_path / "runs" / "t" / "recipe.yaml").read_text())
+    assert saved["model"]["attn_implementation"] == "auto", r.stderr
+    assert "attention auto (each rank decides), kernels auto (each rank decides)" in r.stderr
+    zerotune("launch", str(recipe), "--dry-run", env=env)
+    saved = yaml.safe_load((tmp_path / "runs" / "t" / "recipe.yaml").read_text())
+    assert saved["model"]["attn_implementation"] == "flash_attention_2"
+
+
+def test_a_rank_decides_attention_auto_on_its_gpu(tmp_path, monkeypatch):
+    """training/model/build.py: attention auto on a rank: flash_attention_2 where the rank has a
+    CUDA GPU and flash_attn, else sdpa; an explicit kernel as given; kernels_report says it."""
+    import types
+    import torch
+    from transformers import LlamaConfig
+    from zerotune.training.model.build import attention, kernels_report
+    fake = tmp_path / "site"
+    (fake / "flash_attn").mkdir(parents=True)
+    (fake / "flash_attn" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(fake))
+    recipe = validate_recipe(base_recipe(tmp_path))
+    assert recipe.model.attn_implementation == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert attention(recipe, LlamaConfig()) == "flash_attention_2"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert attention(recipe, LlamaConfig()) == "sdpa"
+    eager = recipe.model_copy(update={"model": recipe.model.model_copy(update={"attn_implementation": "eager"})})
+    assert attention(eager, LlamaConfig()) == "eager"
+    built = types.SimpleNamespace(config=types.SimpleNamespace(_attn_implementation="flash_attention_2"),
+                                  _zerotune_kernels="liger")
+    assert kernels_report(built) == "attention flash_attention_2, kernels liger"

@@ -89,8 +89,9 @@ def test_a_few_template_tokens_are_allowed_for_full_runs_only(tmp_path, capsys):
 @pytest.mark.parametrize("fixture", ["truncated.json", "alpaca_missing_output.json"])
 def test_bad_data_fails_in_the_launcher_and_keeps_the_run_folder(tmp_path, capsys, fixture):
     from zerotune.core.recipe_load import validate_recipe
-    from zerotune.training.data import DataError, build_data
-    from zerotune.training.data import load_tokenizer
+    from zerotune.training.data.formats import DataError
+    from zerotune.training.data.build import build_data
+    from zerotune.training.data.build import load_tokenizer
     sections = {"data": {"train": [{"path": str(FIXTURES / fixture), "format": "alpaca"}], "max_len": 128}}
     r = validate_recipe(base_recipe(tmp_path, **sections))
     with pytest.raises(DataError) as expected:   # the data layer's own message, passed on as it is

@@ -13,7 +13,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import ROOT, zerotune  # noqa: E402
 
 # What zerotune writes on the console of a run: its messages, the progress and eval lines.
-OURS = re.compile(r"^(zerotune: |step \d+/\d+ [|] |data: |done: |final model: |method \w+: |WARNING: )")
+# zerotune's own warnings: training/monitoring/console.py warn ("WARNING: step N: ...") and
+# tracker_setup.py's mlflow line; another package's "WARNING: ..." is not ours.
+OURS = re.compile(r"^(zerotune: |step \d+/\d+ [|] |data: |done: |final model: |method \w+: "
+                  r"|WARNING: step \d+: |WARNING: mlflow run )")
+
+
+def test_only_zerotunes_own_warning_lines_count_as_ours(capsys):
+    from zerotune.training.monitoring.console import Console
+    Console(0, 1, 0, progress=False).warn("step 3: loss is nan; update skipped")
+    ours = capsys.readouterr().out.strip()
+    assert OURS.match(ours), ours
+    for foreign in ("WARNING: Logging before flag parsing goes to stderr.", "WARNING: 2026-12-06 deprecated"):
+        assert not OURS.match(foreign), foreign
 
 
 def test_other_packages_lines_go_to_the_log_ours_to_the_console(tmp_path, capsys):

@@ -19,7 +19,8 @@ from zerotune.core.long_context import check_sequence_parallel, sp_memory
 from zerotune.core.memory import Strategy, Workload
 from zerotune.core.recipe import RecipeError
 from zerotune.core.recipe_load import load_recipe
-from zerotune.training.data import IGNORE, collate
+from zerotune.training.data.tokenize import IGNORE
+from zerotune.training.data.loader import collate
 from zerotune.training.long_context.sequence_parallel import full_sequences
 from zerotune.training.long_context.sp_attention import row_segments, segment_attention, segments_of
 
@@ -93,6 +94,11 @@ def test_recipe_key_and_checks(tmp_path):
     assert check_sequence_parallel(r6, gpus_per_node=16, model_config=LLAMA3_8B) is None
     r.model.attn_implementation = "eager"
     assert "attn_implementation eager" in check_sequence_parallel(r, gpus_per_node=4)
+    r.model.attn_implementation = "auto"          # a Slurm job's auto, left to the ranks: sdpa at least
+    assert check_sequence_parallel(r, gpus_per_node=4, model_config=LLAMA3_8B) is None
+    assert check_sequence_parallel(r, gpus_per_node=4) is None    # on a rank: the built model is checked
+    gemma2 = dict(LLAMA3_8B, model_type="gemma2")  # auto -> eager without flash_attn: no sdpa for its soft-capping
+    assert "auto is not supported by this model" in check_sequence_parallel(r, gpus_per_node=4, model_config=gemma2)
     r.model.attn_implementation = "sdpa"
     r.method.kind = "prompt_tuning"
     assert "virtual tokens" in check_sequence_parallel(r, gpus_per_node=4)

@@ -298,7 +298,7 @@ ZERO3_SCRIPT = textwrap.dedent("""
     from zerotune.core.recipe_load import validate_recipe
     from zerotune.launcher.ds_config import render
     from zerotune.training.run.engine import build_engine
-    from zerotune.training.data import load_tokenizer
+    from zerotune.training.data.build import load_tokenizer
     from zerotune.training.model.build import build_model
     from zerotune.training.model.samples import eval_samples, is_zero3
     deepspeed.init_distributed()

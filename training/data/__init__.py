@@ -1,5 +1,6 @@
 """Data layer: sources -> conversations -> tokens + loss mask -> (packed) rows -> batches.
 
+    from zerotune.training.data.build import build_data     # import the module you need: this file imports nothing
     data = build_data(recipe, tokenizer)       # on every rank; rank 0 tokenizes and caches
     data.train[i] -> {"input_ids", "labels"[, "position_ids"]}   (numpy int32 views)
     for batch in batches(data.train, ResumableSampler(len(data.train), rank, world, seed), mbs, pad_id): ...
@@ -21,14 +22,3 @@ Tokenized data is cached under data.cache_dir (default RUN_DIR/../.zerotune-cach
 everything that changes the tokens: the sources' content, formats, columns and weights, the
 tokenizer, the chat template, every data.* setting, the seed.
 """
-from __future__ import annotations
-
-from .build import DataBundle, build_data, load_tokenizer, prepare_tokenizer
-from .formats import DataError
-from .dataset import TokenDataset
-from .loader import ResumableSampler, batches, collate, pack, real_tokens, target_tokens
-from .samples import tokenize_source
-from .tokenize import IGNORE
-
-__all__ = ["build_data", "DataBundle", "DataError", "ResumableSampler", "TokenDataset", "batches", "collate",
-           "target_tokens", "real_tokens", "IGNORE", "pack", "prepare_tokenizer", "tokenize_source"]

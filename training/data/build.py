@@ -139,7 +139,8 @@ def no_samples_error(sources: list[dict]) -> DataError:
 
 
 def truncation_warnings(sources: list[dict], max_len: int) -> list[str]:
-    """A source whose every sample data.max_len cuts (or drops) is almost surely a max_len mistake."""
+    """A source whose every sample data.max_len cuts (or drops) is almost surely a max_len mistake;
+    else a sample whose prompt alone is longer than max_len loses the prompt's end: named."""
     out = []
     for st in sources:
         if st["samples"] and st["truncated"] == st["samples"]:
@@ -148,6 +149,11 @@ def truncation_warnings(sources: list[dict], max_len: int) -> list[str]:
         elif st["dropped_too_long"] and not st["samples"]:
             out.append(f"data.max_len {max_len} drops every sample of {st['path']} as too long "
                        f"({st['dropped_too_long']:,}; the longest has {st['longest']:,} tokens)")
+        elif st.get("prompt_cut"):   # (a cache written before these were counted has none)
+            out.append(f"data.max_len {max_len} is shorter than the prompt alone of {st['prompt_cut']:,} sample(s) of "
+                       f"{st['path']} (first: {st['prompt_cut_first']}): truncation keeps the prompt's first "
+                       f"{max_len - max_len // 4:,} tokens, loses its end and trains on the response's start; raise "
+                       "data.max_len, shorten those rows or set data.truncation: drop")
     return out
 
 

@@ -143,7 +143,7 @@ def run_validate(args) -> int:
     recipe = load_recipe(args.recipe, args.set)
     tokenizer = None
     if args.tokenize:
-        from zerotune.training.data import load_tokenizer
+        from zerotune.training.data.build import load_tokenizer
         tokenizer = load_tokenizer(recipe)
     report = validate_sources(recipe, tokenizer)
     print(f"data         {report['rows']:,} rows checked in {report['seconds']:.2f} s"
@@ -154,7 +154,7 @@ def run_validate(args) -> int:
 
 def run_prepare(args) -> int:
     from zerotune.core.recipe_load import load_recipe
-    from zerotune.training.data import load_tokenizer
+    from zerotune.training.data.build import load_tokenizer
 
     from .prepare import prepare_data
     recipe = load_recipe(args.recipe, args.set)
@@ -171,9 +171,10 @@ def run_prepare(args) -> int:
 
 def run_preview(args) -> int:
     from zerotune.core.recipe_load import load_recipe
-    from zerotune.training.data import load_tokenizer
+    from zerotune.training.data.build import load_tokenizer
 
-    from . import build_data, prepare_tokenizer, tokenize_source
+    from .build import build_data, prepare_tokenizer
+    from .samples import tokenize_source
     from .loader import pack_rows
 
     recipe = load_recipe(args.recipe, args.set)

@@ -7,8 +7,9 @@ before torchrun; `zerotune data validate RECIPE` runs it by hand).
 Without a tokenizer each row is parsed and turned into its conversation: fields and types,
 turn order, tool calls (valid JSON arguments, a result only after a call), content parts, and
 no assistant turn that trains is empty. With a tokenizer, every row is also rendered with the
-chat template and tokenized exactly as training does (template problems, over-long samples,
-the data.max_len warnings), but nothing is cached or kept in memory beyond one source's samples.
+chat template and tokenized exactly as training does (template problems, a row the tokenizer
+cannot encode, over-long samples, the data.max_len warnings: a max_len that cuts every sample, a
+prompt longer than max_len), but nothing is cached or kept in memory beyond one source's samples.
 
 A bad row raises its one-line DataError (data.on_bad_rows: error), or is counted (skip); a
 training set with no usable row raises one line naming every source and its counts.

@@ -95,7 +95,7 @@ def copy_tokenizer(recipe, out: Path) -> None:
             shutil.copyfile(src / name, out / name)
     if recipe.model.chat_template is not None:
         from zerotune.training.data.tokenize import resolve_template
-        from zerotune.training.data import load_tokenizer
+        from zerotune.training.data.build import load_tokenizer
         template = resolve_template(load_tokenizer(recipe), recipe.model.chat_template)
         config = json.loads((out / "tokenizer_config.json").read_text())
         config["chat_template"] = template

@@ -38,11 +38,11 @@ from dataclasses import dataclass
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from zerotune.core.long_context import check_sequence_parallel, heads_problem
+from zerotune.core.long_context import check_sequence_parallel, heads_problem, moe_problem
 
 from zerotune.training.long_context import sp_attention
 from zerotune.training.model.loss import decoder_loss
-from zerotune.training.data import IGNORE
+from zerotune.training.data.tokenize import IGNORE
 from zerotune.training.long_context.sp_attention import segments_of
 
 
@@ -60,9 +60,9 @@ class SequenceParallel:
     def wrap_model(self, model, recipe) -> None:
         """Register the Ulysses attention and let the causal LM take pre-shifted labels
         (`shift_labels`): labels shift across shard borders, so they are shifted before sharding."""
-        impl = recipe.model.attn_implementation
         lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-        problem = heads_problem(lm.config.to_dict(), self.size)
+        impl = lm.config._attn_implementation   # what the rank built (model.attn_implementation: auto decided there)
+        problem = moe_problem(lm.config.to_dict()) or heads_problem(lm.config.to_dict(), self.size)
         if problem:
             raise RuntimeError(problem)
         self.attention = sp_attention.register(lm.config, self.group, impl)

@@ -155,11 +155,19 @@ def build_model(recipe, ds_config: dict):
 
 
 def attention(recipe, config) -> str | None:
-    """The launcher resolved auto (launcher/prepare.py); a recipe that did not come through it
-    (benchmarks, a family core/families.py does not know) gets the same rule here, or None:
-    transformers' own default."""
+    """model.attn_implementation on this rank: explicit as given; auto -> the family's fastest
+    kernel on this rank's GPU (core/families.py: choose_attention). A local run's auto was already
+    resolved by the launcher (launcher/prepare.py); a Slurm job's is decided here, where the GPU is
+    (a login node has none). None: transformers' own default (a family zerotune does not know)."""
     chosen = choose_attention(config.to_dict(), recipe.model.attn_implementation, torch.cuda.is_available())
     return None if chosen == "auto" else chosen
+
+
+def kernels_report(model) -> str:
+    """What this rank built: 'attention sdpa, kernels none' (rank 0 prints it: a Slurm job's auto
+    is decided on the ranks, RUN_DIR/recipe.yaml keeps auto)."""
+    attn = getattr(model.config, "_attn_implementation", None) or "default"
+    return f"attention {attn}, kernels {getattr(model, '_zerotune_kernels', 'none')}"
 
 
 def wants_compile(setting, kind: str, stage: int, long: list[str] | None = None) -> bool:

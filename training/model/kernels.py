@@ -1,6 +1,6 @@
 """model.kernels: liger-kernel's fused Triton kernels on the model instance (CUDA only).
 
-    liger = kernels.apply(model, recipe, stage)   # in build_model, before checkpointing and PEFT
+    liger = kernels.apply(model, recipe)   # in build_model, before checkpointing and PEFT
 
 `liger` applies, through liger's own `_apply_liger_kernel_to_instance`, its RMSNorm, SwiGLU MLP
 and RoPE (forwards rebound on this instance's modules; RoPE is a module-level function of the

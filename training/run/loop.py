@@ -34,11 +34,12 @@ from zerotune.core.layout import BAD_LOSS_EXIT_CODE, DS_CONFIG_FILE, FINAL_DIR, 
 from zerotune.core.recipe import BatchGeometry
 from zerotune.core.recipe_load import load_run_recipe
 from zerotune.training.checkpoint import async_save, resume, save as checkpoint  # checkpoint.save: the save itself
-from zerotune.training.data import ResumableSampler, batches, build_data, load_tokenizer
+from zerotune.training.data.loader import ResumableSampler, batches
+from zerotune.training.data.build import build_data, load_tokenizer
 from zerotune.training.export.write import save_final
 from zerotune.training.long_context import sequence_parallel
 from zerotune.training.model import long_sequence
-from zerotune.training.model.build import build_model, count_parameters, trainable_report
+from zerotune.training.model.build import build_model, count_parameters, kernels_report, trainable_report
 from zerotune.training.model.samples import eval_samples
 from zerotune.training.monitoring import profile
 from zerotune.training.monitoring.metrics import Metrics
@@ -175,9 +176,8 @@ def setup(run_dir: Path, stop: StopRequest, started: float) -> Run:
     run.guard = diagnostics.NanGuard(recipe.train.max_bad_steps, state)
     long = ", ".join(long_sequence.options(recipe))   # sequence parallel, tiled MLP, activations on CPU
     run.log.say(f"zerotune: {recipe.name}: {len(data.train)} train / {len(data.eval)} eval samples, "
-                f"{world} process(es){f' ({long})' if long else ''}, "
-                f"ZeRO-{ds_config['zero_optimization']['stage']}, "
-                f"{trainable:,} / {total:,} parameters trainable ({100 * trainable / total:.2f}%), "
+                f"{world} process(es){f' ({long})' if long else ''}, ZeRO-{ds_config['zero_optimization']['stage']}, "
+                f"{kernels_report(model)}, {trainable:,} / {total:,} parameters trainable ({100 * trainable / total:.2f}%), "
                 f"{total_steps} steps of {geometry.global_batch_size} samples" +
                 (f", resumed from {resume_from.name} (loaded in {loaded_in:.1f}s)" if resume_from else ""))
     run.log.say(f"data: {data.summary()}")

@@ -13,7 +13,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from zerotune.training.data import collate, real_tokens, target_tokens
+from zerotune.training.data.loader import collate, real_tokens, target_tokens
 
 
 def to_device(batch: dict, device) -> dict:
