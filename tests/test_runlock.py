@@ -2,7 +2,9 @@
 gloo): a launcher killed outright (SIGKILL to its process group) takes its ranks with it and
 leaves the newest complete checkpoint intact; a second job on a live run folder is refused in one
 line (exit 2) and the first runs on unharmed; a stale lock is taken over with a warning; the same
-Slurm job may take over its own lock (a requeue)."""
+Slurm job may take over its own lock (a requeue). On a cluster's disks: NFS's flock (an exclusive
+lock on a read-only descriptor is EBADF) lets a run folder train again; a flock held with an empty
+record is busy; two jobs started at the same instant train once."""
 from __future__ import annotations
 
 import json
@@ -265,5 +267,6 @@ def test_two_jobs_started_at_the_same_instant_train_once(tmp_path, data24):
         loser = 1 - passed[0]
         assert jobs[loser].returncode == 2, (i, texts[loser][-3000:])
         busy = [ln for ln in texts[loser].splitlines() if ln.startswith("zerotune: error: ")]
-        assert len(busy) == 1 and f"{run} is in use by another job (pid {jobs[passed[0]].pid} on " in busy[0], \
+        named = (f"(pid {jobs[passed[0]].pid} on ", "(its LOCK is locked but names no job yet")   # a winner slower still
+        assert len(busy) == 1 and any(f"{run} is in use by another job {n}" in busy[0] for n in named), \
             (i, texts[loser][-3000:])
