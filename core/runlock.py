@@ -5,6 +5,14 @@ Slurm job id) and is held with a real fcntl lock (flock) for the holder's lifeti
 system has locks; elsewhere the holder's liveness is judged like the heartbeat's (the same host:
 its pid; another host: RUN_DIR/HEARTBEAT younger than STALE_AFTER_S).
 
+Where there are locks, the flock decides: held by anyone means busy, whatever the record says
+(it is empty while a holder is between its flock and its write, and while it releases), and a
+stale lock is taken over only by the process that got its flock. A look before the work
+(`check`) takes a shared lock on a read-only descriptor: NFSv4 emulates flock with POSIX locks,
+where an exclusive lock needs a descriptor open for writing (EBADF otherwise). The holder reads
+and writes the record through its own descriptor only: closing any other descriptor of LOCK
+would drop a POSIX lock.
+
 A second job on a live run folder is refused in one line naming the running job. A run whose
 ranks outlived their launcher (HEARTBEAT still "running", its process alive) counts as live too.
 A stale lock (its holder gone) is taken over with a one-line warning; the same Slurm job (a
@@ -28,6 +36,7 @@ from .layout import HEARTBEAT_FILE, LOCK_FILE
 
 HEARTBEAT_EVERY_S = 30.0
 STALE_AFTER_S = 4 * HEARTBEAT_EVERY_S   # three missed beats and a margin
+SETTLE_S = 1.0                          # a lock held that briefly is another's look, not a job
 _held: dict[str, int] = {}              # run folder -> the open file whose flock this process holds
 
 
@@ -67,29 +76,50 @@ def _read(path: Path) -> dict | None:
         return None
 
 
+def _read_fd(fd: int) -> dict | None:
+    """The record through a descriptor this process already has open (see the module docstring)."""
+    try:
+        rec = json.loads(os.pread(fd, 1 << 16, 0))
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
 def _job(rec: dict) -> str:
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec.get("started", 0)))
     slurm = f", Slurm job {rec['slurm_job_id']}" if rec.get("slurm_job_id") else ""
     return f"pid {rec.get('pid')} on {rec.get('host')}{slurm}, since {since}"
 
 
-def _flock(fd: int) -> bool | None:
-    """True: locked; False: another process holds it; None: this file system has no locks."""
+def _flock(fd: int, shared: bool = False) -> bool | None:
+    """True: locked; False: another process holds it; None: this file system has no usable locks."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         return True
     except BlockingIOError:
         return False
     except OSError as e:
-        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF):
             return None
         raise
 
 
+def _flock_settled(fd: int, shared: bool = False) -> bool | None:
+    """_flock, but a lock that is taken for less than SETTLE_S (another process's `check` or its
+    release) does not count as held."""
+    deadline = time.monotonic() + SETTLE_S
+    while True:
+        locked = _flock(fd, shared)
+        if locked is not False or time.monotonic() >= deadline:
+            return locked
+        time.sleep(0.05)
+
+
 def holder_alive(run_dir: Path, rec: dict | None, locked: bool | None) -> dict | None:
-    """The live job that holds this run folder (its lock record or heartbeat), or None."""
-    if rec and locked is False:
-        return rec
+    """The live job that holds this run folder (its lock record or heartbeat), or None. A flock held
+    by another process is a live job, whatever the record says ({} where it names no one)."""
+    if locked is False:
+        return rec or {}
     if rec and locked is None:   # no locks here: the holder's pid on this host; from another, its age
         if rec.get("host") == socket.gethostname():    # (then the heartbeat's, below, once training runs)
             if pid_alive(int(rec.get("pid", 0))):
@@ -108,14 +138,14 @@ def check(run_dir: Path) -> None:
     path = Path(run_dir) / LOCK_FILE
     if str(Path(run_dir).resolve()) in _held:
         return
-    locked = None
+    locked, rec = None, None
     if path.is_file():
         fd = os.open(path, os.O_RDONLY)
         try:
-            locked = _flock(fd)
+            locked, rec = _flock_settled(fd, shared=True), _read_fd(fd)
         finally:
             os.close(fd)   # closing drops a lock this look took
-    rec, job = _read(path), os.environ.get("SLURM_JOB_ID")
+    job = os.environ.get("SLURM_JOB_ID")
     if job and rec and rec.get("slurm_job_id") == job:
         return
     live = holder_alive(run_dir, rec, locked)
@@ -124,7 +154,11 @@ def check(run_dir: Path) -> None:
 
 
 def _busy(run_dir: Path, live: dict) -> str:
-    return f"{run_dir} is in use by another job ({_job(live)}); wait for it to end, stop it, or give this run another name"
+    if not live.get("pid"):
+        who = f"its {LOCK_FILE} is locked but names no job yet: one is starting or ending"
+    else:
+        who = _job(live)
+    return f"{run_dir} is in use by another job ({who}); wait for it to end, stop it, or give this run another name"
 
 
 def acquire(run_dir: Path, launcher: int | None = None) -> None:
@@ -136,26 +170,29 @@ def acquire(run_dir: Path, launcher: int | None = None) -> None:
         return
     path = run_dir / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    locked, rec = _flock(fd), _read(path)
+    locked, rec = _flock(fd), _read_fd(fd)
     job = os.environ.get("SLURM_JOB_ID")
     if rec and rec.get("host") == socket.gethostname() and launcher is not None and rec.get("pid") == launcher:
         os.close(fd)   # rank 0 under its own launcher, which holds the lock
         return
     same_job = bool(job) and rec is not None and rec.get("slurm_job_id") == job
+    if same_job and locked is False:
+        os.close(fd)   # another node of this job holds it
+        return
+    if locked is False:
+        locked = _flock_settled(fd)
+        rec = _read_fd(fd)
     live = None if same_job else holder_alive(run_dir, rec, locked)
     if live is not None:
         os.close(fd)
         raise RunBusyError(_busy(run_dir, live))
-    if same_job and locked is False:
-        os.close(fd)   # another node of this job holds it
-        return
     if rec and not same_job and (rec.get("host"), rec.get("pid")) != (socket.gethostname(), os.getpid()):
         print(f"zerotune: warning: taking over the stale lock of {run_dir} (held by {_job(rec)}, which is gone)",
               file=sys.stderr, flush=True)
     mine = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "slurm_job_id": job}
     data = (json.dumps(mine) + "\n").encode()
-    os.ftruncate(fd, 0)
     os.pwrite(fd, data, 0)   # in place: the flock is on this file, a rename would drop it
+    os.ftruncate(fd, len(data))   # after the write: the record is never empty while held
     _held[key] = fd
 
 

@@ -16,6 +16,7 @@ import yaml
 from conftest import train_losses, ALPACA, base_recipe, write_recipe, zerotune
 from zerotune.core.layout import MARKER, PREEMPT_MARKER, complete_checkpoints, read_state, tag
 from zerotune.core.io import umask
+from zerotune.training.checkpoint import manifest
 from zerotune.core.layout import REQUEUE_EXIT_CODE
 
 pytestmark = pytest.mark.slow
@@ -41,6 +42,19 @@ def same_curve(got: dict[int, float], want: dict[int, float], resumed_at: int) -
             assert got[step] == want[step], f"step {step}: {got[step]!r} != {want[step]!r}"
         else:
             assert got[step] == pytest.approx(want[step], rel=1e-6), f"step {step}: {got[step]!r} != {want[step]!r}"
+
+
+def assert_resumed(p, run: Path, step: int) -> None:
+    """`zerotune train` (its CompletedProcess `p`) resumed from step-`step`: it says so, its
+    metrics' start event is at that step and its first trained step is the next (a run that
+    silently started over says nothing, starts at 0 and trains step 1 again)."""
+    out = p.stdout + p.stderr
+    assert f"resumed from {tag(step)}" in out, out[-3000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last_start = max(i for i, r in enumerate(records) if r.get("event") == "start")
+    assert records[last_start]["step"] == step, records[last_start]
+    trained = [r["step"] for r in records[last_start:] if "train/loss" in r]
+    assert trained and trained[0] == step + 1, trained
 
 
 def recipe(tmp_path, name, zero, data, every=2, **train):
@@ -96,7 +110,8 @@ def test_preemption_signal_saves_and_requeue_code_then_exact_resume(tmp_path, da
     assert complete_checkpoints(run)[-1].name == "step-000003"
     assert read_state(complete_checkpoints(run)[-1])["loop"]["step"] == 3
 
-    zerotune("train", str(pre), "--nproc", "2")
+    p = zerotune("train", str(pre), "--nproc", "2")
+    assert_resumed(p, run, 3)
     same_curve(train_losses(run), want, resumed_at=3)
     assert not (run / PREEMPT_MARKER).exists()
     # every file of a checkpoint gets the usual mode (safetensors alone would write rng-rank*.safetensors 0600)
@@ -124,12 +139,44 @@ def test_resume_on_a_different_world_size(tmp_path, data24, first, second):
     run = tmp_path / "runs" / "ws"
     crash_at_save(r, first, 4)
     assert complete_checkpoints(run)[-1].name == "step-000002"
-    zerotune("train", str(r), "--nproc", str(second))
+    p = zerotune("train", str(r), "--nproc", str(second))
+    assert_resumed(p, run, 2)
     got = train_losses(run)
     assert sorted(got) == sorted(want) == [1, 2, 3, 4, 5, 6]
     for step in want:   # another process count sums the gradients in another order: not bitwise
         assert got[step] == pytest.approx(want[step], rel=1e-4), (step, got, want)
     assert read_state(complete_checkpoints(run)[-1])["world_size"] == second
+
+
+def test_a_crash_in_a_save_that_replaces_a_complete_checkpoint_keeps_it(tmp_path, data24):
+    """Resumed from an older checkpoint it names (checkpoint.resume: step-2), a run trains to a step
+    that has a complete checkpoint (step-4) and saves it again: the complete one stays until its
+    replacement is complete. A crash as that save starts leaves step-4 as it was; a crash between
+    the swap's two renames leaves step-4 missing for a moment: the next resume puts the complete
+    replacement in place. Either way the next run resumes from step-4."""
+    r = recipe(tmp_path, "again", 0, data24, max_steps=4)
+    run = tmp_path / "runs" / "again"
+    step4 = run / "checkpoints" / "step-000004"
+    zerotune("train", str(r), "--nproc", "1")
+    assert [c.name for c in complete_checkpoints(run)] == ["step-000002", "step-000004"]
+    before = (step4 / "MANIFEST.json").read_text()
+    older = ["--set", f"checkpoint.resume={run / 'checkpoints' / 'step-000002'}"]
+
+    p = zerotune("train", str(r), "--nproc", "1", *older, check=False, env={"ZEROTUNE_TEST_CRASH": "start:4:0"})
+    assert p.returncode != 0 and "resumed from step-000002" in p.stdout + p.stderr, (p.stdout + p.stderr)[-3000:]
+    assert (step4 / MARKER).is_file() and (step4 / "MANIFEST.json").read_text() == before
+    assert manifest.verify(step4) is None
+
+    p = zerotune("train", str(r), "--nproc", "1", *older, check=False, env={"ZEROTUNE_TEST_CRASH": "swap:4:0"})
+    assert p.returncode != 0 and "resumed from step-000002" in p.stdout + p.stderr, (p.stdout + p.stderr)[-3000:]
+    assert not step4.exists() and (run / "checkpoints" / "step-000004.new" / MARKER).is_file()
+
+    p = zerotune("train", str(r), "--nproc", "1", "--set", "train.max_steps=5")
+    assert "step-000004 was being replaced when the run stopped: its complete copy is back in place" in p.stderr
+    assert_resumed(p, run, 4)
+    assert sorted(train_losses(run)) == [1, 2, 3, 4, 5]
+    assert [c.name for c in complete_checkpoints(run)] == ["step-000004", "step-000005"]
+    assert sorted(c.name for c in (run / "checkpoints").iterdir()) == ["step-000004", "step-000005"]
 
 
 def trained_samples(path: Path) -> list[int]:

@@ -23,6 +23,7 @@ from zerotune.core.layout import (DAMAGED_MARKER, MARKER, checkpoints_dir, compl
 from zerotune.training.checkpoint import manifest
 from zerotune.training.checkpoint.reshard import place_step_counts, to_universal
 from zerotune.training.checkpoint.safe_load import UNIVERSAL_LOAD, safe_loads_in, use_safe_loads
+from zerotune.training.checkpoint.save import finish_swaps
 
 
 def _set_rng_state(path: Path) -> None:
@@ -42,7 +43,8 @@ def _set_rng_state(path: Path) -> None:
 
 def resolve_resume(run_dir: Path, resume: str, rank: int = 0) -> Path | None:
     """The checkpoint to resume from: `auto` -> the newest complete one that verifies against
-    its manifest (warning about partial and damaged ones), `never` -> None, else a path that
+    its manifest (warning about partial and damaged ones; step-N.new / .old folders, a replacement
+    being written, are not checkpoints: save.finish_swaps), `never` -> None, else a path that
     must be a complete checkpoint that verifies. Rank 0 decides, warns and sets damaged
     checkpoints aside; every rank gets the same answer."""
     if resume == "never":
@@ -65,6 +67,8 @@ def _warn(msg: str) -> None:
 
 
 def _choose(run_dir: Path, resume: str) -> str | None:
+    for ckpt in finish_swaps(run_dir):   # a crash between the two renames of a save that replaced a checkpoint
+        _warn(f"{ckpt.name} was being replaced when the run stopped: its complete copy is back in place")
     if resume != "auto":
         p = Path(resume)
         if not (p / MARKER).is_file():

@@ -10,7 +10,12 @@
         COMPLETE                                            written last, after a barrier, atomically
 
 A checkpoint without COMPLETE is ignored (with a warning) and removed when its step is saved
-again; older complete checkpoints are deleted only after a newer one is complete. Resume
+again; older complete checkpoints are deleted only after a newer one is complete. A complete
+checkpoint of the step being saved (a run resumed from an older one it named, training past it
+again) is kept until its replacement is complete: the save writes aside, into step-N.new, then
+swaps (step-N -> step-N.old, step-N.new -> step-N, step-N.old removed). Names with a suffix are
+not checkpoints to resume or retention; rank 0 finishes a swap a crash cut short (finish_swaps:
+at resume and before every save), so a crash at any point leaves a complete step-N. Resume
 verifies the newest complete checkpoint against its manifest (training/checkpoint/manifest.py) and falls
 back to the next older one that verifies, saying which file failed and why; the damaged one
 loses COMPLETE and gets DAMAGED (the reason). A full disk during a save is one line naming the
@@ -38,6 +43,8 @@ from zerotune.core.layout import MARKER, STATE_FILE, checkpoints_dir, complete_c
 from zerotune.training.checkpoint import manifest
 from zerotune.training.checkpoint.disk_space import as_said, full_disk_said
 
+ASIDE, RETIRED = ".new", ".old"   # step-N.new: the replacement being written; step-N.old: the one it replaces
+
 
 # ----------------------------------------------------------------------------- RNG
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -57,10 +64,16 @@ def save(engine, run_dir: Path, step: int, state: dict, sampler_state: dict, *, 
     background `writer` (training/checkpoint/async_save.py, checkpoint.async_save), once the writer has
     written every rank's files (the training goes on meanwhile)."""
     root = checkpoints_dir(run_dir)
-    path = root / tag(step)
+    final = root / tag(step)
+    if writer is not None:
+        writer.wait()  # one save in flight at a time
+    where = [None]
+    if rank == 0:
+        finish_swaps(run_dir)
+        where = [str(final.with_name(final.name + ASIDE) if (final / MARKER).is_file() else final)]
+    dist.broadcast_object_list(where, src=0)   # every rank writes where rank 0 looked
+    path = Path(where[0])
     with full_disk_said(run_dir, path, engine):
-        if writer is not None:
-            writer.wait()  # one save in flight at a time
         if rank == 0:
             if path.exists():  # a partial save of this step from a crashed run, or a stale one
                 shutil.rmtree(path)
@@ -74,14 +87,15 @@ def save(engine, run_dir: Path, step: int, state: dict, sampler_state: dict, *, 
         if writer is not None:
             writer.then(lambda: complete_later(run_dir, path, meta, keep, rank, world, engine),
                         on_error=lambda e: as_said(e, run_dir, path, engine))
-            return path
+            return final
         dist.barrier()  # every rank has written its shards
         if rank == 0:
             complete(path, meta)
+            publish(path, final, step=step)
     if rank == 0:
         prune(run_dir, keep)
     dist.barrier()
-    return path
+    return final
 
 
 def complete(path: Path, meta: dict) -> None:
@@ -110,6 +124,7 @@ def complete_later(run_dir: Path, path: Path, meta: dict, keep: int, rank: int, 
         for f in flags:
             f.unlink()
         complete(path, meta)
+        publish(path, path.with_name(tag(meta["step"])), step=meta["step"])
         prune(run_dir, keep)
 
 
@@ -124,6 +139,49 @@ def write_shards(engine, path: Path, *, step: int, rank: int, frozen_params: boo
 def write_marker(path: Path, *, step: int) -> None:
     """COMPLETE, written last and atomically: from now on the checkpoint counts."""
     atomic_write(path / MARKER, json.dumps({"step": step}) + "\n")
+
+
+# ----------------------------------------------------------------------------- replacing a complete checkpoint
+def publish(path: Path, final: Path, *, step: int) -> None:
+    """Rank 0, `path` complete: a replacement written aside takes the place of `final`."""
+    if path == final:
+        return
+    retired = final.with_name(final.name + RETIRED)
+    shutil.rmtree(retired, ignore_errors=True)
+    retire(final, step=step)
+    promote(path, final, step=step)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def retire(final: Path, *, step: int) -> None:
+    """step-N -> step-N.old (from here until promote, step-N is missing: finish_swaps restores it)."""
+    final.rename(final.with_name(final.name + RETIRED))
+
+
+def promote(path: Path, final: Path, *, step: int) -> None:
+    """step-N.new -> step-N."""
+    path.rename(final)
+
+
+def finish_swaps(run_dir: Path) -> list[Path]:
+    """Rank 0, with no save in flight: a step-N that a crash left missing mid-swap comes back (its
+    complete replacement, else the complete one it replaced); then every step-N.new / step-N.old
+    left beside a complete step-N (or incomplete, with nothing to restore) is removed. Returns the
+    checkpoints put back."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    restored = []
+    for suffix in (ASIDE, RETIRED):   # the replacement first: its save completed
+        for p in sorted(root.glob(f"step-*{suffix}")):
+            final = p.with_name(p.name[:-len(suffix)])
+            if not final.exists() and (p / MARKER).is_file():
+                p.rename(final)
+                restored.append(final)
+    for suffix in (ASIDE, RETIRED):
+        for p in root.glob(f"step-*{suffix}"):
+            shutil.rmtree(p, ignore_errors=True)
+    return restored
 
 
 def prune(run_dir: Path, keep: int) -> list[Path]:

@@ -12,7 +12,9 @@ these variables.
                                                     its forward
   ZEROTUNE_TEST_CRASH="<point>:<step>[:<rank>]"     SIGKILL inside the save of <step>, at point
                                                     start (before the shards), shards (after this
-                                                    rank's shards) or marker (before COMPLETE)
+                                                    rank's shards), marker (before COMPLETE) or
+                                                    swap (a save that replaces a complete
+                                                    checkpoint: between its two renames)
   ZEROTUNE_TEST_STEP_SLEEP="0.5"                    every optimizer step takes that many seconds
                                                     longer (a slow run, so a test's signal lands
                                                     mid-run)
@@ -128,7 +130,7 @@ def _crash_in_save(point: str, at_step: int, rank: int | None) -> None:
             sys.stdout.flush()
             os.kill(os.getpid(), signal.SIGKILL)
     phase, when = {"start": ("write_shards", "before"), "shards": ("write_shards", "after"),
-                   "marker": ("write_marker", "before")}[point]
+                   "marker": ("write_marker", "before"), "swap": ("retire", "after")}[point]
 
     def make(original):
         def phase_fn(*args, step: int, **kwargs):   # the save phases take step= by keyword
