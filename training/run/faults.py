@@ -22,6 +22,13 @@ these variables.
   ZEROTUNE_TEST_SAMPLES="<file>"                    every rank appends one JSON line per optimizer
                                                     step: {"attempt", "step", "rank", "samples"}
                                                     (the sample indices that step trained)
+  ZEROTUNE_TEST_COUNT_SYNCS="<file>"                every rank appends one JSON line per step: the
+                                                    collectives (kind, calls, bytes) and host syncs
+                                                    (.item(), .tolist(), .cpu(), bool(t), ...) of
+                                                    that step, ours apart from ZeRO's (those inside
+                                                    DeepSpeed's engine forward/backward/step), and
+                                                    the Python time outside them
+                                                    (benchmarks/step_syncs.py reads it)
 
 Steps are counted as DeepSpeed counts them (engine.global_steps: optimizer steps taken,
 skipped ones included, restored on resume), which equals the loop's step counter.
@@ -36,7 +43,8 @@ import sys
 import time
 
 VARS = ("ZEROTUNE_TEST_SIGNAL", "ZEROTUNE_TEST_NAN_STEPS", "ZEROTUNE_TEST_OOM_STEP", "ZEROTUNE_TEST_CRASH",
-        "ZEROTUNE_TEST_STEP_SLEEP", "ZEROTUNE_TEST_ENOSPC", "ZEROTUNE_TEST_SAMPLES")
+        "ZEROTUNE_TEST_STEP_SLEEP", "ZEROTUNE_TEST_ENOSPC", "ZEROTUNE_TEST_SAMPLES",
+        "ZEROTUNE_TEST_COUNT_SYNCS")
 
 
 def parse_steps(spec: str) -> set[int]:
@@ -172,6 +180,138 @@ def _record_samples(path: str) -> None:
     _wrap(diagnostics, "optimizer_step", make_step)
 
 
+COLLECTIVES = ("all_reduce", "all_reduce_coalesced", "all_gather", "all_gather_into_tensor", "_all_gather_base",
+               "all_gather_object", "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base", "broadcast",
+               "broadcast_object_list", "reduce", "all_to_all", "all_to_all_single", "barrier", "gather", "scatter",
+               "send", "recv", "isend", "irecv", "batch_isend_irecv")
+HOST_SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+
+
+def _sent_bytes(kind: str, args: tuple, kwargs: dict) -> int:
+    """Bytes this rank puts into a collective: its input tensor(s)."""
+    import torch
+    names = {"all_gather_into_tensor": "input_tensor", "_all_gather_base": "input_tensor",
+             "reduce_scatter_tensor": "input", "_reduce_scatter_base": "input", "all_to_all_single": "input",
+             "all_gather": "tensor"}
+    if kind in names:
+        x = kwargs.get(names[kind], args[1] if len(args) > 1 else None)
+    else:
+        x = next(iter(args), None) if args else next(iter(kwargs.values()), None)
+    xs = x if isinstance(x, (list, tuple)) else [x]
+    return sum(t.numel() * t.element_size() for t in xs if isinstance(t, torch.Tensor))
+
+
+def _count_syncs(path: str) -> None:
+    """Per step (from one `step_counts` call of the loop to the next): collectives by kind (calls,
+    bytes) and host syncs by call site, ours apart from ZeRO's (issued while DeepSpeed's engine
+    forward/backward/step runs), and the wall time outside those engine calls. Installed before
+    deepspeed.init_distributed, so DeepSpeed's comm layer captures the wrapped functions. On a
+    CPU every .item() syncs nothing, so a call from zerotune/training/data/ (host batches, CPU
+    tensors on a GPU run too) is not counted."""
+    import atexit
+    import json
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.distributed_c10d as c10d
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from zerotune.training.run import step as steps
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # .../training
+    data_dir = os.path.join(here, "data") + os.sep
+    st = {"engine": 0, "coll": 0, "engine_s": 0.0, "t0": None, "step": 0}
+    cur: dict = {}
+
+    def fresh():
+        cur.clear()
+        cur.update(ours={}, zero={}, host_syncs={}, zero_host_syncs=0, zero_sync_sites={})
+
+    def add(table: dict, key: str, nbytes: int = 0):
+        c = table.setdefault(key, {"calls": 0, "bytes": 0})
+        c["calls"] += 1
+        c["bytes"] += nbytes
+
+    def flush(last: bool = False):
+        if st["t0"] is None:
+            return
+        wall = time.perf_counter() - st["t0"]
+        line = {"rank": _rank(), "world": int(os.environ.get("WORLD_SIZE", "1")), "step": st["step"],
+                "last": last, "ours": cur["ours"], "zero": cur["zero"], "host_syncs": cur["host_syncs"],
+                "zero_host_syncs": cur["zero_host_syncs"], "zero_sync_sites": cur["zero_sync_sites"], "wall_s": wall, "python_s": wall - st["engine_s"]}
+        with open(path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def wrap_collective(module, name):
+        original = getattr(module, name)
+
+        @functools.wraps(original)
+        def collective(*args, **kwargs):
+            if st["coll"] or not cur:   # one built of others (all_gather_object): counted once; set-up: not
+                return original(*args, **kwargs)
+            add(cur["zero"] if st["engine"] else cur["ours"], name, _sent_bytes(name, args, kwargs))
+            st["coll"] += 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                st["coll"] -= 1
+        setattr(module, name, collective)
+
+    for name in COLLECTIVES:
+        for module in (dist, c10d):
+            if hasattr(module, name):
+                wrap_collective(module, name)
+
+    def wrap_sync(cls, name):
+        original = getattr(cls, name)
+
+        def sync(self, *args, **kwargs):
+            if not st["coll"] and cur:
+                f = sys._getframe(1)
+                if st["engine"]:
+                    cur["zero_host_syncs"] += 1
+                    site = f"{f.f_code.co_filename.split('site-packages/')[-1]}:{f.f_lineno} {name}"
+                    cur["zero_sync_sites"][site] = cur["zero_sync_sites"].get(site, 0) + 1
+                elif not f.f_code.co_filename.startswith(data_dir):
+                    site = f"{os.path.relpath(f.f_code.co_filename, os.path.dirname(here))}:{f.f_lineno} {name}"
+                    cur["host_syncs"][site] = cur["host_syncs"].get(site, 0) + 1
+            return original(self, *args, **kwargs)
+        setattr(cls, name, sync)
+
+    for name in HOST_SYNCS:
+        wrap_sync(torch.Tensor, name)
+    if torch.cuda.is_available():
+        wrap_sync(torch.cuda.Event, "synchronize")
+
+    def wrap_engine(name):
+        original = getattr(DeepSpeedEngine, name)
+
+        @functools.wraps(original)
+        def method(self, *args, **kwargs):
+            outer = st["engine"] == 0
+            t0 = time.perf_counter()
+            st["engine"] += 1
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                st["engine"] -= 1
+                if outer:
+                    st["engine_s"] += time.perf_counter() - t0
+        setattr(DeepSpeedEngine, name, method)
+
+    for name in ("forward", "backward", "step"):
+        wrap_engine(name)
+
+    def make(original):
+        def step_counts(*args, **kwargs):   # the first thing of every step
+            flush()
+            fresh()
+            st["step"] += 1
+            st["t0"], st["engine_s"] = time.perf_counter(), 0.0
+            return original(*args, **kwargs)
+        return step_counts
+    _wrap(steps, "step_counts", make)
+    atexit.register(lambda: flush(last=True))
+
+
 def install_from_env(env=os.environ) -> bool:
     """Patch in the faults the environment asks for; False (and nothing patched) when none."""
     if not any(env.get(v) for v in VARS):
@@ -190,6 +330,8 @@ def install_from_env(env=os.environ) -> bool:
         _disk_full_in_save(int(parts[0]), int(parts[1]) if len(parts) > 1 else None)
     if env.get("ZEROTUNE_TEST_SAMPLES"):
         _record_samples(env["ZEROTUNE_TEST_SAMPLES"])
+    if env.get("ZEROTUNE_TEST_COUNT_SYNCS"):
+        _count_syncs(env["ZEROTUNE_TEST_COUNT_SYNCS"])
     if env.get("ZEROTUNE_TEST_CRASH"):
         parts = env["ZEROTUNE_TEST_CRASH"].split(":")
         _crash_in_save(parts[0], int(parts[1]), int(parts[2]) if len(parts) > 2 else None)

@@ -207,43 +207,55 @@ def run_steps(run: Run) -> str:
     stream = batches(run.data.train, run.sampler, g.micro_batch_size, run.tokenizer.pad_token_id)
     place = run.sp.shard if run.sp else steps.to_device   # SP: this rank's part of each sequence
     window = profile.Window(run.recipe.logging, run.run_dir, run.rank, run.total_steps)   # logging.profile_start
+    checks_itself = diagnostics.checks_itself(engine)   # DeepSpeed's optimizer skips a non-finite step itself
     with diagnostics.oom_guard(run.run_dir, run.recipe, run.state, run.total_steps, run.world, run.rank):
-        while run.state["step"] < run.total_steps:
+        stop = stop_before_training(run)   # a signal during the set-up: nothing to train
+        while not stop and run.state["step"] < run.total_steps:
             t0 = time.perf_counter()
             window.before(run.state["step"] + 1)
-            sampler_before = run.sampler.state_dict()
             with log.time("data"):
                 micro = [next(stream) for _ in range(g.grad_accum)]
-                n_target, real, padded, votes = steps.step_counts(micro, run.stop.vote(run.world), engine.device,
-                                                                  copies=run.sp.size if run.sp else 1)
+                counts = steps.step_counts(micro, engine.device, copies=run.sp.size if run.sp else 1)
                 seq_len = micro[0]["input_ids"].shape[1]
                 micro = [place(b, engine.device) for b in micro]
-            stop = signals.agreed(votes, run.world)
-            if stop:
-                run.sampler.load_state_dict(sampler_before)  # the micro-batches of the step not taken come again
-                return stop
             lr = engine.get_lr()[0]  # the rate this step uses (the scheduler steps inside engine.step)
             with log.time("fwd_bwd"):
-                step_loss = steps.forward_backward(engine, micro, n_target, run.world)
-            dist.all_reduce(step_loss)  # before the update: every rank agrees whether the loss is finite
-            finite = bool(torch.isfinite(step_loss))
-            with log.time("optimizer"):
-                diagnostics.optimizer_step(engine, skip=not finite)  # NaN/inf loss: the update is discarded
+                step_loss = steps.forward_backward(engine, micro, counts[0], run.world)
+            # The step's one host read (steps.read_step): the loss (all ranks agree whether it is
+            # finite), the stop votes, the token counts and the gradient norm. DeepSpeed's own
+            # optimizers discard a non-finite step themselves, so their update is queued first;
+            # a plain torch optimizer must hear "skip" before its step.
+            if checks_itself:
+                with log.time("optimizer"):
+                    applied = diagnostics.optimizer_step(engine, skip=False)
+            got = steps.read_step(steps.step_report(step_loss, run.stop.vote(run.world)), counts,
+                                  engine.get_global_grad_norm() if checks_itself else None,
+                                  moe=hasattr(step_loss, "router_aux"))
+            finite = math.isfinite(got["loss"])
+            if checks_itself:
+                diagnostics.check_skipped(not finite, applied)
+            else:
+                with log.time("optimizer"):
+                    diagnostics.optimizer_step(engine, skip=not finite)  # NaN/inf loss: the update is discarded
+                got["grad_norm"] = engine.get_global_grad_norm()   # None for a plain torch optimizer
             run.state["step"] += 1
-            run.state["tokens_seen"] += int(real)
+            run.state["tokens_seen"] += int(got["real"])
             step = run.state["step"]
             log.profiled(window.after(step), step)
             if run.guard.update(finite):
-                log.skipped(step, step_loss.item(), run.guard.in_a_row, t.max_bad_steps, run.guard.total)
+                log.skipped(step, got["loss"], run.guard.in_a_row, t.max_bad_steps, run.guard.total)
                 if run.guard.should_stop:
                     return BAD_LOSS
             else:
-                grad_norm = engine.get_global_grad_norm()
-                log.step(step, seconds=time.perf_counter() - t0, loss=step_loss.item(), lr=lr,
-                         grad_norm=float(grad_norm) if grad_norm is not None else None, tokens=real,
-                         padded_tokens=padded, samples=step * g.global_batch_size,
-                         epoch=run.sampler.epochs_done,
-                         seq_len=seq_len, router_aux=steps.router_aux(step_loss))
+                grad_norm = got["grad_norm"]
+                log.step(step, seconds=time.perf_counter() - t0, loss=got["loss"], lr=lr,
+                         grad_norm=float(grad_norm) if grad_norm is not None else None, tokens=got["real"],
+                         padded_tokens=got["padded"], samples=step * g.global_batch_size,
+                         epoch=run.sampler.epochs_done, seq_len=seq_len, router_aux=got["router_aux"])
+            # a stop signal (any rank, voted in this step's report): this step is taken; save it and stop
+            stop = signals.agreed(got["votes"], run.world)
+            if stop:
+                return stop
             if between(step, t.eval_every, run.total_steps) and evaluate(run, step):
                 log.say(f"step {step}: early stopping after {run.state['evals_without_improvement']} "
                         "evals without improvement")
@@ -252,7 +264,15 @@ def run_steps(run: Run) -> str:
                 run.writer.raise_error()   # a background save that failed (a full disk) stops the run here
             if between(step, run.recipe.checkpoint.every, run.total_steps):
                 save_checkpoint(run, step)
-    return DONE
+    return stop or DONE
+
+
+def stop_before_training(run: Run) -> str | None:
+    """A stop signal that came during the set-up (the model load): agreed once, before the first
+    step, so the loop's own per-step vote (in the step's report) need not come before a forward."""
+    vote = torch.tensor([run.stop.vote(run.world)], dtype=torch.float64).to(run.engine.device)
+    dist.all_reduce(vote)
+    return signals.agreed(vote.item(), run.world)
 
 
 def between(step: int, every: int | None, total_steps: int) -> bool:
