@@ -201,115 +201,113 @@ def _sent_bytes(kind: str, args: tuple, kwargs: dict) -> int:
     return sum(t.numel() * t.element_size() for t in xs if isinstance(t, torch.Tensor))
 
 
-def _count_syncs(path: str) -> None:
+class _SyncCounter:
     """Per step (from one `step_counts` call of the loop to the next): collectives by kind (calls,
     bytes) and host syncs by call site, ours apart from ZeRO's (issued while DeepSpeed's engine
     forward/backward/step runs), and the wall time outside those engine calls. Installed before
     deepspeed.init_distributed, so DeepSpeed's comm layer captures the wrapped functions. On a
     CPU every .item() syncs nothing, so a call from zerotune/training/data/ (host batches, CPU
     tensors on a GPU run too) is not counted."""
-    import atexit
-    import json
-    import torch
-    import torch.distributed as dist
-    import torch.distributed.distributed_c10d as c10d
-    from deepspeed.runtime.engine import DeepSpeedEngine
-    from zerotune.training.run import step as steps
 
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # .../training
-    data_dir = os.path.join(here, "data") + os.sep
-    st = {"engine": 0, "coll": 0, "engine_s": 0.0, "t0": None, "step": 0}
-    cur: dict = {}
+    def __init__(self, path: str):
+        self.path = path
+        self.here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # .../training
+        self.data_dir = os.path.join(self.here, "data") + os.sep
+        self.engine, self.coll, self.engine_s, self.t0, self.step = 0, 0, 0.0, None, 0
+        self.cur: dict = {}
 
-    def fresh():
-        cur.clear()
-        cur.update(ours={}, zero={}, host_syncs={}, zero_host_syncs=0, zero_sync_sites={})
+    def install(self) -> None:
+        import atexit
+        import torch
+        import torch.distributed as dist
+        import torch.distributed.distributed_c10d as c10d
+        from deepspeed.runtime.engine import DeepSpeedEngine
+        from zerotune.training.run import step as steps
+        for name in COLLECTIVES:
+            for module in (dist, c10d):
+                if hasattr(module, name):
+                    self.wrap_collective(module, name)
+        for name in HOST_SYNCS:
+            self.wrap_sync(torch.Tensor, name)
+        if torch.cuda.is_available():
+            self.wrap_sync(torch.cuda.Event, "synchronize")
+        for name in ("forward", "backward", "step"):
+            self.wrap_engine(DeepSpeedEngine, name)
 
-    def add(table: dict, key: str, nbytes: int = 0):
-        c = table.setdefault(key, {"calls": 0, "bytes": 0})
-        c["calls"] += 1
-        c["bytes"] += nbytes
+        def make(original):
+            def step_counts(*args, **kwargs):   # the first thing of every step
+                self.flush()
+                self.cur.clear()
+                self.cur.update(ours={}, zero={}, host_syncs={}, zero_host_syncs=0, zero_sync_sites={})
+                self.step += 1
+                self.t0, self.engine_s = time.perf_counter(), 0.0
+                return original(*args, **kwargs)
+            return step_counts
+        _wrap(steps, "step_counts", make)
+        atexit.register(lambda: self.flush(last=True))
 
-    def flush(last: bool = False):
-        if st["t0"] is None:
+    def flush(self, last: bool = False) -> None:
+        import json
+        if self.t0 is None:
             return
-        wall = time.perf_counter() - st["t0"]
-        line = {"rank": _rank(), "world": int(os.environ.get("WORLD_SIZE", "1")), "step": st["step"],
-                "last": last, "ours": cur["ours"], "zero": cur["zero"], "host_syncs": cur["host_syncs"],
-                "zero_host_syncs": cur["zero_host_syncs"], "zero_sync_sites": cur["zero_sync_sites"], "wall_s": wall, "python_s": wall - st["engine_s"]}
-        with open(path, "a") as f:
+        wall, cur = time.perf_counter() - self.t0, self.cur
+        line = {"rank": _rank(), "world": int(os.environ.get("WORLD_SIZE", "1")), "step": self.step, "last": last,
+                "ours": cur["ours"], "zero": cur["zero"], "host_syncs": cur["host_syncs"],
+                "zero_host_syncs": cur["zero_host_syncs"], "zero_sync_sites": cur["zero_sync_sites"],
+                "wall_s": wall, "python_s": wall - self.engine_s}
+        with open(self.path, "a") as f:
             f.write(json.dumps(line) + "\n")
 
-    def wrap_collective(module, name):
+    def wrap_collective(self, module, name: str) -> None:
         original = getattr(module, name)
 
         @functools.wraps(original)
         def collective(*args, **kwargs):
-            if st["coll"] or not cur:   # one built of others (all_gather_object): counted once; set-up: not
+            if self.coll or not self.cur:   # one built of others (all_gather_object): counted once; set-up: not
                 return original(*args, **kwargs)
-            add(cur["zero"] if st["engine"] else cur["ours"], name, _sent_bytes(name, args, kwargs))
-            st["coll"] += 1
+            c = self.cur["zero" if self.engine else "ours"].setdefault(name, {"calls": 0, "bytes": 0})
+            c["calls"] += 1
+            c["bytes"] += _sent_bytes(name, args, kwargs)
+            self.coll += 1
             try:
                 return original(*args, **kwargs)
             finally:
-                st["coll"] -= 1
+                self.coll -= 1
         setattr(module, name, collective)
 
-    for name in COLLECTIVES:
-        for module in (dist, c10d):
-            if hasattr(module, name):
-                wrap_collective(module, name)
-
-    def wrap_sync(cls, name):
+    def wrap_sync(self, cls, name: str) -> None:
         original = getattr(cls, name)
 
-        def sync(self, *args, **kwargs):
-            if not st["coll"] and cur:
+        def sync(tensor, *args, **kwargs):
+            if not self.coll and self.cur:
                 f = sys._getframe(1)
-                if st["engine"]:
-                    cur["zero_host_syncs"] += 1
-                    site = f"{f.f_code.co_filename.split('site-packages/')[-1]}:{f.f_lineno} {name}"
-                    cur["zero_sync_sites"][site] = cur["zero_sync_sites"].get(site, 0) + 1
-                elif not f.f_code.co_filename.startswith(data_dir):
-                    site = f"{os.path.relpath(f.f_code.co_filename, os.path.dirname(here))}:{f.f_lineno} {name}"
-                    cur["host_syncs"][site] = cur["host_syncs"].get(site, 0) + 1
-            return original(self, *args, **kwargs)
+                file = f.f_code.co_filename
+                if self.engine:
+                    self.cur["zero_host_syncs"] += 1
+                    site, table = f"{file.split('site-packages/')[-1]}:{f.f_lineno} {name}", "zero_sync_sites"
+                elif not file.startswith(self.data_dir):
+                    site, table = f"{os.path.relpath(file, os.path.dirname(self.here))}:{f.f_lineno} {name}", "host_syncs"
+                else:
+                    table = None
+                if table:
+                    self.cur[table][site] = self.cur[table].get(site, 0) + 1
+            return original(tensor, *args, **kwargs)
         setattr(cls, name, sync)
 
-    for name in HOST_SYNCS:
-        wrap_sync(torch.Tensor, name)
-    if torch.cuda.is_available():
-        wrap_sync(torch.cuda.Event, "synchronize")
-
-    def wrap_engine(name):
-        original = getattr(DeepSpeedEngine, name)
+    def wrap_engine(self, cls, name: str) -> None:
+        original = getattr(cls, name)
 
         @functools.wraps(original)
-        def method(self, *args, **kwargs):
-            outer = st["engine"] == 0
-            t0 = time.perf_counter()
-            st["engine"] += 1
+        def method(engine, *args, **kwargs):
+            outer, t0 = self.engine == 0, time.perf_counter()
+            self.engine += 1
             try:
-                return original(self, *args, **kwargs)
+                return original(engine, *args, **kwargs)
             finally:
-                st["engine"] -= 1
+                self.engine -= 1
                 if outer:
-                    st["engine_s"] += time.perf_counter() - t0
-        setattr(DeepSpeedEngine, name, method)
-
-    for name in ("forward", "backward", "step"):
-        wrap_engine(name)
-
-    def make(original):
-        def step_counts(*args, **kwargs):   # the first thing of every step
-            flush()
-            fresh()
-            st["step"] += 1
-            st["t0"], st["engine_s"] = time.perf_counter(), 0.0
-            return original(*args, **kwargs)
-        return step_counts
-    _wrap(steps, "step_counts", make)
-    atexit.register(lambda: flush(last=True))
+                    self.engine_s += time.perf_counter() - t0
+        setattr(cls, name, method)
 
 
 def install_from_env(env=os.environ) -> bool:
@@ -331,7 +329,7 @@ def install_from_env(env=os.environ) -> bool:
     if env.get("ZEROTUNE_TEST_SAMPLES"):
         _record_samples(env["ZEROTUNE_TEST_SAMPLES"])
     if env.get("ZEROTUNE_TEST_COUNT_SYNCS"):
-        _count_syncs(env["ZEROTUNE_TEST_COUNT_SYNCS"])
+        _SyncCounter(env["ZEROTUNE_TEST_COUNT_SYNCS"]).install()
     if env.get("ZEROTUNE_TEST_CRASH"):
         parts = env["ZEROTUNE_TEST_CRASH"].split(":")
         _crash_in_save(parts[0], int(parts[1]), int(parts[2]) if len(parts) > 2 else None)

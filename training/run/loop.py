@@ -207,9 +207,9 @@ def run_steps(run: Run) -> str:
     stream = batches(run.data.train, run.sampler, g.micro_batch_size, run.tokenizer.pad_token_id)
     place = run.sp.shard if run.sp else steps.to_device   # SP: this rank's part of each sequence
     window = profile.Window(run.recipe.logging, run.run_dir, run.rank, run.total_steps)   # logging.profile_start
-    checks_itself = diagnostics.checks_itself(engine)   # DeepSpeed's optimizer skips a non-finite step itself
     with diagnostics.oom_guard(run.run_dir, run.recipe, run.state, run.total_steps, run.world, run.rank):
-        stop = stop_before_training(run)   # a signal during the set-up: nothing to train
+        # a signal during the set-up: agreed once, nothing to train (each step votes in its report)
+        stop = signals.agreed(steps.votes_now(run.stop.vote(run.world), engine.device), run.world)
         while not stop and run.state["step"] < run.total_steps:
             t0 = time.perf_counter()
             window.before(run.state["step"] + 1)
@@ -221,28 +221,12 @@ def run_steps(run: Run) -> str:
             lr = engine.get_lr()[0]  # the rate this step uses (the scheduler steps inside engine.step)
             with log.time("fwd_bwd"):
                 step_loss = steps.forward_backward(engine, micro, counts[0], run.world)
-            # The step's one host read (steps.read_step): the loss (all ranks agree whether it is
-            # finite), the stop votes, the token counts and the gradient norm. DeepSpeed's own
-            # optimizers discard a non-finite step themselves, so their update is queued first;
-            # a plain torch optimizer must hear "skip" before its step.
-            if checks_itself:
-                with log.time("optimizer"):
-                    applied = diagnostics.optimizer_step(engine, skip=False)
-            got = steps.read_step(steps.step_report(step_loss, run.stop.vote(run.world)), counts,
-                                  engine.get_global_grad_norm() if checks_itself else None,
-                                  moe=hasattr(step_loss, "router_aux"))
-            finite = math.isfinite(got["loss"])
-            if checks_itself:
-                diagnostics.check_skipped(not finite, applied)
-            else:
-                with log.time("optimizer"):
-                    diagnostics.optimizer_step(engine, skip=not finite)  # NaN/inf loss: the update is discarded
-                got["grad_norm"] = engine.get_global_grad_norm()   # None for a plain torch optimizer
+            got = steps.update_and_read(engine, step_loss, counts, lambda: run.stop.vote(run.world), log.time)
             run.state["step"] += 1
             run.state["tokens_seen"] += int(got["real"])
             step = run.state["step"]
             log.profiled(window.after(step), step)
-            if run.guard.update(finite):
+            if run.guard.update(got["finite"]):
                 log.skipped(step, got["loss"], run.guard.in_a_row, t.max_bad_steps, run.guard.total)
                 if run.guard.should_stop:
                     return BAD_LOSS
@@ -265,14 +249,6 @@ def run_steps(run: Run) -> str:
             if between(step, run.recipe.checkpoint.every, run.total_steps):
                 save_checkpoint(run, step)
     return stop or DONE
-
-
-def stop_before_training(run: Run) -> str | None:
-    """A stop signal that came during the set-up (the model load): agreed once, before the first
-    step, so the loop's own per-step vote (in the step's report) need not come before a forward."""
-    vote = torch.tensor([run.stop.vote(run.world)], dtype=torch.float64).to(run.engine.device)
-    dist.all_reduce(vote)
-    return signals.agreed(vote.item(), run.world)
 
 
 def between(step: int, every: int | None, total_steps: int) -> bool:

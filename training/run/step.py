@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from zerotune.training.data import collate, real_tokens, target_tokens
+from zerotune.training.run import diagnostics
 
 
 def to_device(batch: dict, device) -> dict:
@@ -106,6 +107,37 @@ def read_step(report: torch.Tensor, counts: torch.Tensor, grad_norm=None, moe: b
     loss, votes, aux, n_target, real, padded, norm = values
     return {"loss": loss, "votes": votes, "router_aux": aux if moe else None,
             "n_target": n_target, "real": real, "padded": padded, "grad_norm": norm}
+
+
+def update_and_read(engine, step_loss: torch.Tensor, counts: torch.Tensor, vote, timed) -> dict:
+    """The optimizer step and the step's one host read (`read_step`: loss, stop votes, token
+    counts, grad norm; "finite": every rank agrees whether the loss was). DeepSpeed's own
+    optimizers discard a non-finite step themselves (diagnostics.checks_itself), so their update
+    is queued first and the read comes after it; a plain torch optimizer must hear "skip" before
+    its step. `vote()`: this rank's stop vote, asked after the update is queued (a signal that
+    came during the step counts in it); `timed(name)`: the loop's phase timer."""
+    checks_itself = diagnostics.checks_itself(engine)
+    if checks_itself:
+        with timed("optimizer"):
+            applied = diagnostics.optimizer_step(engine, skip=False)
+    got = read_step(step_report(step_loss, vote()), counts, engine.get_global_grad_norm() if checks_itself else None,
+                    moe=hasattr(step_loss, "router_aux"))
+    got["finite"] = math.isfinite(got["loss"])
+    if checks_itself:
+        diagnostics.check_skipped(not got["finite"], applied)
+    else:
+        with timed("optimizer"):
+            diagnostics.optimizer_step(engine, skip=not got["finite"])   # NaN/inf loss: the update is discarded
+        got["grad_norm"] = engine.get_global_grad_norm()   # None for a plain torch optimizer
+    return got
+
+
+def votes_now(vote: float, device) -> float:
+    """The ranks' summed stop votes, read at once (before the first step only: a signal that
+    came during the set-up)."""
+    total = torch.tensor([vote], dtype=torch.float64).to(device)
+    dist.all_reduce(total)
+    return total.item()
 
 
 @torch.no_grad()
