@@ -79,10 +79,10 @@ def main() -> None:
     t0 = time.perf_counter()
     micro = [batch]
     if sp:
-        n_target, *_ = sp.step_counts(micro, False, engine.device)
+        n_target = steps.step_counts(micro, engine.device, copies=sp.size)[0]
         micro = [sp.shard(b, engine.device) for b in micro]
     else:
-        n_target, *_ = steps.step_counts(micro, False, engine.device)
+        n_target = steps.step_counts(micro, engine.device)[0]
         micro = [steps.to_device(b, engine.device) for b in micro]
     loss = steps.forward_backward(engine, micro, n_target, world)
     engine.step()

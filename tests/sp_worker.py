@@ -125,7 +125,8 @@ def run_case(case: dict, sp, world: int, device) -> dict:
     engine = build_engine(recipe, ds_config, sp)
     values = trainable_values(engine.module)
     micro, held = micro_batches(case, seed=100 + sp.dp_rank)
-    n_target, real, padded, _ = steps.step_counts(micro, False, engine.device, copies=sp.size)
+    counts = steps.step_counts(micro, engine.device, copies=sp.size)
+    n_target, real, padded = counts.tolist()
     shards = [sp.shard(b, engine.device) for b in micro]
     if case.get("no_exchange"):                # negative control: each rank attends within its shard only
         shards = [{k: v for k, v in b.items() if k != "sp_segments"} for b in shards]

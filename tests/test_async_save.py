@@ -102,3 +102,25 @@ def test_a_rank_that_never_finishes_is_named(tmp_path):
         checkpoint.complete_later(tmp_path / "run", path, {"step": 1}, keep=2, rank=0, world=3, engine=None,
                                   timeout=0.5)
     assert not (path / MARKER).exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_snapshot_is_pinned_reused_and_a_true_copy(tmp_path):
+    """On a GPU the snapshot goes to page-locked buffers kept for the next save of the same file
+    (page-locking gigabytes at every save would stall training for seconds), and it is still a
+    copy that later training does not change."""
+    ce = FakeCheckpointEngine()
+    writer = async_save.Writer(SimpleNamespace(checkpoint_engine=ce))
+    w = torch.full((1024, 1024), 3.0, device="cuda")
+    buffers = []
+    for step in (1, 2):
+        (tmp_path / f"step-{step}").mkdir()
+        ce.save({"optimizer": {"state": [w]}}, str(tmp_path / f"step-{step}" / "optim.pt"))
+        w.add_(100)                                   # the next step's update: not in the snapshot
+        writer.wait()
+        saved = torch.load(tmp_path / f"step-{step}" / "optim.pt")["optimizer"]["state"][0]
+        assert saved.device.type == "cpu" and torch.equal(saved, torch.full((1024, 1024), 3.0 + 100 * (step - 1)))
+        buffers.append(list(writer.pinned["optim.pt"].buffers))
+    assert len(buffers[0]) == 1 and buffers[0][0].is_pinned()
+    assert buffers[1][0] is buffers[0][0]             # the second save reused the first one's buffer

@@ -11,7 +11,8 @@ synchronous save would.
 
 The next save, a stop and the end of training wait for the save in flight (`wait`), so at most
 one snapshot is held: a CPU copy of this rank's part of the checkpoint (the planner counts it as
-host memory). An error in the thread (a full disk) is raised in the training thread at the next
+host memory). On a GPU that copy is page-locked (`PinnedPool`: the copy runs at the bus's
+speed, one wait per file instead of one per tensor) and kept for the next save. An error in the thread (a full disk) is raised in the training thread at the next
 step (`raise_error`) or wait.
 
     writer = Writer(engine)                 # patches engine.checkpoint_engine.save
@@ -21,6 +22,7 @@ step (`raise_error`) or wait.
 """
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -28,16 +30,48 @@ import time
 import torch
 
 
-def to_cpu(obj):
+def to_cpu(obj, pinned: "PinnedPool | None" = None):
     """A copy of a state dict whose tensors live in CPU memory and are not shared with training
-    (tensors already on the CPU are copied too: the optimizer updates them in place)."""
+    (tensors already on the CPU are copied too: the optimizer updates them in place). With a
+    `pinned` pool, GPU tensors are copied into its page-locked buffers without waiting on each
+    copy; the caller waits once, after the last (Writer.snapshot)."""
     if isinstance(obj, torch.Tensor):
+        if pinned is not None and obj.is_cuda:
+            return pinned.copy(obj)
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
-        return type(obj)((k, to_cpu(v)) for k, v in obj.items())
+        return type(obj)((k, to_cpu(v, pinned)) for k, v in obj.items())
     if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-        return type(obj)(to_cpu(v) for v in obj)
+        return type(obj)(to_cpu(v, pinned) for v in obj)
     return obj
+
+
+class PinnedPool:
+    """Page-locked host buffers for the GPU->CPU copy of one checkpoint file, kept from one save
+    to the next (page-locking gigabytes takes seconds, and every save of a run writes the same
+    tensors). A copy into pinned memory runs at the bus's full speed and is queued without a host
+    sync; the snapshot waits once, for the last copy. The next save of the same file reuses the
+    buffers: it starts after the writer has written the previous one (save.py waits for it)."""
+
+    def __init__(self):
+        self.buffers: list[torch.Tensor] = []
+        self.next = 0
+        self.pinning = True   # False once the host refused to page-lock more: plain copies from then on
+
+    def copy(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        buf = self.buffers[self.next] if self.next < len(self.buffers) else None
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            if not self.pinning:
+                return t.to("cpu", copy=True)
+            try:
+                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            except RuntimeError:   # no more page-locked memory: this and later copies are plain ones
+                self.pinning = False
+                return t.to("cpu", copy=True)
+            self.buffers[self.next:self.next + 1] = [buf]
+        self.next += 1
+        return buf.copy_(t, non_blocking=True)
 
 
 class Writer:
@@ -50,11 +84,18 @@ class Writer:
         self.jobs: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
         self.blocked = 0.0                 # seconds the training thread spent snapshotting, last save
+        self.pinned: dict[str, PinnedPool] | None = {} if torch.cuda.is_available() else None  # file name -> pool
         threading.Thread(target=self._run, name="zerotune-checkpoint-writer", daemon=True).start()
 
     def snapshot(self, state_dict, path: str) -> None:
         t0 = time.perf_counter()
-        copy = to_cpu(state_dict)
+        pool = None
+        if self.pinned is not None:
+            pool = self.pinned.setdefault(os.path.basename(path), PinnedPool())
+            pool.next = 0
+        copy = to_cpu(state_dict, pool)
+        if pool is not None and pool.next:
+            torch.cuda.current_stream().synchronize()   # the copies are in host memory: one wait per file
         self.blocked += time.perf_counter() - t0
         self.jobs.put((lambda: self.write_file(copy, path), None))
 

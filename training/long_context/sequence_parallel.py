@@ -10,9 +10,9 @@ states over all `world` ranks.
 
     sp = sequence_parallel.init(recipe)                # after deepspeed.init_distributed; None if N == 1
     sp.wrap_model(model, recipe)                       # after build_model, before deepspeed.initialize
-    n_target, real, padded, votes = steps.step_counts(micro, vote, device, copies=sp.size)  # full batches
+    counts = steps.step_counts(micro, device, copies=sp.size)   # full batches: [n_target, real, padded]
     micro = [sp.shard(b, device) for b in micro]
-    steps.forward_backward(engine, micro, n_target, world)                          # unchanged
+    steps.forward_backward(engine, micro, counts[0], world)                         # unchanged
     steps.evaluate(engine, data.eval, rank, world, mbs, pad_id, limit, sp=sp)        # sharded too
 
 training/run/loop.py does exactly this; ds_config.json carries "sequence_parallel_size" (launcher/ds_config.py).

@@ -1,7 +1,10 @@
 """When a step goes wrong: a non-finite loss, or the GPU running out of memory.
 
-Non-finite loss (NaN/inf). The loop all-reduces the step's loss before the optimizer step, so
-every rank agrees, then calls `optimizer_step(engine, skip=not finite)`; `NanGuard` counts the
+Non-finite loss (NaN/inf). The loop all-reduces the step's loss, so every rank agrees, and reads
+it once per step (training/run/step.py: read_step). Under DeepSpeed's own optimizers
+(`checks_itself`) the step is queued first and the read comes after it (`check_skipped` then
+holds that a non-finite loss was not applied); a plain torch optimizer reads first and calls
+`optimizer_step(engine, skip=not finite)`. `NanGuard` counts the
 skipped steps and says when too many came in a row (train.max_bad_steps): the loop then saves
 a checkpoint (skipped steps never changed the weights) and stops.
 
@@ -36,6 +39,13 @@ from zerotune.core.layout import FAILED_FILE, OOM_EXIT_CODE, RECIPE_FILE, latest
 
 
 # ----------------------------------------------------------------------------- non-finite loss
+def checks_itself(engine) -> bool:
+    """DeepSpeed's own optimizers (ZeRO 1/2/3, the bf16/fp16 wrappers) discard a step whose
+    gradients are not finite by themselves: the loop may queue their step before it reads the
+    loss. A plain torch optimizer (ZeRO-0, fp32) must be told to skip."""
+    return hasattr(engine.optimizer, "overflow")
+
+
 def optimizer_step(engine, skip: bool) -> bool:
     """engine.step() at the accumulation boundary; with skip=True the update is discarded.
     Returns whether the optimizer applied an update."""
@@ -54,10 +64,15 @@ def optimizer_step(engine, skip: bool) -> bool:
             else:
                 del opt.step
     applied = engine.was_step_applied()
+    check_skipped(skip, applied)
+    return applied
+
+
+def check_skipped(skip: bool, applied: bool) -> None:
+    """A step whose loss was not finite must not have been applied."""
     if skip and applied:
         raise RuntimeError("the loss was not finite but DeepSpeed applied the update anyway; "
                            "the weights may hold NaN: resume from the last checkpoint")
-    return applied
 
 
 class NanGuard:

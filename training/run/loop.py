@@ -208,42 +208,38 @@ def run_steps(run: Run) -> str:
     place = run.sp.shard if run.sp else steps.to_device   # SP: this rank's part of each sequence
     window = profile.Window(run.recipe.logging, run.run_dir, run.rank, run.total_steps)   # logging.profile_start
     with diagnostics.oom_guard(run.run_dir, run.recipe, run.state, run.total_steps, run.world, run.rank):
-        while run.state["step"] < run.total_steps:
+        # a signal during the set-up: agreed once, nothing to train (each step votes in its report)
+        stop = signals.agreed(steps.votes_now(run.stop.vote(run.world), engine.device), run.world)
+        while not stop and run.state["step"] < run.total_steps:
             t0 = time.perf_counter()
             window.before(run.state["step"] + 1)
-            sampler_before = run.sampler.state_dict()
             with log.time("data"):
                 micro = [next(stream) for _ in range(g.grad_accum)]
-                n_target, real, padded, votes = steps.step_counts(micro, run.stop.vote(run.world), engine.device,
-                                                                  copies=run.sp.size if run.sp else 1)
+                counts = steps.step_counts(micro, engine.device, copies=run.sp.size if run.sp else 1)
                 seq_len = micro[0]["input_ids"].shape[1]
                 micro = [place(b, engine.device) for b in micro]
-            stop = signals.agreed(votes, run.world)
-            if stop:
-                run.sampler.load_state_dict(sampler_before)  # the micro-batches of the step not taken come again
-                return stop
             lr = engine.get_lr()[0]  # the rate this step uses (the scheduler steps inside engine.step)
             with log.time("fwd_bwd"):
-                step_loss = steps.forward_backward(engine, micro, n_target, run.world)
-            dist.all_reduce(step_loss)  # before the update: every rank agrees whether the loss is finite
-            finite = bool(torch.isfinite(step_loss))
-            with log.time("optimizer"):
-                diagnostics.optimizer_step(engine, skip=not finite)  # NaN/inf loss: the update is discarded
+                step_loss = steps.forward_backward(engine, micro, counts[0], run.world)
+            got = steps.update_and_read(engine, step_loss, counts, lambda: run.stop.vote(run.world), log.time)
             run.state["step"] += 1
-            run.state["tokens_seen"] += int(real)
+            run.state["tokens_seen"] += int(got["real"])
             step = run.state["step"]
             log.profiled(window.after(step), step)
-            if run.guard.update(finite):
-                log.skipped(step, step_loss.item(), run.guard.in_a_row, t.max_bad_steps, run.guard.total)
+            if run.guard.update(got["finite"]):
+                log.skipped(step, got["loss"], run.guard.in_a_row, t.max_bad_steps, run.guard.total)
                 if run.guard.should_stop:
                     return BAD_LOSS
             else:
-                grad_norm = engine.get_global_grad_norm()
-                log.step(step, seconds=time.perf_counter() - t0, loss=step_loss.item(), lr=lr,
-                         grad_norm=float(grad_norm) if grad_norm is not None else None, tokens=real,
-                         padded_tokens=padded, samples=step * g.global_batch_size,
-                         epoch=run.sampler.epochs_done,
-                         seq_len=seq_len, router_aux=steps.router_aux(step_loss))
+                grad_norm = got["grad_norm"]
+                log.step(step, seconds=time.perf_counter() - t0, loss=got["loss"], lr=lr,
+                         grad_norm=float(grad_norm) if grad_norm is not None else None, tokens=got["real"],
+                         padded_tokens=got["padded"], samples=step * g.global_batch_size,
+                         epoch=run.sampler.epochs_done, seq_len=seq_len, router_aux=got["router_aux"])
+            # a stop signal (any rank, voted in this step's report): this step is taken; save it and stop
+            stop = signals.agreed(got["votes"], run.world)
+            if stop:
+                return stop
             if between(step, t.eval_every, run.total_steps) and evaluate(run, step):
                 log.say(f"step {step}: early stopping after {run.state['evals_without_improvement']} "
                         "evals without improvement")
@@ -252,7 +248,7 @@ def run_steps(run: Run) -> str:
                 run.writer.raise_error()   # a background save that failed (a full disk) stops the run here
             if between(step, run.recipe.checkpoint.every, run.total_steps):
                 save_checkpoint(run, step)
-    return DONE
+    return stop or DONE
 
 
 def between(step: int, every: int | None, total_steps: int) -> bool:

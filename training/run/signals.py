@@ -7,7 +7,7 @@ warning before the time limit) ask the loop to save at the next step boundary an
 
 `python -m zerotune.training` installs the handlers first thing, before the heavy imports, so a
 signal that comes while the model loads is remembered, not fatal. All ranks agree through the
-per-step all-reduce (training/run/step.py: step_counts) on `vote()`: 0 (no request), 1 (SIGTERM or
+step's report all-reduce (training/run/step.py: step_report, read once after the step) on `vote()`: 0 (no request), 1 (SIGTERM or
 SIGUSR1) or world + 1 (SIGINT), summed over ranks; more than `world` means someone pressed
 Ctrl-C, which wins (a user's stop is not requeued). A signal to any one rank stops them all."""
 from __future__ import annotations

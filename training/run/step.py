@@ -5,6 +5,12 @@ Loss is the mean over the target tokens of the whole global batch: each micro-ba
 token loss is divided by `n_target`, the global target-token count (all micro-batches, all
 ranks), so gradient accumulation and world size do not change it. DeepSpeed averages gradients
 over ranks, so the backward is scaled by the world size to undo that average.
+
+Per optimizer step, beyond ZeRO's own communication, the loop issues two small collectives and
+one host read, whatever the world size: `step_counts` (token counts of the whole accumulation
+window, all-reduced before the first forward and divided by on the device), `step_report` (loss,
+stop votes, router aux loss, all-reduced after the backward) and `read_step` (one .tolist() of
+both and the gradient norm). benchmarks/step_syncs.py counts them (tests/test_step_syncs.py).
 """
 from __future__ import annotations
 
@@ -14,37 +20,36 @@ import torch
 import torch.distributed as dist
 
 from zerotune.training.data.loader import collate, real_tokens, target_tokens
+from zerotune.training.run import diagnostics
 
 
 def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def micro_loss(engine, batch: dict, n_target: float) -> torch.Tensor:
+def micro_loss(engine, batch: dict, n_target) -> torch.Tensor:
     """Summed token loss of one micro-batch / n_target. Only the loss is kept: the logits are
-    freed before the backward. A mixture of experts: transformers added router_aux_loss_coef x
-    the router's load-balancing loss; that term rides along as `.router_aux` (training/model/moe.py)."""
-    out = engine(**batch, num_items_in_batch=n_target)
-    loss = out.loss
+    freed before the backward. `n_target` may be a device tensor (the loop's: the all-reduced
+    count, never read on the host) or a number: the model returns the summed token loss
+    (num_items_in_batch=1) and the division is here, so no host sync is needed for it. A mixture
+    of experts: transformers added router_aux_loss_coef x the router's load-balancing loss; that
+    term is not divided and rides along as `.router_aux` (training/model/moe.py)."""
+    out = engine(**batch, num_items_in_batch=1)
+    if torch.is_tensor(n_target):
+        n_target = n_target.to(out.loss.dtype)
     if getattr(out, "aux_loss", None) is not None:
-        loss.router_aux = out.aux_loss * engine.module.config.router_aux_loss_coef
-    return loss
+        aux = out.aux_loss * engine.module.config.router_aux_loss_coef
+        loss = (out.loss - aux) / n_target + aux
+        loss.router_aux = aux
+        return loss
+    return out.loss / n_target
 
 
-def router_aux(step_loss: torch.Tensor) -> float | None:
-    """The step's router aux loss (coef x load balancing, mean over micro-batches and ranks), or
-    None for dense models; every rank calls it (one all-reduce, MoE only)."""
-    aux = getattr(step_loss, "router_aux", None)
-    if aux is None:
-        return None
-    dist.all_reduce(aux)
-    return aux.item()
-
-
-def forward_backward(engine, micro: list[dict], n_target: float, world: int) -> torch.Tensor:
+def forward_backward(engine, micro: list[dict], n_target, world: int) -> torch.Tensor:
     """Forward and backward of every micro-batch of a step (gradients accumulate in the engine;
     the update is the caller's, at the boundary). Returns this rank's share of the step's loss
-    as a float64 tensor on the device: no host sync here."""
+    as a float64 tensor on the device (MoE: `.router_aux`, this rank's share of the router loss):
+    no host sync here. `n_target`: the global target-token count, a device tensor or a number."""
     step_loss = torch.zeros((), dtype=torch.float64, device=engine.device)
     aux_sum = None
     for i, batch in enumerate(micro):
@@ -63,19 +68,76 @@ def forward_backward(engine, micro: list[dict], n_target: float, world: int) -> 
     return step_loss
 
 
-def step_counts(micro: list[dict], stop_vote: float, device, copies: int = 1) -> list[float]:
-    """One all-reduce per step: global target, real and padded tokens, and the ranks' summed stop
-    votes (training/run/signals.py: StopRequest.vote, read back with signals.agreed). Counted on the
-    host batches (before they move to the GPU, before sequence-parallel sharding), so this costs
-    no device sync beyond the all-reduce. `copies`: ranks that hold each micro-batch (the
-    sequence-parallel degree); the token sums count each batch once (exact: integer counts over
-    equal copies). Returns [n_target, real, padded, votes]."""
+def step_counts(micro: list[dict], device, copies: int = 1) -> torch.Tensor:
+    """The step's first collective: the global target, real and padded token counts of the whole
+    accumulation window, one all-reduce before the first forward, left on the device as float64
+    [n_target, real, padded]: the loss divides by n_target there and the host reads the counts
+    only with the step's one read (`read_step`). Counted on the host batches (before they move to
+    the GPU, before sequence-parallel sharding). `copies`: ranks that hold each micro-batch (the
+    sequence-parallel degree); the sums count each batch once (exact: integer counts over equal
+    copies)."""
     counts = torch.tensor([sum(target_tokens(b) for b in micro), sum(real_tokens(b) for b in micro),
-                           sum(b["input_ids"].numel() for b in micro), float(stop_vote)],
-                          dtype=torch.float64, device=device)
+                           sum(b["input_ids"].numel() for b in micro)], dtype=torch.float64)
+    counts = counts.to(device, non_blocking=True)   # a host copy: no wait on the device's queue
     dist.all_reduce(counts)
-    n_target, real, padded, votes = counts.tolist()
-    return [n_target / copies, real / copies, padded / copies, votes]
+    return counts / copies if copies > 1 else counts
+
+
+def step_report(step_loss: torch.Tensor, stop_vote: float) -> torch.Tensor:
+    """The step's second and last collective: [loss, stop votes, router aux loss] summed over
+    ranks (the ranks' loss shares add up to the global batch's loss; votes: signals.StopRequest.vote,
+    read back with signals.agreed; router aux: 0 for dense models). Stays on the device."""
+    aux = getattr(step_loss, "router_aux", None)
+    report = torch.stack([step_loss, torch.full_like(step_loss, stop_vote),
+                          aux.double() if aux is not None else torch.zeros_like(step_loss)])
+    dist.all_reduce(report)
+    return report
+
+
+def read_step(report: torch.Tensor, counts: torch.Tensor, grad_norm=None, moe: bool = False) -> dict:
+    """The step's one host sync: the report, the counts and the gradient norm (a device tensor
+    under some DeepSpeed optimizers) come back in a single read. `moe`: the step had a router
+    aux loss (else "router_aux" is None)."""
+    parts = [report, counts]
+    if torch.is_tensor(grad_norm):
+        parts.append(grad_norm.detach().to(report.device, torch.float64).reshape(1))
+    values = torch.cat(parts).tolist()
+    if not torch.is_tensor(grad_norm):
+        values.append(None if grad_norm is None else float(grad_norm))
+    loss, votes, aux, n_target, real, padded, norm = values
+    return {"loss": loss, "votes": votes, "router_aux": aux if moe else None,
+            "n_target": n_target, "real": real, "padded": padded, "grad_norm": norm}
+
+
+def update_and_read(engine, step_loss: torch.Tensor, counts: torch.Tensor, vote, timed) -> dict:
+    """The optimizer step and the step's one host read (`read_step`: loss, stop votes, token
+    counts, grad norm; "finite": every rank agrees whether the loss was). DeepSpeed's own
+    optimizers discard a non-finite step themselves (diagnostics.checks_itself), so their update
+    is queued first and the read comes after it; a plain torch optimizer must hear "skip" before
+    its step. `vote()`: this rank's stop vote, asked after the update is queued (a signal that
+    came during the step counts in it); `timed(name)`: the loop's phase timer."""
+    checks_itself = diagnostics.checks_itself(engine)
+    if checks_itself:
+        with timed("optimizer"):
+            applied = diagnostics.optimizer_step(engine, skip=False)
+    got = read_step(step_report(step_loss, vote()), counts, engine.get_global_grad_norm() if checks_itself else None,
+                    moe=hasattr(step_loss, "router_aux"))
+    got["finite"] = math.isfinite(got["loss"])
+    if checks_itself:
+        diagnostics.check_skipped(not got["finite"], applied)
+    else:
+        with timed("optimizer"):
+            diagnostics.optimizer_step(engine, skip=not got["finite"])   # NaN/inf loss: the update is discarded
+        got["grad_norm"] = engine.get_global_grad_norm()   # None for a plain torch optimizer
+    return got
+
+
+def votes_now(vote: float, device) -> float:
+    """The ranks' summed stop votes, read at once (before the first step only: a signal that
+    came during the set-up)."""
+    total = torch.tensor([vote], dtype=torch.float64).to(device)
+    dist.all_reduce(total)
+    return total.item()
 
 
 @torch.no_grad()
