@@ -6,7 +6,7 @@ lists the strategies, picks the fastest that fits and prints the table.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 from zerotune.core.flops import flops_per_token, num_params, shape
@@ -15,8 +15,8 @@ from zerotune.core.flops import PEAK_TFLOPS
 from zerotune.core.io import GIB, parse_size
 from zerotune.core.long_context import gpu_memory_of, sp_candidates
 from zerotune.core.memory import (DEFAULT_CPU_MEMORY, DEFAULT_GPU_MEMORY, FUSED_LOSS_SPEED, OFFLOAD_ACTIVATIONS_SPEED,  # noqa: F401
-                                  RESERVED, Estimate,
-                                  Strategy, Workload, efficiency, estimate_memory, workload_of)
+                                  RESERVED, Estimate, Strategy, Workload, efficiency, estimate_memory,  # noqa: F401
+                                  host_memory, layer_efficiency, workload_of)
 from zerotune.core.recipe import Recipe, RecipeError
 from zerotune.core.recipe_load import load_recipe, validate_recipe
 
@@ -57,29 +57,111 @@ def alternatives(method: str) -> list[Strategy]:
     return [Strategy("lora", 0), Strategy("qlora", 0)]
 
 
+@dataclass(frozen=True)
+class Levers:
+    """What the planner chooses per strategy, the recipe's `auto`s (core/memory.py's docstring): how
+    many layers to checkpoint (train.gradient_checkpointing: the fewest that fit), whether to tile
+    the MLP (train.tiled_mlp: only when nothing fits untiled), how many checkpointed layers to
+    offload to CPU memory (train.offload_activations: only when nothing fits on the GPU, the fewest)."""
+    ckpt_layers: bool = False
+    tiling: bool = False
+    offload: bool = False
+
+    @staticmethod
+    def of(train) -> "Levers":
+        return Levers(train.gradient_checkpointing == "auto", train.tiled_mlp == "auto",
+                      train.offload_activations == "auto")
+
+
+ALL_LEVERS = Levers(True, True, True)
+
+
+def fits_memory(m: dict, gpu_memory: float, cpu_memory: float) -> bool:
+    return m["total"] <= gpu_memory - RESERVED and m["cpu_per_node"] <= cpu_memory * 0.9
+
+
+def _fewest(lo: int, hi: int, ok) -> Optional[int]:
+    """The smallest n in lo..hi with ok(n), for ok false then true as n grows; None if ok(hi) is false."""
+    if lo > hi or not ok(hi):
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if ok(mid) else (mid + 1, hi)
+    return lo
+
+
+def fit_layers(w: Workload, st: Strategy, levers: Levers, gpu_memory: float, cpu_memory: float) -> Workload:
+    """The workload with the levers set for `st`: untiled before tiled, and for each the fewest
+    checkpointed layers that fit; then (nothing fitting on the GPU) every layer checkpointed and the
+    fewest of their inputs in CPU memory. Nothing fits: the smallest of these, for the row to say so."""
+    if levers == Levers():
+        return w
+    layers = shape(w.model)["layers"]
+
+    def ok(w_: Workload, cpu: bool = True) -> bool:
+        return fits_memory(gpu_memory_of(w_, st), gpu_memory, cpu_memory if cpu else float("inf"))
+    w_ = w
+    for tiled in ([False, True] if levers.tiling else [w.tiled_mlp]):
+        w_ = replace(w, tiled_mlp=tiled, offload_activations=False if levers.offload else w.offload_activations)
+        if st.grad_ckpt and levers.ckpt_layers:
+            k = _fewest(1, layers, lambda k: ok(replace(w_, ckpt_layers=k)))
+            if k is not None:
+                return replace(w_, ckpt_layers=k)
+            w_ = replace(w_, ckpt_layers=layers)
+        elif ok(w_):
+            return w_
+    if st.grad_ckpt and levers.offload:
+        k = shape(w.model)["layers"] if w_.ckpt_layers is None else min(w_.ckpt_layers, layers)
+        o = _fewest(1, k, lambda o: ok(replace(w_, offload_activations=o), cpu=False))
+        w_ = replace(w_, offload_activations=o if o is not None else k)
+    return w_
+
+
+def estimate(w: Workload, st: Strategy, gpu_memory: float, cpu_memory: float, price: Optional[float] = None,
+             gpu_type: str = "h100", levers: Levers = Levers()) -> Estimate:
+    """The estimate of `st` with the levers chosen (fit_layers)."""
+    w = fit_layers(w, st, levers, gpu_memory, cpu_memory)
+    m = gpu_memory_of(w, st)
+    layers = shape(w.model)["layers"]
+    mfu, source = layer_efficiency(st, w.world, layers, m["ckpt_layers"], m["offload_layers"], w.tiled_mlp)
+    tps = mfu * PEAK_TFLOPS[gpu_type] * 1e12 / flops_per_token(w.model, w.seq_len)
+    why = []
+    if m["total"] > gpu_memory - RESERVED:
+        why.append(f"needs {m['total'] / GIB:.1f} GiB per GPU, {(gpu_memory - RESERVED) / GIB:.1f} usable")
+    if m["cpu_per_node"] > cpu_memory * 0.9:
+        why.append(f"needs {m['cpu_per_node'] / GIB:.0f} GiB CPU memory per node")
+    e = Estimate(st, m["params"], m["grads"], m["optimizer"], m["activations"], m["logits"], m["temporary"],
+                 m["total"], m["cpu_per_node"], not why, tps, mfu, source, why_not="; ".join(why),
+                 offload_activations=m["offload_layers"] > 0, layers=layers, ckpt_layers=m["ckpt_layers"],
+                 offload_layers=m["offload_layers"], tiled_mlp=w.tiled_mlp)
+    if w.train_tokens:
+        e.hours = w.train_tokens / (tps * w.world) / 3600
+        e.gpu_hours = e.hours * w.world
+        e.cost = e.gpu_hours * price if price is not None else None
+    return e
+
+
+def longest_sequence(w: Workload, st: Strategy, gpu_memory: float, cpu_memory: float, host: bool,
+                     step: int = 1024, cap: int = 1 << 24) -> tuple[int, Optional[Estimate]]:
+    """The longest data.max_len (a multiple of `step`) one sample of `st` fits at, the planner free to
+    checkpoint, tile and (`host`) offload to CPU memory; and its estimate. (0, None): not even `step`."""
+    levers = replace(ALL_LEVERS, offload=host)
+    w1 = replace(w, micro_batch_size=1, offload_activations=False)
+
+    def at(n: int) -> Estimate:
+        return estimate(replace(w1, seq_len=n), st, gpu_memory, cpu_memory, levers=levers)
+    n = _fewest(1, cap // step, lambda i: not at(i * step).fits)
+    best = cap // step if n is None else n - 1
+    return (best * step, at(best * step)) if best else (0, None)
+
+
 def plan(w: Workload, method: str, gpu_memory: float = DEFAULT_GPU_MEMORY, cpu_memory: float = DEFAULT_CPU_MEMORY,
-         price: Optional[float] = None, gpu_type: str = "h100", only: Optional[list[Strategy]] = None) -> list[Estimate]:
-    """An estimate for every strategy of `method` (and the PEFT alternatives), or for `only`."""
-    peak = PEAK_TFLOPS[gpu_type] * 1e12
-    fpt = flops_per_token(w.model, w.seq_len)
-    rows = []
-    for st in only if only is not None else strategies(method) + alternatives(method):
-        m = gpu_memory_of(w, st)
-        mfu, source = efficiency(st, w.world)
-        tps = mfu * peak / fpt
-        why = []
-        if m["total"] > gpu_memory - RESERVED:
-            why.append(f"needs {m['total'] / GIB:.1f} GiB per GPU, {(gpu_memory - RESERVED) / GIB:.1f} usable")
-        if m["cpu_per_node"] > cpu_memory * 0.9:
-            why.append(f"needs {m['cpu_per_node'] / GIB:.0f} GiB CPU memory per node")
-        e = Estimate(st, m["params"], m["grads"], m["optimizer"], m["activations"], m["logits"], m["temporary"],
-                     m["total"], m["cpu_per_node"], not why, tps, mfu, source, why_not="; ".join(why))
-        if w.train_tokens:
-            e.hours = w.train_tokens / (tps * w.world) / 3600
-            e.gpu_hours = e.hours * w.world
-            e.cost = e.gpu_hours * price if price is not None else None
-        rows.append(e)
-    return rows
+         price: Optional[float] = None, gpu_type: str = "h100", only: Optional[list[Strategy]] = None,
+         levers: Levers = Levers()) -> list[Estimate]:
+    """An estimate for every strategy of `method` (and the PEFT alternatives), or for `only`, with
+    `levers` chosen per strategy (fit_layers)."""
+    return [estimate(w, st, gpu_memory, cpu_memory, price, gpu_type, levers)
+            for st in (only if only is not None else strategies(method) + alternatives(method))]
 
 
 def recommend(rows: list[Estimate], method: str, grad_ckpt: Optional[bool] = None) -> Optional[Estimate]:
@@ -97,28 +179,25 @@ def workload(recipe: Recipe, gpus_per_node: int, nodes: int) -> Workload:
 
 def candidates(recipe: Recipe, w: Workload, gpu_memory: float, cpu_memory: float) -> list[Estimate]:
     """Every estimate `auto` may pick: the recipe's method; its offload flags stay on; a fixed
-    ZeRO stage, checkpointing or loss stays as given. Rows with the chunked loss carry
-    FUSED_LOSS_SPEED in their tokens/s (it is that much slower than the plain loss), rows with
-    offloaded activations OFFLOAD_ACTIVATIONS_SPEED (so auto offloads only what cannot fit)."""
+    ZeRO stage, checkpointing or loss stays as given; checkpointed layers, tiling and offloaded
+    layers as fit_layers chooses them where auto. Rows with the chunked loss carry
+    FUSED_LOSS_SPEED in their tokens/s (it is that much slower than the plain loss)."""
     d, t, method = recipe.distributed, recipe.train, recipe.method.kind
     fused_choices = [False, True] if t.fused_loss == "auto" else [bool(t.fused_loss)]
     if method not in ("full", "lora", "qlora"):
         fused_choices = [False]
-    gcs = [True, False] if t.gradient_checkpointing == "auto" else [t.gradient_checkpointing]
+    gcs = [True, False] if t.gradient_checkpointing == "auto" else [bool(t.gradient_checkpointing)]
     if d.zero == "auto":
         sts = [s for s in strategies(method) if s.grad_ckpt in gcs and (s.offload_optimizer or not d.offload_optimizer)
                and (s.offload_params or not d.offload_params)]
     else:
         sts = [Strategy(method, d.zero, d.offload_optimizer, d.offload_params, gc) for gc in gcs]
-    offload_choices = [False, True] if t.offload_activations == "auto" else [t.offload_activations]
     rows = []
     for fused in fused_choices:
-        for offload in offload_choices:
-            w_ = replace(w, fused_loss=fused, offload_activations=offload)
-            for r in plan(w_, method, gpu_memory, cpu_memory, only=[s for s in sts if s.grad_ckpt or not offload]):
-                r.fused_loss, r.offload_activations = fused, offload
-                r.tokens_per_s *= (FUSED_LOSS_SPEED if fused else 1.0) * (OFFLOAD_ACTIVATIONS_SPEED if offload else 1.0)
-                rows.append(r)
+        for r in plan(replace(w, fused_loss=fused), method, gpu_memory, cpu_memory, only=sts, levers=Levers.of(t)):
+            r.fused_loss = fused
+            r.tokens_per_s *= FUSED_LOSS_SPEED if fused else 1.0
+            rows.append(r)
     return rows
 
 
@@ -134,21 +213,52 @@ def choose(recipe: Recipe, gpus_per_node: int, nodes: int = 1, gpu_memory: float
     if best is None and recipe.distributed.zero != "auto" and recipe.train.gradient_checkpointing != "auto":
         return min(rows, key=lambda r: r.total)   # only the loss / offload was left to choose: the smaller one
     if best is None:
+        too_long = sequence_problem(recipe, w, gpu_memory, cpu_memory)
+        if too_long:
+            raise RecipeError(too_long)
         smallest = min(rows, key=lambda r: r.total)
         keys = [k for k, v in (("distributed.zero", recipe.distributed.zero),
                                ("train.gradient_checkpointing", recipe.train.gradient_checkpointing)) if v == "auto"]
-        other = recommend(plan(w, method, gpu_memory, cpu_memory), method)   # with the fixed keys let go
-        hint = (" ".join(f"--set {o}" for o in other.strategy.overrides()) + " fits" if other else
+        other = recommend(plan(w, method, gpu_memory, cpu_memory, levers=ALL_LEVERS), method)   # the fixed keys let go
+        hint = (" ".join(f"--set {o}" for o in other.overrides()) + " fits" if other else
                 sp_hint(w, method, gpu_memory, cpu_memory) + "; or add GPUs, lower train.micro_batch_size or "
                 "data.max_len, or use method.kind: lora / qlora")
         raise RecipeError(
             f"{' and '.join(keys)}: auto: no strategy fits {recipe.model.path} on {w.world} GPU(s) of "
-            f"{gpu_memory / GIB:.1f} GiB: the smallest, {smallest.strategy.label}, {smallest.why_not}; {hint}")
+            f"{gpu_memory / GIB:.1f} GiB: the smallest, {smallest.label}, {smallest.why_not}; {hint}")
     return best
 
 
+def sequence_problem(recipe: Recipe, w: Workload, gpu_memory: float, cpu_memory: float) -> Optional[str]:
+    """One line when data.max_len is longer than any strategy of the recipe's method fits (one sample
+    a micro-batch, checkpointing, tiling and host offload free: longest_sequence): the longest that
+    fits and the --set that gets there. None when the length is not the problem."""
+    best_n, best = 0, None
+    for st in strategies(recipe.method.kind):
+        n, e = longest_sequence(w, st, gpu_memory, cpu_memory, host=True)
+        if n > best_n:
+            best_n, best = n, e
+    if best_n >= w.seq_len:
+        return None
+    where = (f"{w.world} GPU(s) of {gpu_memory / GIB:.1f} GiB with {cpu_memory / GIB:.0f} GiB host memory per node"
+             + (f", sequence parallel {w.sequence_parallel}" if w.sequence_parallel > 1 else ""))
+    if best is None:
+        return f"data.max_len: {w.seq_len:,} tokens: not even 1,024 tokens of {recipe.model.path} fit {where}"
+    d, t = recipe.distributed, recipe.train
+    given = {"distributed.zero": d.zero, "distributed.offload_optimizer": d.offload_optimizer,
+             "distributed.offload_params": d.offload_params, "train.gradient_checkpointing": t.gradient_checkpointing,
+             "train.offload_activations": t.offload_activations, "train.tiled_mlp": t.tiled_mlp,
+             "train.micro_batch_size": t.micro_batch_size}
+    sets = [f"data.max_len={best_n}"] + [
+        o for o in best.overrides() + ["train.micro_batch_size=1"]
+        if given.get(o.split("=")[0], "auto") != "auto" and str(given[o.split("=")[0]]).lower() != o.split("=")[1]]
+    return (f"data.max_len: {w.seq_len:,} tokens do not fit {where}: the longest that fits is {best_n:,} tokens "
+            f"({best.label}, {best.total / GIB:.1f} GiB per GPU, {best.cpu_per_node / GIB:.0f} GiB host): "
+            + " ".join(f"--set {x}" for x in sets))
+
+
 def pick_micro_batch(recipe: Recipe, gpus_per_node: int, nodes: int = 1,
-                     gpu_memory: float = DEFAULT_GPU_MEMORY) -> Recipe:
+                     gpu_memory: float = DEFAULT_GPU_MEMORY, cpu_memory: float = DEFAULT_CPU_MEMORY) -> Recipe:
     """train.micro_batch_size: auto -> the micro-batch (a divisor of global_batch_size per replica,
     at most MAX_AUTO_MICRO_BATCH) whose fastest fitting strategy is fastest; ties go to the larger.
     Gradient accumulation fills the rest of global_batch_size. Nothing fits: 1 (choose says why)."""
@@ -166,7 +276,7 @@ def pick_micro_batch(recipe: Recipe, gpus_per_node: int, nodes: int = 1,
         data["train"]["micro_batch_size"] = mbs
         candidate = validate_recipe(data, source="resolved recipe")
         try:
-            e = choose(candidate, gpus_per_node, nodes, gpu_memory)
+            e = choose(candidate, gpus_per_node, nodes, gpu_memory, cpu_memory)
         except RecipeError:
             continue
         if e.fits and (best_key is None or (round(e.tokens_per_s, 6), mbs) > best_key):
@@ -203,21 +313,30 @@ def check_fits(recipe: Recipe, gpus_per_node: int, nodes: int = 1, gpu_memory: f
     w = workload(recipe, gpus_per_node, nodes)
     d = recipe.distributed
     st = Strategy(recipe.method.kind, recipe.zero_stage(), d.offload_optimizer, d.offload_params,
-                  recipe.train.gradient_checkpointing)
-    m = gpu_memory_of(w, st)
-    mfu, source = efficiency(st, w.world)
-    e = Estimate(st, m["params"], m["grads"], m["optimizer"], m["activations"], m["logits"], m["temporary"],
-                 m["total"], m["cpu_per_node"], True, 0.0, mfu, source)
-    if m["total"] > gpu_memory - RESERVED or m["cpu_per_node"] > cpu_memory * 0.9:
-        better = recommend(plan(w, recipe.method.kind, gpu_memory, cpu_memory), recipe.method.kind)
-        hint = ("; " + " ".join(f"--set {o}" for o in better.strategy.overrides()) + " fits") if better else ""
+                  bool(recipe.train.gradient_checkpointing))
+    e = estimate(w, st, gpu_memory, cpu_memory, levers=Levers.of(recipe.train))
+    if not e.fits:
+        too_long = sequence_problem(recipe, w, gpu_memory, cpu_memory)
+        if too_long:
+            raise RecipeError(too_long)
+        better = recommend(plan(w, recipe.method.kind, gpu_memory, cpu_memory, levers=ALL_LEVERS), recipe.method.kind)
+        hint = ("; " + " ".join(f"--set {o}" for o in better.overrides()) + " fits") if better else ""
         if better is None:
             hint = "; " + sp_hint(w, recipe.method.kind, gpu_memory, cpu_memory)
         raise RecipeError(
-            f"{st.label} needs about {m['total'] / GIB:.1f} GiB per GPU (usable: {(gpu_memory - RESERVED) / GIB:.1f} "
-            f"GiB) and {m['cpu_per_node'] / GIB:.0f} GiB CPU memory per node: it will not fit{hint} "
+            f"{e.label} needs about {e.total / GIB:.1f} GiB per GPU (usable: {(gpu_memory - RESERVED) / GIB:.1f} "
+            f"GiB) and {e.cpu_per_node / GIB:.0f} GiB CPU memory per node: it will not fit{hint} "
             f"(see `zerotune plan`, or --gpu-memory if your GPUs are larger)")
     return e
+
+
+def planned_cpu_memory(recipe: Recipe, flag: Optional[str] = None, local: bool = True) -> float:
+    """CPU memory of a node the plan counts offloaded states against: --cpu-memory, else cluster.mem,
+    else this machine's (/proc/meminfo) for a run on it (`local`), else DEFAULT_CPU_MEMORY."""
+    text = flag or (recipe.cluster.mem if recipe.cluster.mem not in (None, "0") else None)
+    if text:
+        return parse_size(text)
+    return (host_memory() if local else None) or DEFAULT_CPU_MEMORY
 
 
 # --------------------------------------------------------------------------- CLI
@@ -228,7 +347,8 @@ def add_arguments(p) -> None:
     p.add_argument("--nodes", type=int, default=None, help="nodes (default: cluster.nodes)")
     p.add_argument("--gpu-memory", default=None, help="memory of one GPU (default: the local GPUs' (nvidia-smi), "
                    "else cluster.gpu_memory, else 80GB, assumed)")
-    p.add_argument("--cpu-memory", default=None, help="CPU memory per node (default: cluster.mem or 512GB)")
+    p.add_argument("--cpu-memory", default=None, help="CPU memory per node (default: cluster.mem, else this "
+                   "machine's (/proc/meminfo) when its GPUs are planned for, else 512GB)")
     p.add_argument("--gpu-type", default="h100", choices=sorted(PEAK_TFLOPS), help="for peak FLOP/s (default h100)")
     p.add_argument("--price", type=float, default=None, help="price of one GPU-hour, for the cost column")
     p.add_argument("--json", action="store_true", help="print the estimates as JSON")
@@ -246,17 +366,20 @@ def _hours(h: Optional[float]) -> str:
     return f"{h * 60:.0f}m" if h < 1 else f"{h:.1f}h"
 
 
-def format_table(rows: list[Estimate], w: Workload, best: Optional[Estimate], gpu_memory: float) -> str:
+def format_table(rows: list[Estimate], w: Workload, best: Optional[Estimate], gpu_memory: float,
+                 longest: Optional[dict] = None) -> str:
+    """The table; `longest`: {strategy: (tokens on the GPU alone, tokens with host offload)}, a column."""
     head = ["strategy", "params", "grads", "optim", "activ", "logits", "temp", "GPU GiB", "CPU GiB/node",
-            "fits", "tok/s/GPU", "time", "GPU-h", "cost"]
+            "fits", "tok/s/GPU", "time", "GPU-h", "cost"] + (["longest seq GPU / +host"] if longest else [])
     lines = [head]
     for r in rows:
-        lines.append([r.strategy.label, _gib(r.params), _gib(r.grads), _gib(r.optimizer), _gib(r.activations),
+        lines.append([r.label, _gib(r.params), _gib(r.grads), _gib(r.optimizer), _gib(r.activations),
                       _gib(r.logits), _gib(r.temporary), _gib(r.total), _gib(r.cpu_per_node),
                       "yes" if r.fits else "NO", f"{r.tokens_per_s:,.0f}", _hours(r.hours),
                       (f"{r.gpu_hours:.1f}" if r.gpu_hours >= 10 else f"{r.gpu_hours:.2f}")
                       if r.gpu_hours is not None else "?",
-                      f"{r.cost:,.2f}" if r.cost is not None else "-"])
+                      f"{r.cost:,.2f}" if r.cost is not None else "-"] +
+                     ([" / ".join(f"{n:,}" for n in longest[r.strategy])] if longest else []))
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     out = ["  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(row)) for row in lines]
     s = shape(w.model)
@@ -269,17 +392,23 @@ def format_table(rows: list[Estimate], w: Workload, best: Optional[Estimate], gp
     out.insert(2, "")
     misfits = [r for r in rows if not r.fits]
     if misfits:
-        width = max(len(r.strategy.label) for r in misfits)
-        out += ["", "why NO:"] + [f"  {r.strategy.label.ljust(width)}  {r.why_not}" for r in misfits]
+        width = max(len(r.label) for r in misfits)
+        out += ["", "why NO:"] + [f"  {r.label.ljust(width)}  {r.why_not}" for r in misfits]
     out.append("")
-    out.append("GPU GiB = params + grads + optim + temp + kept activations + max(logits, one layer's recompute);"
+    if longest:
+        out.append("longest seq: the longest data.max_len one sample fits at, the planner free to checkpoint by "
+                   "the layer and tile the MLP (GPU), and also to offload checkpoints to CPU memory (+host).")
+    out.append("ckpt k/L: the first k of L decoder layers checkpointed (recomputed), the fewest that fit where "
+               "train.gradient_checkpointing is auto; the rest keep their activations.")
+    out.append("GPU GiB = params + grads + optim + temp + kept activations + max(uncheckpointed layers' activations "
+               "+ logits, one layer's recompute);"
                f" fits leaves {RESERVED / GIB:.1f} GiB for CUDA/NCCL." +
                (" CPU GiB/node includes a background save's snapshot (checkpoint.async_save)." if w.async_save else ""))
     out.append("Speed from MFUs zerotune measured on one H200 (core/memory.py MEASURED, benchmarks/results/);"
                " rows without a measurement use the older peer calibration or assumed values.")
     if best is not None:
-        out.append(f"recommended: {best.strategy.label} ({best.tokens_per_s:,.0f} tokens/s/GPU, "
-                   f"{_gib(best.total)} GiB per GPU)  ->  " + " ".join(f"--set {o}" for o in best.strategy.overrides()))
+        out.append(f"recommended: {best.label} ({best.tokens_per_s:,.0f} tokens/s/GPU, "
+                   f"{_gib(best.total)} GiB per GPU)  ->  " + " ".join(f"--set {o}" for o in best.overrides()))
     else:
         out.append("recommended: nothing fits; add GPUs or nodes, lower micro_batch_size or max_len, or use LoRA/QLoRA")
     return "\n".join(out)
@@ -301,20 +430,23 @@ def run(args) -> int:
     nodes = args.nodes or recipe.cluster.nodes
     gpu = planned_gpu_memory(recipe, args.gpu_memory)
     gpu_memory = gpu.bytes
-    recipe = pick_micro_batch(recipe, gpus, nodes, gpu_memory)   # train.micro_batch_size: auto
-    cpu_text = args.cpu_memory or (recipe.cluster.mem if recipe.cluster.mem not in (None, "0") else None)
-    cpu_memory = parse_size(cpu_text) if cpu_text else DEFAULT_CPU_MEMORY
+    cpu_memory = planned_cpu_memory(recipe, args.cpu_memory, local=gpu.where == "gpus")
+    recipe = pick_micro_batch(recipe, gpus, nodes, gpu_memory, cpu_memory)   # train.micro_batch_size: auto
     w = workload(recipe, gpus, nodes)
-    rows = plan(w, recipe.method.kind, gpu_memory, cpu_memory, args.price, args.gpu_type)
+    rows = plan(w, recipe.method.kind, gpu_memory, cpu_memory, args.price, args.gpu_type, levers=Levers.of(recipe.train))
     best = recommend(rows, recipe.method.kind)
+    longest = {r.strategy: tuple(longest_sequence(w, r.strategy, gpu_memory, cpu_memory, host)[0]
+                                 for host in (False, True)) for r in rows}
     if args.json:
         print(json.dumps({"workload": {k: v for k, v in asdict(w).items() if k != "model"},
                           "recommended": best.strategy.label if best else None,
-                          "rows": [{**asdict(r), "strategy": r.strategy.label, **asdict(r.strategy)} for r in rows]},
+                          "rows": [{**asdict(r), "strategy": r.label, **asdict(r.strategy),
+                                    "longest_seq_gpu": longest[r.strategy][0],
+                                    "longest_seq_host": longest[r.strategy][1]} for r in rows]},
                          indent=1))
     else:
         print(f"GPU memory: {gpu.describe()}")
-        print(format_table(rows, w, best, gpu_memory))
+        print(format_table(rows, w, best, gpu_memory, longest))
         if best is None:
             print(f"long sequences: {sp_hint(w, recipe.method.kind, gpu_memory, cpu_memory)}")
         else:
