@@ -36,7 +36,7 @@ The memory model (bytes, per GPU; N parameters, W GPUs, B x S tokens per micro-b
 
 The planner (launcher/plan.py) resolves the `auto`s from this: the fewest checkpointed layers
 that fit, the MLP tiled only when nothing fits untiled, the fewest offloaded layers only when
-nothing fits on the GPU; tokens/s follow the fraction of layers recomputed (layer_efficiency).
+nothing fits on the GPU; tokens/s follow the fraction of layers recomputed (core/layers.py).
 
 LoRA / QLoRA on zerotune's path (training/model/build.py + training/run/engine.py, bf16 recipe). peft
 creates the adapters in fp32, and for QLoRA peft's prepare_model_for_kbit_training upcasts every
@@ -73,6 +73,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Optional
 
+from .estimate import Estimate  # noqa: F401  (the planner's row; core/estimate.py)
 from .families import choose_attention
 from .flops import linear_shapes, num_params, shape
 from .io import GIB, read_model_config
@@ -145,54 +146,6 @@ class Strategy:
 
 
 @dataclass
-class Estimate:
-    strategy: Strategy
-    params: float
-    grads: float
-    optimizer: float
-    activations: float          # kept (checkpoints) + one layer's working set
-    logits: float
-    temporary: float
-    total: float                # per GPU, bytes
-    cpu_per_node: float         # offloaded states, bytes
-    fits: bool
-    tokens_per_s: float         # per GPU
-    mfu: float
-    mfu_source: str
-    fused_loss: bool = False    # the chunked loss (set by the launcher's auto choice)
-    offload_activations: bool = False   # checkpointed layer inputs in CPU memory (idem)
-    hours: Optional[float] = None
-    gpu_hours: Optional[float] = None
-    cost: Optional[float] = None
-    why_not: str = ""
-    layers: int = 0             # decoder layers of the model
-    ckpt_layers: int = 0        # of them checkpointed (the first ones; launcher/plan.py fit_layers)
-    offload_layers: int = 0     # of those, inputs kept in CPU memory (the first ones)
-    tiled_mlp: bool = False
-
-    @property
-    def label(self) -> str:
-        """The strategy's label with what the planner chose by the layer."""
-        text = self.strategy.label
-        if 0 < self.ckpt_layers < self.layers:
-            text = text.replace("ckpt on", f"ckpt {self.ckpt_layers}/{self.layers}")
-        return text + (f" +offload {self.offload_layers} act" if self.offload_layers else "") + \
-            (" +tiled MLP" if self.tiled_mlp else "")
-
-    def settings(self) -> dict:
-        """The recipe values (train.*) this estimate runs with: gradient_checkpointing true / false / N,
-        offload_activations true / false / N, tiled_mlp."""
-        k, o = self.ckpt_layers, self.offload_layers
-        return {"gradient_checkpointing": k if 0 < k < self.layers else k > 0,
-                "offload_activations": o if 0 < o < k else o > 0, "tiled_mlp": self.tiled_mlp}
-
-    def overrides(self) -> list[str]:
-        """--set KEY=VALUE of the strategy and settings()."""
-        return [o for o in self.strategy.overrides() if not o.startswith("train.gradient_checkpointing=")] + \
-            [f"train.{k}={str(v).lower()}" for k, v in self.settings().items()]
-
-
-@dataclass
 class Workload:
     """What the estimate needs to know about a run."""
     model: dict                  # Hugging Face config.json
@@ -213,8 +166,7 @@ class Workload:
     fused_loss: bool = False     # the chunked loss: the full logits are never held
     sequence_parallel: int = 1   # GPUs sharing one sequence: each holds seq_len / N tokens (core/long_context.py)
     tiled_mlp: bool = False      # train.tiled_mlp: the MLP's intermediates exist for one tile of tokens
-    offload_activations: object = False  # train.offload_activations: True every checkpointed layer's input in
-    #                                      CPU memory, N the first N's (min the checkpointed count)
+    offload_activations: object = False  # train.offload_activations: True all checkpointed inputs on the CPU, N the first N
     ckpt_layers: Optional[int] = None    # with Strategy.grad_ckpt: the first N layers checkpointed (None: all)
     async_save: bool = False     # checkpoint.async_save: a save's snapshot waits in CPU memory (core/checkpoint_cost.py)
     packed: bool = False; attn: str = "sdpa"   # data.packing, model.attn_implementation: sdpa's packed-row mask
@@ -286,11 +238,9 @@ def layer_split(w: Workload, st: Strategy) -> tuple[int, int]:
 
 
 def activation_bytes(w: Workload, st: Strategy, act: int) -> dict:
-    """The activations, bytes per GPU (module docstring): kept (checkpointed inputs on the GPU),
-    offloaded (those in CPU memory), held (the uncheckpointed layers' saved tensors), working (one
-    checkpointed layer's recompute, with the prefetched input of the next offloaded one; 0 without
-    checkpointing) and tile (train.tiled_mlp: the MLP's intermediates exist for one tile of ~d
-    tokens per row only, in whichever layer runs)."""
+    """Bytes per GPU (module docstring): kept (checkpointed inputs on the GPU), offloaded (on the CPU),
+    held (uncheckpointed layers' saved tensors), working (one recompute + a prefetched input; 0 without
+    checkpointing); train.tiled_mlp: the MLP's intermediates exist for one tile of ~d tokens a row."""
     s = shape(w.model)
     tokens = w.micro_batch_size * w.seq_len
     k, o = layer_split(w, st)
@@ -377,32 +327,6 @@ def efficiency(st: Strategy, world: int) -> tuple[float, str]:
     if st.zero == 3 and world > 1:
         mfu *= ZERO3_MULTI_GPU
     return mfu, source
-
-
-def layer_efficiency(st: Strategy, world: int, layers: int, ckpt_layers: int, offload_layers: int = 0,
-                     tiled: bool = False) -> tuple[float, str]:
-    """MFU with `ckpt_layers` of `layers` recomputed: a token's time is the checkpointed layers' share
-    at the checkpointed MFU plus the rest's at the uncheckpointed one; offloaded layers and the tiled
-    MLP cost their assumed factors (OFFLOAD_ACTIVATIONS_SPEED for all layers, TILED_MLP_SPEED)."""
-    on, source = efficiency(replace(st, grad_ckpt=True), world)
-    off, source_off = efficiency(replace(st, grad_ckpt=False), world)
-    f = ckpt_layers / layers if st.grad_ckpt else 0.0
-    mfu = 1 / (f / on + (1 - f) / off)
-    mfu *= 1 - (1 - OFFLOAD_ACTIVATIONS_SPEED) * offload_layers / layers
-    mfu *= TILED_MLP_SPEED if tiled else 1.0
-    return mfu, source if f == 1 else (source_off if f == 0 else f"{source}; {source_off}: by the layer")
-
-
-def host_memory() -> Optional[float]:
-    """This machine's memory (MemTotal of /proc/meminfo, bytes); None where there is none to read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return float(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def workload_of(recipe, gpus_per_node: int, nodes: int = 1, train_tokens: Optional[float] = None,

@@ -125,9 +125,8 @@ class TrainConfig(_Section):
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping (0 disables).")
     seed: int = Field(42, description="Seed for init, data order and dropout.")
     gradient_checkpointing: Union[bool, int, Literal["auto"]] = Field(
-        "auto", description="Recompute activations in backward: true every decoder layer, false none, N the first "
-                          "(earliest) N layers. auto: as few layers as the planner finds fit the GPU (none when all "
-                          "fit: fastest); RUN_DIR/recipe.yaml records the count.")
+        "auto", description="Recompute activations in backward: true all decoder layers, false none, N the first N. "
+                          "auto: the fewest the planner finds fit (recorded in RUN_DIR/recipe.yaml).")
     fused_loss: Union[bool, Literal["auto"]] = Field(
         "auto", description="Cross entropy through the LM head in chunks, never holding the full logits "
                             "(training/model/loss.py; ~4% slower than the plain loss). auto: the planner keeps the plain "
@@ -138,9 +137,8 @@ class TrainConfig(_Section):
                             "recomputed backward), so its intermediate activations exist for one tile at a time "
                             "(training/model/long_sequence.py). auto: on only when the planner finds nothing fits without it.")
     offload_activations: Union[bool, int, Literal["auto"]] = Field(
-        "auto", description="With gradient checkpointing, keep checkpointed layer inputs in pinned CPU memory until "
-                            "their backward (prefetched one layer ahead): true every checkpointed layer, N the first "
-                            "N. auto: as few layers as the planner finds fit the GPU (from GPU and host memory).")
+        "auto", description="Checkpointed layer inputs in pinned CPU memory until their backward: true all, N the "
+                            "first N. auto: the fewest the planner finds fit the GPU (GPU and host memory).")
     compile: Union[bool, Literal["auto"]] = Field(
         "auto", description="torch.compile each decoder layer (fuses norms, activations and rotary embeddings: "
                             "~1.25x measured; the first step compiles for ~1 min). full/lora at ZeRO 0-2 only. "
@@ -167,29 +165,14 @@ class TrainConfig(_Section):
             raise ValueError("set train.grad_accum or train.global_batch_size, not both")
         if any(not p.strip() for p in self.eval_prompts):
             raise ValueError("eval_prompts: a prompt is empty")
-        for key in ("gradient_checkpointing", "offload_activations"):
-            if type(getattr(self, key)) is int and getattr(self, key) < 0:
-                raise ValueError(f"{key}: a number of layers must be 0 or more (or true, false, auto)")
-        if self.offload_activations not in (False, 0, "auto") and self.gradient_checkpointing in (False, 0):
-            raise ValueError(f"offload_activations: {str(self.offload_activations).lower()} offloads the inputs "
-                             "gradient checkpointing keeps: "
-                             "set train.gradient_checkpointing: true (or auto)")
-        if (type(self.offload_activations) is int and type(self.gradient_checkpointing) is int
-                and self.offload_activations > self.gradient_checkpointing):
-            raise ValueError(f"offload_activations: {self.offload_activations} layers offloaded but only "
-                             f"{self.gradient_checkpointing} checkpointed (train.gradient_checkpointing)")
+        g, o = self.gradient_checkpointing, self.offload_activations   # true / false / auto / N layers
+        if any(type(v) is int and v < 0 for v in (g, o)) or (type(o) is int and type(g) is int and o > g):
+            raise ValueError(f"gradient_checkpointing {g}, offload_activations {o}: layer counts are 0 or more, "
+                             "no more layers offloaded than checkpointed")
+        if o not in (False, 0, "auto") and g in (False, 0):
+            raise ValueError(f"offload_activations: {str(o).lower()} offloads the inputs gradient checkpointing "
+                             "keeps: set train.gradient_checkpointing: true (or auto)")
         return self
-
-    def checkpointed_layers(self, layers: int) -> int:
-        """Decoder layers (the first ones) gradient checkpointing recomputes, of `layers` (auto: all, the
-        rule for a recipe that did not come through the launcher, which resolves it)."""
-        g = self.gradient_checkpointing
-        return min(g, layers) if type(g) is int else (layers if g else 0)
-
-    def offloaded_layers(self, layers: int) -> int:
-        """Checkpointed layers (the first ones) whose input waits in CPU memory (auto: none)."""
-        o, k = self.offload_activations, self.checkpointed_layers(layers)
-        return min(o, k) if type(o) is int else (k if o is True else 0)
 
     def geometry(self, world_size: int) -> "BatchGeometry":
         """The batch geometry of a step on `world_size` ranks: the one place it is computed."""
@@ -354,9 +337,7 @@ class Recipe(_Section):
         return -(-self.data.max_len // self.distributed.sequence_parallel)
 
     def uses_tiled_mlp(self) -> bool:
-        """train.tiled_mlp as run. The launcher resolves auto (the planner tiles only when nothing fits
-        untiled); a recipe that did not come through it (benchmarks) tiles from LONG_TOKENS tokens of a
-        sequence per GPU (tokens_per_gpu), where the MLP's intermediates dominate a layer."""
+        """train.tiled_mlp (the launcher resolves auto; unresolved: on from LONG_TOKENS per GPU)."""
         if self.train.tiled_mlp == "auto":
             return self.tokens_per_gpu() >= LONG_TOKENS
         return bool(self.train.tiled_mlp)

@@ -15,6 +15,7 @@ import yaml
 from conftest import base_recipe
 from test_long_sequence import LLAMA3_8B, built, loss_and_grads, packed_batch, recipe_with
 from zerotune.core.io import GIB
+from zerotune.core.layers import checkpointed_layers
 from zerotune.core.memory import Strategy, Workload
 from zerotune.core.recipe import RecipeError
 from zerotune.core.recipe_load import validate_recipe
@@ -44,7 +45,7 @@ def test_checkpointed_layers_follow_the_gpu_memory_and_recipe_yaml_records_them(
     counts = {}
     for gib in (80, 140, 400):
         t = resolved(r, gib).train
-        counts[gib] = t.checkpointed_layers(32)
+        counts[gib] = checkpointed_layers(t, 32)
         saved = yaml.safe_load(resolved(r, gib).to_yaml())["train"]   # what RUN_DIR/recipe.yaml holds
         assert saved["gradient_checkpointing"] == t.gradient_checkpointing != "auto"
     # more memory, fewer layers recomputed: all at 80 GiB, some at 140 (H200), none at 400
@@ -180,10 +181,11 @@ def test_offloading_some_layers_trains_like_none_at_a_long_sequence(tmp_path):
 
 
 def test_recipe_accepts_layer_counts(tmp_path):
+    from zerotune.core.layers import checkpointed_layers, offloaded_layers
     r = recipe_with(tmp_path, gradient_checkpointing=3, offload_activations=2)
-    assert (r.train.checkpointed_layers(5), r.train.offloaded_layers(5)) == (3, 2)
-    assert validate_recipe(base_recipe(tmp_path, train={"gradient_checkpointing": True})).train.checkpointed_layers(5) == 5
-    with pytest.raises(RecipeError, match="offload_activations: 4 layers offloaded but only 3 checkpointed"):
+    assert (checkpointed_layers(r.train, 5), offloaded_layers(r.train, 5)) == (3, 2)
+    assert checkpointed_layers(validate_recipe(base_recipe(tmp_path, train={"gradient_checkpointing": True})).train, 5) == 5
+    with pytest.raises(RecipeError, match="gradient_checkpointing 3, offload_activations 4: layer counts are 0 or more, no more layers off"):
         recipe_with(tmp_path, gradient_checkpointing=3, offload_activations=4)
-    with pytest.raises(RecipeError, match="gradient_checkpointing: a number of layers must be 0 or more"):
+    with pytest.raises(RecipeError, match="gradient_checkpointing -1, offload_activations False: layer counts are 0 or more"):
         recipe_with(tmp_path, gradient_checkpointing=-1)

@@ -33,6 +33,7 @@ import math
 
 import torch
 
+from zerotune.core.layers import offloaded_layers
 from zerotune.core.long_context import layer_options
 from zerotune.core.recipe import RecipeError
 
@@ -83,7 +84,7 @@ def enable(model, recipe) -> list[str]:
         on.append(f"tiled MLP ({tiles} tiles)")
     if recipe.train.offload_activations not in (False, 0, "auto"):
         layers = decoder_layers(model)
-        count = recipe.train.offloaded_layers(len(layers))
+        count = offloaded_layers(recipe.train, len(layers))
         for layer in layers[:count]:
             if not getattr(layer, "gradient_checkpointing", False) or not hasattr(layer, "_gradient_checkpointing_func"):
                 raise RecipeError("train.offload_activations: the model's layers are not checkpointed "
