@@ -187,5 +187,5 @@ def test_recipe_accepts_layer_counts(tmp_path):
     assert checkpointed_layers(validate_recipe(base_recipe(tmp_path, train={"gradient_checkpointing": True})).train, 5) == 5
     with pytest.raises(RecipeError, match="gradient_checkpointing 3, offload_activations 4: layer counts are 0 or more, no more layers off"):
         recipe_with(tmp_path, gradient_checkpointing=3, offload_activations=4)
-    with pytest.raises(RecipeError, match="gradient_checkpointing -1, offload_activations False: layer counts are 0 or more"):
+    with pytest.raises(RecipeError, match="gradient_checkpointing -1, offload_activations auto: layer counts are 0 or more"):
         recipe_with(tmp_path, gradient_checkpointing=-1)
