@@ -15,7 +15,6 @@ import yaml
 from conftest import base_recipe
 from test_long_sequence import LLAMA3_8B, built, loss_and_grads, packed_batch, recipe_with
 from zerotune.core.io import GIB
-from zerotune.core.layers import checkpointed_layers
 from zerotune.core.memory import Strategy, Workload
 from zerotune.core.recipe import RecipeError
 from zerotune.core.recipe_load import validate_recipe
@@ -41,6 +40,7 @@ def resolved(recipe, gpu_gib: float, host_gib: float = 128):
 
 # ----------------------------------------------------------------------------- the planner
 def test_checkpointed_layers_follow_the_gpu_memory_and_recipe_yaml_records_them(tmp_path):
+    from zerotune.core.layers import checkpointed_layers
     r = llama8b(tmp_path, data={"max_len": 32768}, train={"micro_batch_size": 1})
     counts = {}
     for gib in (80, 140, 400):
