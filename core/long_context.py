@@ -89,19 +89,17 @@ def sp_memory(w: Workload, st: Strategy, sp: int, packed: bool = False, attn: st
     m = estimate_memory(replace(w, seq_len=local), st)
     act = dtype_bytes(w.dtype)
     tokens = w.micro_batch_size * local
-    kept = m["kept"]                 # 0 when offloaded to the CPU
-    working = m["activations"] - kept
+    kept, held, working = m["kept"], m["held"], m["working"]   # core.memory.activation_bytes
     q = s["heads"] * s["head_dim"]
     kv = (max(s["kv_heads"], sp) if sp > 1 else s["kv_heads"]) * s["head_dim"]
-    a2a = 2 * (2 * q + 2 * kv) * act * tokens if sp > 1 else 0.0
-    a2a *= 1 if st.grad_ckpt else s["layers"]
+    a2a = 2 * (2 * q + 2 * kv) * act * tokens if sp > 1 else 0.0   # one layer's
+    k = m["ckpt_layers"]                 # uncheckpointed layers keep theirs, a recompute holds one
+    held, working = held + a2a * (s["layers"] - k), working + (a2a if k else 0.0)
     mask = float(w.micro_batch_size * local * local) * (1 if sp > 1 else 3) if packed and attn == "sdpa" else 0.0
     base = m["params"] + m["grads"] + m["optimizer"] + m["temporary"] + mask
-    if st.grad_ckpt:
-        total = base + kept + max(m["logits"], working + a2a)
-    else:
-        total = base + working + a2a + m["logits"]
-    return {**m, "activations": kept + working + a2a, "all_to_all": a2a, "mask": mask, "total": total,
+    total = base + kept + max(held + m["logits"], working)
+    return {**m, "activations": kept + held + working, "held": held, "working": working,
+            "all_to_all": a2a * ((s["layers"] - k) + (1 if k else 0)), "mask": mask, "total": total,
             "local_tokens": tokens}
 
 
@@ -119,3 +117,15 @@ def sp_candidates(w: Workload) -> list[int]:
     """SP degrees to try: divisors of the GPUs of a node that also split the attention heads."""
     return [n for n in range(1, w.gpus_per_node + 1)
             if w.gpus_per_node % n == 0 and (n == 1 or heads_problem(w.model, n) is None)]
+
+
+def layer_options(recipe) -> list[str]:
+    """What makes a decoder layer more than plain compute in this (resolved) run: sequence parallelism,
+    the tiled MLP, checkpoints offloaded to CPU memory (training/model/long_sequence.py). The rank logs
+    them; train.compile leaves such layers alone (launcher/prepare.py compile_choice, build.py)."""
+    sp, t = recipe.distributed.sequence_parallel, recipe.train
+    o = t.offload_activations
+    return ([f"sequence parallel {sp}"] if sp > 1 else []) + \
+        (["tiled MLP"] if recipe.uses_tiled_mlp() else []) + \
+        ([f"checkpointed activations on CPU{'' if o is True else f' (first {o} layers)'}"]
+         if o is True or (type(o) is int and o > 0 and t.gradient_checkpointing not in (False, 0)) else [])

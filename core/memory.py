@@ -7,8 +7,13 @@ The memory model (bytes, per GPU; N parameters, W GPUs, B x S tokens per micro-b
   gradients    2N or 4N; ZeRO-2/3 shard them (/W); with offload_optimizer they go to CPU
   optimizer    AdamW in mixed precision: fp32 master + m + v = 12N (ZeRO paper's K=12); 8N in
                fp32; 8-bit AdamW: master + 2 bytes. ZeRO-1/2/3 shard them (/W); offload: on CPU
-  activations  with gradient checkpointing: each layer's input (B S d) is kept, plus one layer's
-               working set while it is recomputed; without: every layer's working set.
+  activations  gradient checkpointing by the layer: of L decoder layers the first k are checkpointed
+               (each keeps only its input, B S d; the first o of those keep it in pinned CPU memory,
+               train.offload_activations, plus one prefetched copy on the GPU), the other L - k keep
+               their whole working set; one checkpointed layer's working set exists while it is
+               recomputed. The earliest layers are the ones checkpointed: the backward frees the
+               later, uncheckpointed layers' activations before it reaches them, so a recompute
+               never meets those (and an offloaded input has the whole forward and backward to move).
                Working set of a Llama-style layer, per token: (11 d + 4 ff + 2 kv) x act bytes
                (norm inputs in fp32, q, rotated q/k, repeated k/v, attention out, gate, up,
                silu(gate), gate*up); LoRA adds, for every adapted linear, its dropout output
@@ -26,8 +31,12 @@ The memory model (bytes, per GPU; N parameters, W GPUs, B x S tokens per micro-b
                ZeRO-3, the gathered LM-head/embedding weight and its gradient.
 
   total = parameters + gradients + optimizer + temporary + kept activations
-          + max(logits, one layer's working set)   (the loss and a layer's recomputation
-                                                     never hold memory at the same time)
+          + max(uncheckpointed layers' activations + logits, one layer's working set)
+            (the loss and a layer's recomputation never hold memory at the same time)
+
+The planner (launcher/plan.py) resolves the `auto`s from this: the fewest checkpointed layers
+that fit, the MLP tiled only when nothing fits untiled, the fewest offloaded layers only when
+nothing fits on the GPU; tokens/s follow the fraction of layers recomputed (core/layers.py).
 
 LoRA / QLoRA on zerotune's path (training/model/build.py + training/run/engine.py, bf16 recipe). peft
 creates the adapters in fp32, and for QLoRA peft's prepare_model_for_kbit_training upcasts every
@@ -64,6 +73,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Optional
 
+from .estimate import Estimate  # noqa: F401  (the planner's row; core/estimate.py)
 from .families import choose_attention
 from .flops import linear_shapes, num_params, shape
 from .io import GIB, read_model_config
@@ -74,7 +84,8 @@ RESERVED = 2.5 * GIB               # CUDA context, NCCL buffers, allocator fragm
 LOGIT_BYTES = 12                   # per logit element, see the module docstring
 FUSED_CHUNK = 4096                 # tokens per chunk of the chunked loss (training/model/loss.py CHUNK_TOKENS)
 FUSED_LOSS_SPEED = 0.96            # its tokens/s relative to the plain loss (measured 0.94-0.97, H200)
-OFFLOAD_ACTIVATIONS_SPEED = 0.9    # train.offload_activations: ASSUMED (not measured), a copy each way per layer
+OFFLOAD_ACTIVATIONS_SPEED = 0.9    # train.offload_activations, every layer: ASSUMED (not measured), a copy each way
+TILED_MLP_SPEED = 0.97             # train.tiled_mlp: ASSUMED (not measured), the MLP's forward once more a layer
 # model.kernels: liger (training/model/kernels.py) for these config model_types (RMSNorm + SwiGLU + RoPE)
 LIGER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 # MFU per strategy on one GPU, zerotune's own path through `zerotune train` (benchmarks/bench.py,
@@ -135,29 +146,6 @@ class Strategy:
 
 
 @dataclass
-class Estimate:
-    strategy: Strategy
-    params: float
-    grads: float
-    optimizer: float
-    activations: float          # kept (checkpoints) + one layer's working set
-    logits: float
-    temporary: float
-    total: float                # per GPU, bytes
-    cpu_per_node: float         # offloaded states, bytes
-    fits: bool
-    tokens_per_s: float         # per GPU
-    mfu: float
-    mfu_source: str
-    fused_loss: bool = False    # the chunked loss (set by the launcher's auto choice)
-    offload_activations: bool = False   # checkpointed layer inputs in CPU memory (idem)
-    hours: Optional[float] = None
-    gpu_hours: Optional[float] = None
-    cost: Optional[float] = None
-    why_not: str = ""
-
-
-@dataclass
 class Workload:
     """What the estimate needs to know about a run."""
     model: dict                  # Hugging Face config.json
@@ -178,7 +166,8 @@ class Workload:
     fused_loss: bool = False     # the chunked loss: the full logits are never held
     sequence_parallel: int = 1   # GPUs sharing one sequence: each holds seq_len / N tokens (core/long_context.py)
     tiled_mlp: bool = False      # train.tiled_mlp: the MLP's intermediates exist for one tile of tokens
-    offload_activations: bool = False   # train.offload_activations: checkpointed layer inputs in CPU memory
+    offload_activations: object = False  # train.offload_activations: True all checkpointed inputs on the CPU, N the first N
+    ckpt_layers: Optional[int] = None    # with Strategy.grad_ckpt: the first N layers checkpointed (None: all)
     async_save: bool = False     # checkpoint.async_save: a save's snapshot waits in CPU memory (core/checkpoint_cost.py)
     packed: bool = False; attn: str = "sdpa"   # data.packing, model.attn_implementation: sdpa's packed-row mask
     kernels: str = "none"        # model.kernels as resolved: "liger" counts its savings (module docstring)
@@ -240,24 +229,32 @@ def loss_bytes(w: Workload, tokens: int, vocab: int, d: int, act: int) -> float:
     return 8 * min(tokens, FUSED_CHUNK) * vocab + vocab * d * (4 + act) + tokens * d * act
 
 
-def activation_bytes(w: Workload, st: Strategy, act: int) -> tuple[float, float, float]:
-    """(kept on the GPU, kept in CPU memory, working set) of the activations, bytes per GPU.
-    Kept: each layer's input under gradient checkpointing (train.offload_activations moves it
-    to the CPU). Working: one layer's backward with checkpointing, every layer's without; with
-    train.tiled_mlp the MLP's intermediates exist for one tile of ~d tokens per row only."""
+def layer_split(w: Workload, st: Strategy) -> tuple[int, int]:
+    """(checkpointed, offloaded) decoder layers of the workload under `st` (module docstring)."""
+    layers = shape(w.model)["layers"]
+    k = (layers if w.ckpt_layers is None else max(0, min(w.ckpt_layers, layers))) if st.grad_ckpt else 0
+    o = w.offload_activations
+    return k, min(k, o if type(o) is int else (k if o else 0))
+
+
+def activation_bytes(w: Workload, st: Strategy, act: int) -> dict:
+    """Bytes per GPU (module docstring): kept (checkpointed inputs on the GPU), offloaded (on the CPU),
+    held (uncheckpointed layers' saved tensors), working (one recompute + a prefetched input; 0 without
+    checkpointing); train.tiled_mlp: the MLP's intermediates exist for one tile of ~d tokens a row."""
     s = shape(w.model)
     tokens = w.micro_batch_size * w.seq_len
-    kept = (s["layers"] * s["d"] * act * tokens) if st.grad_ckpt else 0.0
+    k, o = layer_split(w, st)
+    x = s["d"] * act * tokens                   # one layer's input
     per_token = layer_working_bytes(w, st.method, act)
     mlp = 4 * s["ff"] * act              # gate, up, act(gate) and their product, per token
     tile = 0.0
     if w.tiled_mlp:
         per_token -= mlp
         tile = mlp * min(tokens, w.micro_batch_size * s["d"])
-    working = per_token * tokens * (1 if st.grad_ckpt else s["layers"]) + tile
-    if w.offload_activations:
-        return 0.0, kept, working
-    return kept, 0.0, working
+    held = (s["layers"] - k) * per_token * tokens + (tile if k < s["layers"] else 0.0)
+    working = (per_token * tokens + tile + (x if o else 0.0)) if k else 0.0
+    return {"kept": (k - o) * x, "offloaded": o * x, "held": held, "working": working, "ckpt_layers": k,
+            "offload_layers": o}
 
 
 def estimate_memory(w: Workload, st: Strategy) -> dict:
@@ -301,18 +298,19 @@ def estimate_memory(w: Workload, st: Strategy) -> dict:
         params += ab * trainable
         grads = ab * trainable
         optim = (master + (2 if eight_bit else 8)) * trainable
-    kept, offloaded, working = activation_bytes(w, st, act)
-    cpu += offloaded
+    a = activation_bytes(w, st, act)
+    kept, held, working = a["kept"], a["held"], a["working"]
+    cpu += a["offloaded"]
     if st.method == "qlora":  # the largest 4-bit weight, dequantised to bf16 for its matmul
-        working += 2 * max(i * o for i, o in linear_shapes(w.model))
+        deq = 2 * max(i * o for i, o in linear_shapes(w.model))
+        held += deq if a["ckpt_layers"] < s["layers"] else 0.0
+        working += deq if working else 0.0
     liger_loss = w.kernels == "liger" and st.zero < 3   # liger's fused linear cross entropy, counted as chunked
     logits = loss_bytes(replace(w, fused_loss=True) if liger_loss else w, tokens, V, d, act)
-    if st.grad_ckpt:
-        total = params + grads + optim + temp + kept + max(logits, working)
-    else:
-        total = params + grads + optim + temp + working + logits
-    return {"params": params, "grads": grads, "optimizer": optim, "activations": kept + working, "kept": kept,
-            "logits": logits, "temporary": temp, "total": total,
+    total = params + grads + optim + temp + kept + max(held + logits, working)
+    return {"params": params, "grads": grads, "optimizer": optim, "activations": kept + held + working,
+            "kept": kept, "held": held, "working": working, "ckpt_layers": a["ckpt_layers"],
+            "offload_layers": a["offload_layers"], "logits": logits, "temporary": temp, "total": total,
             "cpu_per_node": cpu * w.gpus_per_node, "trainable": trainable}
 
 
@@ -334,7 +332,7 @@ def efficiency(st: Strategy, world: int) -> tuple[float, str]:
 def workload_of(recipe, gpus_per_node: int, nodes: int = 1, train_tokens: Optional[float] = None,
                 data_note: str = "") -> Workload:
     """The Workload of a recipe: model shape, precision, batch geometry and method settings."""
-    m, config = recipe.method, read_model_config(recipe.model.path)
+    m, t, config = recipe.method, recipe.train, read_model_config(recipe.model.path)
     attn = choose_attention(config, recipe.model.attn_implementation, cuda=True)   # auto: the family's kernel
     return Workload(model=config, dtype=recipe.model.dtype,
                     micro_batch_size=recipe.train.micro_batch_size, seq_len=recipe.data.max_len,
@@ -344,6 +342,8 @@ def workload_of(recipe, gpus_per_node: int, nodes: int = 1, train_tokens: Option
                     train_tokens=train_tokens, data_note=data_note,
                     fused_loss=recipe.train.fused_loss and m.kind in ("full", "lora", "qlora"),
                     sequence_parallel=recipe.distributed.sequence_parallel, packed=recipe.data.packing,
-                    tiled_mlp=recipe.uses_tiled_mlp(), offload_activations=recipe.train.offload_activations is True,
+                    tiled_mlp=t.tiled_mlp is True,   # auto: the planner decides (launcher/plan.py)
+                    offload_activations=False if t.offload_activations == "auto" else t.offload_activations,
+                    ckpt_layers=t.gradient_checkpointing if type(t.gradient_checkpointing) is int else None,
                     async_save=recipe.checkpoint.async_save,
                     attn="sdpa" if attn == "auto" else attn, kernels=recipe.model.kernels)

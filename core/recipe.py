@@ -123,9 +123,9 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping (0 disables).")
     seed: int = Field(42, description="Seed for init, data order and dropout.")
-    gradient_checkpointing: Union[bool, Literal["auto"]] = Field(
-        "auto", description="Recompute activations in backward. auto: off when the planner finds it fits the GPU "
-                          "(faster), on otherwise; RUN_DIR/recipe.yaml records the choice.")
+    gradient_checkpointing: Union[bool, int, Literal["auto"]] = Field(
+        "auto", description="Recompute activations in backward: true all decoder layers, false none, N the first N. "
+                          "auto: the fewest the planner finds fit (recorded in RUN_DIR/recipe.yaml).")
     fused_loss: Union[bool, Literal["auto"]] = Field(
         "auto", description="Cross entropy through the LM head in chunks, never holding the full logits "
                             "(training/model/loss.py; ~4% slower than the plain loss). auto: the planner keeps the plain "
@@ -134,10 +134,10 @@ class TrainConfig(_Section):
     tiled_mlp: Union[bool, Literal["auto"]] = Field(
         "auto", description="Run each layer's MLP over the sequence in tiles of hidden_size tokens (forward and "
                             "recomputed backward), so its intermediate activations exist for one tile at a time "
-                            "(training/model/long_sequence.py). auto: on when a GPU holds 16k+ tokens of a sequence.")
-    offload_activations: Union[bool, Literal["auto"]] = Field(
-        "auto", description="With gradient checkpointing, keep each layer's checkpointed input in CPU memory until "
-                            "its backward. auto: the planner turns it on only when nothing fits without it.")
+                            "(training/model/long_sequence.py). auto: on only when the planner finds nothing fits without it.")
+    offload_activations: Union[bool, int, Literal["auto"]] = Field(
+        "auto", description="Checkpointed layer inputs in pinned CPU memory until their backward: true all, N the "
+                            "first N. auto: the fewest the planner finds fit the GPU (GPU and host memory).")
     compile: Union[bool, Literal["auto"]] = Field(
         "auto", description="torch.compile each decoder layer (fuses norms, activations and rotary embeddings: "
                             "~1.25x measured; the first step compiles for ~1 min). full/lora at ZeRO 0-2 only. "
@@ -168,9 +168,13 @@ class TrainConfig(_Section):
             raise ValueError("set train.grad_accum or train.global_batch_size, not both")
         if any(not p.strip() for p in self.eval_prompts):
             raise ValueError("eval_prompts: a prompt is empty")
-        if self.offload_activations is True and self.gradient_checkpointing is False:
-            raise ValueError("offload_activations: true offloads the inputs gradient checkpointing keeps: "
-                             "set train.gradient_checkpointing: true (or auto)")
+        g, o = self.gradient_checkpointing, self.offload_activations   # true / false / auto / N layers
+        if any(type(v) is int and v < 0 for v in (g, o)) or (type(o) is int and type(g) is int and o > g):
+            raise ValueError(f"gradient_checkpointing {g}, offload_activations {o}: layer counts are 0 or more, "
+                             "no more layers offloaded than checkpointed")
+        if o not in (False, 0, "auto") and g in (False, 0):
+            raise ValueError(f"offload_activations: {str(o).lower()} offloads the inputs gradient checkpointing "
+                             "keeps: set train.gradient_checkpointing: true (or auto)")
         return self
 
     def geometry(self, world_size: int) -> "BatchGeometry":
@@ -336,8 +340,7 @@ class Recipe(_Section):
         return -(-self.data.max_len // self.distributed.sequence_parallel)
 
     def uses_tiled_mlp(self) -> bool:
-        """train.tiled_mlp with auto decided: on when one GPU holds LONG_TOKENS or more tokens of a
-        sequence (tokens_per_gpu), where the MLP's intermediates dominate a layer."""
+        """train.tiled_mlp (the launcher resolves auto; unresolved: on from LONG_TOKENS per GPU)."""
         if self.train.tiled_mlp == "auto":
             return self.tokens_per_gpu() >= LONG_TOKENS
         return bool(self.train.tiled_mlp)

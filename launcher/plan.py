@@ -9,18 +9,20 @@ import json
 from dataclasses import asdict, replace
 from typing import Optional
 
-from zerotune.core.flops import flops_per_token, num_params, shape
+from zerotune.core.flops import num_params, shape
 from zerotune.core.checkpoint_cost import WRITE_BYTES_PER_S, checkpoint_bytes, save_seconds
 from zerotune.core.flops import PEAK_TFLOPS
-from zerotune.core.io import GIB, parse_size
-from zerotune.core.long_context import gpu_memory_of, sp_candidates
+from zerotune.core.io import GIB
+from zerotune.core.long_context import sp_candidates
 from zerotune.core.memory import (DEFAULT_CPU_MEMORY, DEFAULT_GPU_MEMORY, FUSED_LOSS_SPEED, OFFLOAD_ACTIVATIONS_SPEED,  # noqa: F401
-                                  RESERVED, Estimate,
-                                  Strategy, Workload, efficiency, estimate_memory, workload_of)
+                                  RESERVED, Estimate, Strategy, Workload, efficiency, estimate_memory,  # noqa: F401
+                                  workload_of)
 from zerotune.core.recipe import Recipe, RecipeError
 from zerotune.core.recipe_load import load_recipe, validate_recipe
 
 from .data_size import estimate_train_tokens
+from .plan_layers import (ALL_LEVERS, Levers, estimate, fit_layers, fits_memory, longest_sequence,  # noqa: F401
+                          planned_cpu_memory, sequence_problem)
 
 MAX_AUTO_MICRO_BATCH = 64   # train.micro_batch_size: auto tries no larger micro-batch
 
@@ -58,28 +60,12 @@ def alternatives(method: str) -> list[Strategy]:
 
 
 def plan(w: Workload, method: str, gpu_memory: float = DEFAULT_GPU_MEMORY, cpu_memory: float = DEFAULT_CPU_MEMORY,
-         price: Optional[float] = None, gpu_type: str = "h100", only: Optional[list[Strategy]] = None) -> list[Estimate]:
-    """An estimate for every strategy of `method` (and the PEFT alternatives), or for `only`."""
-    peak = PEAK_TFLOPS[gpu_type] * 1e12
-    fpt = flops_per_token(w.model, w.seq_len)
-    rows = []
-    for st in only if only is not None else strategies(method) + alternatives(method):
-        m = gpu_memory_of(w, st)
-        mfu, source = efficiency(st, w.world)
-        tps = mfu * peak / fpt
-        why = []
-        if m["total"] > gpu_memory - RESERVED:
-            why.append(f"needs {m['total'] / GIB:.1f} GiB per GPU, {(gpu_memory - RESERVED) / GIB:.1f} usable")
-        if m["cpu_per_node"] > cpu_memory * 0.9:
-            why.append(f"needs {m['cpu_per_node'] / GIB:.0f} GiB CPU memory per node")
-        e = Estimate(st, m["params"], m["grads"], m["optimizer"], m["activations"], m["logits"], m["temporary"],
-                     m["total"], m["cpu_per_node"], not why, tps, mfu, source, why_not="; ".join(why))
-        if w.train_tokens:
-            e.hours = w.train_tokens / (tps * w.world) / 3600
-            e.gpu_hours = e.hours * w.world
-            e.cost = e.gpu_hours * price if price is not None else None
-        rows.append(e)
-    return rows
+         price: Optional[float] = None, gpu_type: str = "h100", only: Optional[list[Strategy]] = None,
+         levers: Levers = Levers()) -> list[Estimate]:
+    """An estimate for every strategy of `method` (and the PEFT alternatives), or for `only`, with
+    `levers` chosen per strategy (fit_layers)."""
+    return [estimate(w, st, gpu_memory, cpu_memory, price, gpu_type, levers)
+            for st in (only if only is not None else strategies(method) + alternatives(method))]
 
 
 def recommend(rows: list[Estimate], method: str, grad_ckpt: Optional[bool] = None) -> Optional[Estimate]:
@@ -97,28 +83,25 @@ def workload(recipe: Recipe, gpus_per_node: int, nodes: int) -> Workload:
 
 def candidates(recipe: Recipe, w: Workload, gpu_memory: float, cpu_memory: float) -> list[Estimate]:
     """Every estimate `auto` may pick: the recipe's method; its offload flags stay on; a fixed
-    ZeRO stage, checkpointing or loss stays as given. Rows with the chunked loss carry
-    FUSED_LOSS_SPEED in their tokens/s (it is that much slower than the plain loss), rows with
-    offloaded activations OFFLOAD_ACTIVATIONS_SPEED (so auto offloads only what cannot fit)."""
+    ZeRO stage, checkpointing or loss stays as given; checkpointed layers, tiling and offloaded
+    layers as fit_layers chooses them where auto. Rows with the chunked loss carry
+    FUSED_LOSS_SPEED in their tokens/s (it is that much slower than the plain loss)."""
     d, t, method = recipe.distributed, recipe.train, recipe.method.kind
     fused_choices = [False, True] if t.fused_loss == "auto" else [bool(t.fused_loss)]
     if method not in ("full", "lora", "qlora"):
         fused_choices = [False]
-    gcs = [True, False] if t.gradient_checkpointing == "auto" else [t.gradient_checkpointing]
+    gcs = [True, False] if t.gradient_checkpointing == "auto" else [bool(t.gradient_checkpointing)]
     if d.zero == "auto":
         sts = [s for s in strategies(method) if s.grad_ckpt in gcs and (s.offload_optimizer or not d.offload_optimizer)
                and (s.offload_params or not d.offload_params)]
     else:
         sts = [Strategy(method, d.zero, d.offload_optimizer, d.offload_params, gc) for gc in gcs]
-    offload_choices = [False, True] if t.offload_activations == "auto" else [t.offload_activations]
     rows = []
     for fused in fused_choices:
-        for offload in offload_choices:
-            w_ = replace(w, fused_loss=fused, offload_activations=offload)
-            for r in plan(w_, method, gpu_memory, cpu_memory, only=[s for s in sts if s.grad_ckpt or not offload]):
-                r.fused_loss, r.offload_activations = fused, offload
-                r.tokens_per_s *= (FUSED_LOSS_SPEED if fused else 1.0) * (OFFLOAD_ACTIVATIONS_SPEED if offload else 1.0)
-                rows.append(r)
+        for r in plan(replace(w, fused_loss=fused), method, gpu_memory, cpu_memory, only=sts, levers=Levers.of(t)):
+            r.fused_loss = fused
+            r.tokens_per_s *= FUSED_LOSS_SPEED if fused else 1.0
+            rows.append(r)
     return rows
 
 
@@ -130,25 +113,30 @@ def choose(recipe: Recipe, gpus_per_node: int, nodes: int = 1, gpu_memory: float
     w = workload(recipe, gpus_per_node, nodes)
     method = recipe.method.kind
     rows = candidates(recipe, w, gpu_memory, cpu_memory)
+    if recipe.train.tiled_mlp == "auto" and recommend([r for r in rows if not r.tiled_mlp], method):
+        rows = [r for r in rows if not r.tiled_mlp]   # the MLP tiled only when nothing fits untiled
     best = recommend(rows, method)
     if best is None and recipe.distributed.zero != "auto" and recipe.train.gradient_checkpointing != "auto":
         return min(rows, key=lambda r: r.total)   # only the loss / offload was left to choose: the smaller one
     if best is None:
+        too_long = sequence_problem(recipe, w, gpu_memory, cpu_memory, strategies(recipe.method.kind))
+        if too_long:
+            raise RecipeError(too_long)
         smallest = min(rows, key=lambda r: r.total)
         keys = [k for k, v in (("distributed.zero", recipe.distributed.zero),
                                ("train.gradient_checkpointing", recipe.train.gradient_checkpointing)) if v == "auto"]
-        other = recommend(plan(w, method, gpu_memory, cpu_memory), method)   # with the fixed keys let go
-        hint = (" ".join(f"--set {o}" for o in other.strategy.overrides()) + " fits" if other else
+        other = recommend(plan(w, method, gpu_memory, cpu_memory, levers=ALL_LEVERS), method)   # the fixed keys let go
+        hint = (" ".join(f"--set {o}" for o in other.overrides()) + " fits" if other else
                 sp_hint(w, method, gpu_memory, cpu_memory) + "; or add GPUs, lower train.micro_batch_size or "
                 "data.max_len, or use method.kind: lora / qlora")
         raise RecipeError(
             f"{' and '.join(keys)}: auto: no strategy fits {recipe.model.path} on {w.world} GPU(s) of "
-            f"{gpu_memory / GIB:.1f} GiB: the smallest, {smallest.strategy.label}, {smallest.why_not}; {hint}")
+            f"{gpu_memory / GIB:.1f} GiB: the smallest, {smallest.label}, {smallest.why_not}; {hint}")
     return best
 
 
 def pick_micro_batch(recipe: Recipe, gpus_per_node: int, nodes: int = 1,
-                     gpu_memory: float = DEFAULT_GPU_MEMORY) -> Recipe:
+                     gpu_memory: float = DEFAULT_GPU_MEMORY, cpu_memory: float = DEFAULT_CPU_MEMORY) -> Recipe:
     """train.micro_batch_size: auto -> the micro-batch (a divisor of global_batch_size per replica,
     at most MAX_AUTO_MICRO_BATCH) whose fastest fitting strategy is fastest; ties go to the larger.
     Gradient accumulation fills the rest of global_batch_size. Nothing fits: 1 (choose says why)."""
@@ -166,7 +154,7 @@ def pick_micro_batch(recipe: Recipe, gpus_per_node: int, nodes: int = 1,
         data["train"]["micro_batch_size"] = mbs
         candidate = validate_recipe(data, source="resolved recipe")
         try:
-            e = choose(candidate, gpus_per_node, nodes, gpu_memory)
+            e = choose(candidate, gpus_per_node, nodes, gpu_memory, cpu_memory)
         except RecipeError:
             continue
         if e.fits and (best_key is None or (round(e.tokens_per_s, 6), mbs) > best_key):
@@ -203,19 +191,19 @@ def check_fits(recipe: Recipe, gpus_per_node: int, nodes: int = 1, gpu_memory: f
     w = workload(recipe, gpus_per_node, nodes)
     d = recipe.distributed
     st = Strategy(recipe.method.kind, recipe.zero_stage(), d.offload_optimizer, d.offload_params,
-                  recipe.train.gradient_checkpointing)
-    m = gpu_memory_of(w, st)
-    mfu, source = efficiency(st, w.world)
-    e = Estimate(st, m["params"], m["grads"], m["optimizer"], m["activations"], m["logits"], m["temporary"],
-                 m["total"], m["cpu_per_node"], True, 0.0, mfu, source)
-    if m["total"] > gpu_memory - RESERVED or m["cpu_per_node"] > cpu_memory * 0.9:
-        better = recommend(plan(w, recipe.method.kind, gpu_memory, cpu_memory), recipe.method.kind)
-        hint = ("; " + " ".join(f"--set {o}" for o in better.strategy.overrides()) + " fits") if better else ""
+                  bool(recipe.train.gradient_checkpointing))
+    e = estimate(w, st, gpu_memory, cpu_memory, levers=Levers.of(recipe.train))
+    if not e.fits:
+        too_long = sequence_problem(recipe, w, gpu_memory, cpu_memory, strategies(recipe.method.kind))
+        if too_long:
+            raise RecipeError(too_long)
+        better = recommend(plan(w, recipe.method.kind, gpu_memory, cpu_memory, levers=ALL_LEVERS), recipe.method.kind)
+        hint = ("; " + " ".join(f"--set {o}" for o in better.overrides()) + " fits") if better else ""
         if better is None:
             hint = "; " + sp_hint(w, recipe.method.kind, gpu_memory, cpu_memory)
         raise RecipeError(
-            f"{st.label} needs about {m['total'] / GIB:.1f} GiB per GPU (usable: {(gpu_memory - RESERVED) / GIB:.1f} "
-            f"GiB) and {m['cpu_per_node'] / GIB:.0f} GiB CPU memory per node: it will not fit{hint} "
+            f"{e.label} needs about {e.total / GIB:.1f} GiB per GPU (usable: {(gpu_memory - RESERVED) / GIB:.1f} "
+            f"GiB) and {e.cpu_per_node / GIB:.0f} GiB CPU memory per node: it will not fit{hint} "
             f"(see `zerotune plan`, or --gpu-memory if your GPUs are larger)")
     return e
 
@@ -228,7 +216,8 @@ def add_arguments(p) -> None:
     p.add_argument("--nodes", type=int, default=None, help="nodes (default: cluster.nodes)")
     p.add_argument("--gpu-memory", default=None, help="memory of one GPU (default: the local GPUs' (nvidia-smi), "
                    "else cluster.gpu_memory, else 80GB, assumed)")
-    p.add_argument("--cpu-memory", default=None, help="CPU memory per node (default: cluster.mem or 512GB)")
+    p.add_argument("--cpu-memory", default=None, help="CPU memory per node (default: cluster.mem, else this "
+                   "machine's (/proc/meminfo) when its GPUs are planned for, else 512GB)")
     p.add_argument("--gpu-type", default="h100", choices=sorted(PEAK_TFLOPS), help="for peak FLOP/s (default h100)")
     p.add_argument("--price", type=float, default=None, help="price of one GPU-hour, for the cost column")
     p.add_argument("--json", action="store_true", help="print the estimates as JSON")
@@ -246,17 +235,20 @@ def _hours(h: Optional[float]) -> str:
     return f"{h * 60:.0f}m" if h < 1 else f"{h:.1f}h"
 
 
-def format_table(rows: list[Estimate], w: Workload, best: Optional[Estimate], gpu_memory: float) -> str:
+def format_table(rows: list[Estimate], w: Workload, best: Optional[Estimate], gpu_memory: float,
+                 longest: Optional[dict] = None) -> str:
+    """The table; `longest`: {strategy: (tokens on the GPU alone, tokens with host offload)}, a column."""
     head = ["strategy", "params", "grads", "optim", "activ", "logits", "temp", "GPU GiB", "CPU GiB/node",
-            "fits", "tok/s/GPU", "time", "GPU-h", "cost"]
+            "fits", "tok/s/GPU", "time", "GPU-h", "cost"] + (["longest seq GPU / +host"] if longest else [])
     lines = [head]
     for r in rows:
-        lines.append([r.strategy.label, _gib(r.params), _gib(r.grads), _gib(r.optimizer), _gib(r.activations),
+        lines.append([r.label, _gib(r.params), _gib(r.grads), _gib(r.optimizer), _gib(r.activations),
                       _gib(r.logits), _gib(r.temporary), _gib(r.total), _gib(r.cpu_per_node),
                       "yes" if r.fits else "NO", f"{r.tokens_per_s:,.0f}", _hours(r.hours),
                       (f"{r.gpu_hours:.1f}" if r.gpu_hours >= 10 else f"{r.gpu_hours:.2f}")
                       if r.gpu_hours is not None else "?",
-                      f"{r.cost:,.2f}" if r.cost is not None else "-"])
+                      f"{r.cost:,.2f}" if r.cost is not None else "-"] +
+                     ([" / ".join(f"{n:,}" for n in longest[r.strategy])] if longest else []))
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     out = ["  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(row)) for row in lines]
     s = shape(w.model)
@@ -269,17 +261,23 @@ def format_table(rows: list[Estimate], w: Workload, best: Optional[Estimate], gp
     out.insert(2, "")
     misfits = [r for r in rows if not r.fits]
     if misfits:
-        width = max(len(r.strategy.label) for r in misfits)
-        out += ["", "why NO:"] + [f"  {r.strategy.label.ljust(width)}  {r.why_not}" for r in misfits]
+        width = max(len(r.label) for r in misfits)
+        out += ["", "why NO:"] + [f"  {r.label.ljust(width)}  {r.why_not}" for r in misfits]
     out.append("")
-    out.append("GPU GiB = params + grads + optim + temp + kept activations + max(logits, one layer's recompute);"
+    if longest:
+        out.append("longest seq: the longest data.max_len one sample fits at, the planner free to checkpoint by "
+                   "the layer and tile the MLP (GPU), and also to offload checkpoints to CPU memory (+host).")
+    out.append("ckpt k/L: the first k of L decoder layers checkpointed (recomputed), the fewest that fit where "
+               "train.gradient_checkpointing is auto; the rest keep their activations.")
+    out.append("GPU GiB = params + grads + optim + temp + kept activations + max(uncheckpointed layers' activations "
+               "+ logits, one layer's recompute);"
                f" fits leaves {RESERVED / GIB:.1f} GiB for CUDA/NCCL." +
                (" CPU GiB/node includes a background save's snapshot (checkpoint.async_save)." if w.async_save else ""))
     out.append("Speed from MFUs zerotune measured on one H200 (core/memory.py MEASURED, benchmarks/results/);"
                " rows without a measurement use the older peer calibration or assumed values.")
     if best is not None:
-        out.append(f"recommended: {best.strategy.label} ({best.tokens_per_s:,.0f} tokens/s/GPU, "
-                   f"{_gib(best.total)} GiB per GPU)  ->  " + " ".join(f"--set {o}" for o in best.strategy.overrides()))
+        out.append(f"recommended: {best.label} ({best.tokens_per_s:,.0f} tokens/s/GPU, "
+                   f"{_gib(best.total)} GiB per GPU)  ->  " + " ".join(f"--set {o}" for o in best.overrides()))
     else:
         out.append("recommended: nothing fits; add GPUs or nodes, lower micro_batch_size or max_len, or use LoRA/QLoRA")
     return "\n".join(out)
@@ -301,20 +299,23 @@ def run(args) -> int:
     nodes = args.nodes or recipe.cluster.nodes
     gpu = planned_gpu_memory(recipe, args.gpu_memory)
     gpu_memory = gpu.bytes
-    recipe = pick_micro_batch(recipe, gpus, nodes, gpu_memory)   # train.micro_batch_size: auto
-    cpu_text = args.cpu_memory or (recipe.cluster.mem if recipe.cluster.mem not in (None, "0") else None)
-    cpu_memory = parse_size(cpu_text) if cpu_text else DEFAULT_CPU_MEMORY
+    cpu_memory = planned_cpu_memory(recipe, args.cpu_memory, local=gpu.where == "gpus")
+    recipe = pick_micro_batch(recipe, gpus, nodes, gpu_memory, cpu_memory)   # train.micro_batch_size: auto
     w = workload(recipe, gpus, nodes)
-    rows = plan(w, recipe.method.kind, gpu_memory, cpu_memory, args.price, args.gpu_type)
+    rows = plan(w, recipe.method.kind, gpu_memory, cpu_memory, args.price, args.gpu_type, levers=Levers.of(recipe.train))
     best = recommend(rows, recipe.method.kind)
+    longest = {r.strategy: tuple(longest_sequence(w, r.strategy, gpu_memory, cpu_memory, host)[0]
+                                 for host in (False, True)) for r in rows}
     if args.json:
         print(json.dumps({"workload": {k: v for k, v in asdict(w).items() if k != "model"},
                           "recommended": best.strategy.label if best else None,
-                          "rows": [{**asdict(r), "strategy": r.strategy.label, **asdict(r.strategy)} for r in rows]},
+                          "rows": [{**asdict(r), "strategy": r.label, **asdict(r.strategy),
+                                    "longest_seq_gpu": longest[r.strategy][0],
+                                    "longest_seq_host": longest[r.strategy][1]} for r in rows]},
                          indent=1))
     else:
         print(f"GPU memory: {gpu.describe()}")
-        print(format_table(rows, w, best, gpu_memory))
+        print(format_table(rows, w, best, gpu_memory, longest))
         if best is None:
             print(f"long sequences: {sp_hint(w, recipe.method.kind, gpu_memory, cpu_memory)}")
         else:

@@ -18,7 +18,7 @@ from zerotune.core.families import choose_attention, zero3_problem
 from zerotune.core.io import atomic_write
 from zerotune.core import quiet, runlock
 from zerotune.core.layout import DS_CONFIG_FILE, LAUNCHER_LOG, LOGS_DIR, RECIPE_FILE, check_fresh_start, latest_complete, read_state, step_of
-from zerotune.core.long_context import check_sequence_parallel
+from zerotune.core.long_context import check_sequence_parallel, layer_options
 from zerotune.core.recipe import RESUME_SAFE_KEYS, Recipe, RecipeError
 from zerotune.core.memory import DEFAULT_GPU_MEMORY
 from zerotune.core.recipe_load import load_recipe, load_run_recipe, validate_recipe
@@ -35,26 +35,39 @@ def resolve(recipe: Recipe, world_size: int, nodes: int = 1, gpu: Optional[GpuMe
     """Fill choices left to zerotune so RUN_DIR/recipe.yaml says what ran, planned for `gpu` (the
     memory of one GPU, launcher/gpus.py; default: 80 GiB assumed): train.micro_batch_size: auto
     becomes the largest that fits (gradient accumulation keeps global_batch_size), and `auto` in
-    distributed.zero, train.gradient_checkpointing and train.fused_loss the planner's fastest choice
-    that fits (launcher/plan.py), offload flags included; model.kernels as launcher/gpus.py
-    kernels_for says. cluster.gpu_memory records the size planned for. (train.compile: auto is
-    decided on each rank: it needs to know the rank has a GPU.)"""
-    from .plan import choose, pick_micro_batch
+    distributed.zero, train.gradient_checkpointing (the number of layers, core/memory.py),
+    train.tiled_mlp, train.offload_activations (layers, against this machine's host memory for a run
+    here, launcher/plan.py planned_cpu_memory) and train.fused_loss the planner's fastest choice that
+    fits (launcher/plan.py), offload flags included; model.kernels as launcher/gpus.py kernels_for
+    says; train.compile as compile_choice says. cluster.gpu_memory records the size planned for."""
+    from .plan import choose, pick_micro_batch, planned_cpu_memory
     gpu = gpu or GpuMemory(DEFAULT_GPU_MEMORY, "assumed")
+    cpu = planned_cpu_memory(recipe, local=gpu.where == "gpus")
     per_node = max(1, world_size // max(1, nodes))
     data = recipe.model_dump(mode="json")
     data["model"]["kernels"] = kernels_for(recipe, gpu)   # before the plan: liger's savings are counted
-    recipe = pick_micro_batch(validate_recipe(data, source="resolved recipe"), per_node, nodes, gpu.bytes)
+    recipe = pick_micro_batch(validate_recipe(data, source="resolved recipe"), per_node, nodes, gpu.bytes, cpu)
     data = recipe.model_dump(mode="json")
     t = recipe.train
-    if "auto" in (recipe.distributed.zero, t.gradient_checkpointing, t.fused_loss, t.offload_activations):
-        best = choose(recipe, gpus_per_node=per_node, nodes=nodes, gpu_memory=gpu.bytes)
+    if "auto" in (recipe.distributed.zero, t.gradient_checkpointing, t.fused_loss, t.offload_activations, t.tiled_mlp):
+        best = choose(recipe, gpus_per_node=per_node, nodes=nodes, gpu_memory=gpu.bytes, cpu_memory=cpu)
         st = best.strategy
         data["distributed"].update(zero=st.zero, offload_optimizer=st.offload_optimizer, offload_params=st.offload_params)
-        data["train"].update(gradient_checkpointing=st.grad_ckpt, fused_loss=best.fused_loss,
-                             offload_activations=best.offload_activations)
+        data["train"].update(fused_loss=best.fused_loss, **best.settings())
+    data["train"]["compile"] = compile_choice(validate_recipe(data, source="resolved recipe"), gpu)
     data["cluster"]["gpu_memory"] = gpu.recorded()
     return validate_recipe(data, source="resolved recipe")
+
+
+def compile_choice(recipe: Recipe, gpu: GpuMemory) -> bool:
+    """train.compile: auto -> on for full and LoRA at ZeRO 0-2 without a long-sequence option reshaping
+    the layer (training/model/build.py wants_compile, the same rule) when the run has CUDA GPUs: a
+    Slurm job's, or the ones nvidia-smi sees here. The ranks follow the recorded value."""
+    c = recipe.train.compile
+    if c != "auto":
+        return c
+    return (gpu.where in ("gpus", "slurm") and recipe.zero_stage() < 3 and recipe.method.kind in ("full", "lora")
+            and not layer_options(recipe))
 
 
 def say_plan(recipe: Recipe, gpu: GpuMemory, precision_why: str = "") -> None:
@@ -65,6 +78,8 @@ def say_plan(recipe: Recipe, gpu: GpuMemory, precision_why: str = "") -> None:
           f"attention {m.attn_implementation}{ranks if m.attn_implementation == 'auto' else ''}, "
           f"kernels {m.kernels}{ranks if m.kernels == 'auto' else ''}, "
           f"gradient_checkpointing {str(t.gradient_checkpointing).lower()}, fused_loss {str(t.fused_loss).lower()}, "
+          f"tiled_mlp {str(t.tiled_mlp).lower()}, offload_activations {str(t.offload_activations).lower()}, "
+          f"compile {str(t.compile).lower()}, "
           f"precision {t.precision}" + (f" ({precision_why})" if precision_why else ""), file=sys.stderr, flush=True)
 
 

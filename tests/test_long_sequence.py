@@ -113,7 +113,8 @@ def test_planner_counts_what_each_option_saves():
     assert base["total"] > tiled["total"] > base["total"] - saved   # the loss chunk is now the larger peak
     off = estimate_memory(Workload(**{**w.__dict__, "offload_activations": True}), st)
     kept = 32 * 4096 * 2 * 65536            # every layer's input, bf16
-    assert base["total"] - off["total"] == pytest.approx(kept, rel=1e-9) and off["kept"] == 0
+    # ... less the one input prefetched back to the GPU for the next recompute (long_sequence.HostCheckpoints)
+    assert base["total"] - off["total"] == pytest.approx(kept - kept / 32, rel=1e-9) and off["kept"] == 0
     assert off["cpu_per_node"] - base["cpu_per_node"] == pytest.approx(4 * kept, rel=1e-9)
 
 
@@ -132,7 +133,8 @@ def test_auto_offloads_activations_only_when_nothing_fits_without(tmp_path):
         return resolve(r, world_size=4).train
     assert resolved(65536).offload_activations is False
     t = resolved(524288)   # 128k tokens per GPU: only with the layer inputs on the CPU
-    assert t.offload_activations is True and t.gradient_checkpointing is True
+    # every layer checkpointed, the inputs of only as many of them on the CPU as the GPU cannot hold
+    assert t.gradient_checkpointing is True and type(t.offload_activations) is int and 0 < t.offload_activations < 32
 
 
 # ----------------------------------------------------------------------------- end to end

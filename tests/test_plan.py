@@ -251,6 +251,7 @@ def test_plan_says_why_a_strategy_does_not_fit(tmp_path):
     why = out.split("\nwhy NO:\n")[1].split("\n\n")[0].splitlines()
     rows = [ln for ln in out.splitlines() if ln.startswith(("full ", "LoRA ", "QLoRA ")) and " NO " in ln]
     assert len(why) == len(rows) == 16
-    assert why[0] == "  full ZeRO-0, ckpt on                       needs 0.4 GiB per GPU, 0.1 usable"
-    assert why[-1] == "  QLoRA ZeRO-0, ckpt on                      needs 0.6 GiB per GPU, 0.1 usable"
+    # each row as small as the planner can make it: every layer checkpointed, inputs on the host, MLP tiled
+    assert why[0] == "  full ZeRO-0, ckpt on +offload 5 act +tiled MLP                      needs 0.3 GiB per GPU, 0.1 usable"
+    assert why[-1] == "  QLoRA ZeRO-0, ckpt on +offload 5 act +tiled MLP                     needs 0.5 GiB per GPU, 0.1 usable"
     assert "why NO:" not in zerotune("plan", str(recipe)).stdout   # everything fits: no section

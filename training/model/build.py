@@ -13,6 +13,7 @@ QLoRA loads the base in 4-bit (bitsandbytes NF4/FP4) and puts LoRA on top.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -132,24 +133,30 @@ def build_model(recipe, ds_config: dict):
     )
     moe.prepare(model, stage)   # ZeRO-3 leaf modules, the router's aux loss (training/model/moe.py)
     liger = kernels.apply(model, recipe)   # model.kernels: fused norms, SwiGLU, RoPE (training/model/kernels.py)
-    gc_kwargs = {"use_reentrant": False}
+    gc_kwargs = {"use_reentrant": False}   # non-reentrant: per-layer choice and offloaded inputs need it
+    ckpt = bool(recipe.train.gradient_checkpointing)   # true, auto (unresolved: all) or N > 0 layers
     if quant is not None:
         keep_4bit_cpu_layout(model)
         # QLoRA paper recipe: freeze, norms in fp32, checkpointing with inputs that carry grads
         from peft import prepare_model_for_kbit_training
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing,
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=ckpt,
                                                 gradient_checkpointing_kwargs=gc_kwargs)
-    elif recipe.train.gradient_checkpointing:
+    elif ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
-    if recipe.train.gradient_checkpointing:
+    if ckpt:
         model.config.use_cache = False
+        long_sequence.checkpoint_first(model, recipe)   # N: only the first N decoder layers recompute
     flce = liger and stage < 3   # liger's fused linear CE reads lm_head.weight whole: ZeRO 0-2 only
     if (recipe.train.fused_loss is True or flce) and kind in ("full", "lora", "qlora"):   # auto: resolved
         from zerotune.training.model.loss import enable
         enable(model, liger=flce)   # the logits are never materialised whole (training/model/loss.py)
     long_sequence.enable(model, recipe)   # tiled MLP, offloaded checkpoints (training/model/long_sequence.py)
     reshaped = long_sequence.options(recipe) + (["model.kernels liger"] if liger else [])
-    if wants_compile(recipe.train.compile, kind, stage, reshaped):
+    compiled = wants_compile(recipe.train.compile, kind, stage, reshaped)
+    if recipe.train.compile == "auto" and int(os.environ.get("RANK", "0")) == 0:   # the launcher resolves it
+        print(f"zerotune: train.compile auto -> {str(compiled).lower()} (decided on this rank: CUDA "
+              f"{'available' if torch.cuda.is_available() else 'not available'})", file=sys.stderr, flush=True)
+    if compiled:
         compile_layers(model, kind, stage)
     return fp8.apply(apply_method(model, recipe), recipe, stage)   # train.precision: FP8 linears (model/fp8.py)
 

@@ -10,13 +10,22 @@ train.tiled_mlp: each decoder layer's MLP runs over the sequence in tiles, in th
     rank with fewer calls would leave the others waiting). Gradients of the MLP's parameters
     are summed over the tiles before DeepSpeed reduces them (ds_grad_is_ready, which ZeRO 1-3
     read, stays False until the last tile).
-train.offload_activations: with gradient checkpointing a layer keeps only its input for the
-    recompute; here that input is held in CPU memory and copied back when the layer's backward
-    recomputes it. The checkpoint is given the CPU copy, and the copy to the GPU happens inside
-    the checkpointed function, so nothing of the layer stays on the GPU between its forward and
-    its backward (the copy's backward brings the gradient back to the GPU).
+train.gradient_checkpointing: N (checkpoint_first): only the first N decoder layers are
+    checkpointed (recomputed in the backward); the later ones keep their activations. The
+    earliest layers are the ones to checkpoint: the backward reaches them last, after the
+    uncheckpointed layers' activations are freed, so a recompute never holds memory beside
+    those, and an offloaded input has the most time to travel (core/memory.py counts it so).
+train.offload_activations: N (HostCheckpoints): a checkpointed layer keeps only its input for the
+    recompute; for the first N checkpointed layers that input waits in pinned CPU memory. The
+    forward copies it out on a side CUDA stream (the layer runs on the input as it is meanwhile);
+    the checkpoint holds only the CPU copy. When the backward reaches the layer after it, the copy
+    back to the GPU starts on the side stream (a hook on that layer's output gradient), so it is
+    there when the layer's recompute starts; the recompute waits on its event. Gradients flow
+    through the forward's own graph (non-reentrant checkpointing), so the copies carry none. On
+    a CPU the same code runs with plain copies and no streams.
 
-    enable(model, recipe)        # after build_model; before the DeepSpeed engine
+    checkpoint_first(model, recipe)   # in build_model, after the model's checkpointing is on
+    enable(model, recipe)             # after build_model; before the DeepSpeed engine
 """
 from __future__ import annotations
 
@@ -24,6 +33,8 @@ import math
 
 import torch
 
+from zerotune.core.layers import offloaded_layers
+from zerotune.core.long_context import layer_options
 from zerotune.core.recipe import RecipeError
 
 
@@ -41,13 +52,23 @@ def decoder_layers(model):
     return layers
 
 
-def options(recipe) -> list[str]:
-    """What makes a layer more than plain compute in this run (the log says it; compile leaves
-    such layers alone): sequence parallelism and the two options here."""
-    sp = recipe.distributed.sequence_parallel
-    return ([f"sequence parallel {sp}"] if sp > 1 else []) + \
-        (["tiled MLP"] if recipe.uses_tiled_mlp() else []) + \
-        (["checkpointed activations on CPU"] if recipe.train.offload_activations is True else [])
+options = layer_options   # what the log says and compile leaves alone (core/long_context.py)
+
+
+def checkpoint_first(model, recipe) -> int:
+    """train.gradient_checkpointing: N -> only the first N decoder layers stay checkpointed (the
+    model's own switch, transformers' GradientCheckpointingLayer.gradient_checkpointing, turned
+    off on the others); true / auto: all, untouched. Returns how many are checkpointed."""
+    g = recipe.train.gradient_checkpointing
+    if type(g) is not int:
+        return -1 if g else 0
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        if not hasattr(layer, "gradient_checkpointing"):
+            raise RecipeError(f"train.gradient_checkpointing: {g}: layer {i} of {type(model).__name__} has no "
+                              "per-layer checkpointing switch (use true or false)")
+        layer.gradient_checkpointing = i < g
+    return min(g, len(layers))
 
 
 def enable(model, recipe) -> list[str]:
@@ -61,13 +82,15 @@ def enable(model, recipe) -> list[str]:
                 raise RecipeError(f"train.tiled_mlp: layer {i} of {type(model).__name__} has no .mlp module")
             tile_mlp(layer.mlp, tiles)
         on.append(f"tiled MLP ({tiles} tiles)")
-    if recipe.train.offload_activations is True:
-        for layer in decoder_layers(model):
-            if not hasattr(layer, "_gradient_checkpointing_func"):
+    if recipe.train.offload_activations not in (False, 0, "auto"):
+        layers = decoder_layers(model)
+        count = offloaded_layers(recipe.train, len(layers))
+        for layer in layers[:count]:
+            if not getattr(layer, "gradient_checkpointing", False) or not hasattr(layer, "_gradient_checkpointing_func"):
                 raise RecipeError("train.offload_activations: the model's layers are not checkpointed "
                                   "(train.gradient_checkpointing must be on)")
-            layer._gradient_checkpointing_func = offloaded(layer._gradient_checkpointing_func)
-        on.append("checkpointed activations offloaded to CPU")
+        HostCheckpoints(layers, count)
+        on.append(f"checkpointed activations of {count} of {len(layers)} layers offloaded to CPU")
     return on
 
 
@@ -121,17 +144,88 @@ def set_rng_state(state: tuple, device) -> None:
 
 
 # ----------------------------------------------------------------------------- offloaded checkpoints
-def offloaded(checkpoint_fn):
-    """A layer's checkpoint function that keeps the layer's input (hidden states, the first
-    argument transformers passes) in CPU memory: the checkpoint holds the CPU copy and the
-    function it recomputes starts by copying it back."""
-    def run(fn, *args, **kwargs):
-        if not args or not isinstance(args[0], torch.Tensor):   # hidden states passed by keyword: as before
-            return checkpoint_fn(fn, *args, **kwargs)
-        hidden, rest = args[0], args[1:]
-        device = hidden.device
+class HostCheckpoints:
+    """The first `count` layers' checkpointed inputs in (pinned) CPU memory, each prefetched to the
+    device when the backward reaches the layer after it (module docstring)."""
 
-        def layer(h, *a, **k):
-            return fn(h.to(device, non_blocking=True), *a, **k)
-        return checkpoint_fn(layer, hidden.to("cpu"), *rest, **kwargs)
-    return run
+    def __init__(self, layers, count: int):
+        self.host: dict = {}     # layer index -> (CPU copy, event after which it is complete or None)
+        self.ready: dict = {}    # layer index -> (device copy, event after which it is there or None)
+        self.streams: dict = {}  # device -> the side stream of the copies
+        for i in range(count):
+            layers[i]._gradient_checkpointing_func = self.wrap(i, layers[i]._gradient_checkpointing_func)
+            after = layers[i + 1] if i + 1 < len(layers) else layers[i]   # its backward comes just before i's
+            after.register_forward_hook(self.arm(i))
+
+    def stream(self, device):
+        if device not in self.streams:
+            self.streams[device] = torch.cuda.Stream(device)
+        return self.streams[device]
+
+    def store(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
+        """The CPU copy of layer i's input, started (CUDA: on the side stream, into pinned memory)."""
+        host = torch.empty(hidden.shape, dtype=hidden.dtype, device="cpu", pin_memory=hidden.is_cuda)
+        event = None
+        if hidden.is_cuda:
+            side = self.stream(hidden.device)
+            side.wait_stream(torch.cuda.current_stream(hidden.device))
+            with torch.cuda.stream(side):
+                host.copy_(hidden.detach(), non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(side)
+            hidden.record_stream(side)   # not reused before the copy is done
+        else:
+            host.copy_(hidden.detach())
+        self.host[i] = (host, event)
+        return host
+
+    def to_device(self, i: int, device) -> tuple:
+        host, event = self.host.pop(i)
+        if device.type != "cuda":
+            return torch.empty(host.shape, dtype=host.dtype, device=device).copy_(host), None
+        side = self.stream(device)
+        with torch.cuda.stream(side):
+            side.wait_event(event)
+            out = torch.empty(host.shape, dtype=host.dtype, device=device)
+            out.copy_(host, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(side)
+        return out, done
+
+    def prefetch(self, i: int, device) -> None:
+        if i in self.host and i not in self.ready:
+            self.ready[i] = self.to_device(i, device)
+
+    def take(self, i: int, device) -> torch.Tensor:
+        out, done = self.ready.pop(i) if i in self.ready else self.to_device(i, device)
+        if done is not None:
+            current = torch.cuda.current_stream(device)
+            current.wait_event(done)
+            out.record_stream(current)
+        return out
+
+    def arm(self, i: int):
+        """A forward hook on the layer after i: the gradient of its output starts i's prefetch."""
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            if torch.is_grad_enabled() and isinstance(out, torch.Tensor) and out.requires_grad and i in self.host:
+                device = out.device
+                out.register_hook(lambda grad: self.prefetch(i, device))
+        return hook
+
+    def wrap(self, i: int, checkpoint_fn):
+        """Layer i's checkpoint function: the forward runs on the input as it is and starts its CPU
+        copy; the checkpoint holds the CPU copy; the recompute takes the prefetched device copy."""
+        def run(fn, *args, **kwargs):
+            if not args or not isinstance(args[0], torch.Tensor):   # hidden states passed by keyword: kept
+                return checkpoint_fn(fn, *args, **kwargs)
+            hidden, rest = args[0], args[1:]
+            device, needs_grad, first = hidden.device, hidden.requires_grad, [hidden]
+            host = self.store(i, hidden)
+
+            def layer(h, *a, **k):
+                if first:      # the forward itself
+                    return fn(first.pop(), *a, **k)
+                return fn(self.take(i, device).requires_grad_(needs_grad), *a, **k)
+            return checkpoint_fn(layer, host, *rest, **kwargs)
+        return run
