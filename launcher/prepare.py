@@ -60,14 +60,17 @@ def resolve(recipe: Recipe, world_size: int, nodes: int = 1, gpu: Optional[GpuMe
 
 
 def compile_choice(recipe: Recipe, gpu: GpuMemory) -> bool:
-    """train.compile: auto -> on for full and LoRA at ZeRO 0-2 without a long-sequence option reshaping
-    the layer (training/model/build.py wants_compile, the same rule) when the run has CUDA GPUs: a
-    Slurm job's, or the ones nvidia-smi sees here. The ranks follow the recorded value."""
+    """train.compile: auto -> on for full and LoRA at ZeRO 0-2 without liger's kernels or a long-sequence
+    option reshaping the layer (training/model/build.py wants_compile, the same rule) when the run has CUDA
+    GPUs: a Slurm job's, or the ones nvidia-smi sees here. The ranks follow the recorded value; where
+    the ranks choose the kernels (a Slurm job's model.kernels: auto) they choose compile too."""
     c = recipe.train.compile
     if c != "auto":
         return c
+    if recipe.model.kernels == "auto":   # a Slurm job's ranks choose the kernels, and compile with them (build.py)
+        return "auto"
     return (gpu.where in ("gpus", "slurm") and recipe.zero_stage() < 3 and recipe.method.kind in ("full", "lora")
-            and not layer_options(recipe))
+            and recipe.model.kernels != "liger" and not layer_options(recipe))   # liger's kernels are not compiled
 
 
 def say_plan(recipe: Recipe, gpu: GpuMemory, precision_why: str = "") -> None:

@@ -73,7 +73,7 @@ def test_offloaded_layers_follow_gpu_and_host_memory(tmp_path):
         .offload_activations is False   # fits on the GPU: nothing offloaded
 
 
-def test_tiled_mlp_only_when_untiled_does_not_fit_and_compile_is_resolved(tmp_path):
+def test_tiled_mlp_only_when_untiled_does_not_fit_and_compile_is_resolved(tmp_path, monkeypatch):
     short = resolved(llama8b(tmp_path, data={"max_len": 32768}, train={"micro_batch_size": 1}), 140).train
     assert short.tiled_mlp is False   # 32k tokens fit an H200 untiled (the old rule tiled from 16k)
     long = resolved(llama8b(tmp_path, data={"max_len": 262144}, train={"micro_batch_size": 1}), 140).train
@@ -85,6 +85,13 @@ def test_tiled_mlp_only_when_untiled_does_not_fit_and_compile_is_resolved(tmp_pa
     from zerotune.launcher.prepare import resolve
     on_gpus = resolve(validate_recipe(data), 1, 1, GpuMemory(140 * GIB, "nvidia-smi", "gpus")).train
     assert on_gpus.compile is True and on_gpus.tiled_mlp is False   # LoRA at ZeRO-0 on a local GPU
+    import importlib.util
+    real = importlib.util.find_spec   # liger-kernel installed: its kernels are not compiled (build.py refuses both)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "liger_kernel" else real(n, *a))
+    liger = resolve(validate_recipe(data), 1, 1, GpuMemory(140 * GIB, "nvidia-smi", "gpus"))
+    assert liger.model.kernels == "liger" and liger.train.compile is False
+    slurm = resolve(validate_recipe(data), 1, 1, GpuMemory(140 * GIB, "cluster.gpu_memory", "slurm"))
+    assert slurm.model.kernels == "auto" and slurm.train.compile == "auto"   # the ranks choose both
 
 
 def test_longest_sequence_per_strategy_and_the_refusal(tmp_path):
