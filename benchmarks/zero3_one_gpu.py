@@ -53,7 +53,7 @@ def recipe(a, name: str, data: Path, zero: int, every: int | None, profile_at: i
          "distributed": {"zero": zero},
          "logging": {"progress": False, **({"profile_start": profile_at, "profile_steps": 2} if profile_at else {})},
          # no periodic save: `every` None; the run's end saves once (after the timed steps)
-         "checkpoint": {"every": every, "keep": 2, "save_final": False}}
+         "checkpoint": {"every": every, "keep": 1, "save_final": False}}   # keep 1: a 1B full checkpoint is ~17 GB
     path = a.work / "recipes" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(r, sort_keys=False))

@@ -298,6 +298,7 @@ def estimate_memory(w: Workload, st: Strategy) -> dict:
         params += ab * trainable
         grads = ab * trainable
         optim = (master + (2 if eight_bit else 8)) * trainable
+    params += wb * n if zero3 and W == 1 and not st.offload_params and st.method != "qlora" else 0   # ds_config.py
     a = activation_bytes(w, st, act)
     kept, held, working = a["kept"], a["held"], a["working"]
     cpu += a["offloaded"]

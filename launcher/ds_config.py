@@ -70,10 +70,11 @@ def render(recipe: Recipe, world_size: int, stage: Optional[int] = None,
     if zero.get("stage3_param_persistence_threshold") == "auto":
         # parameters smaller than this stay whole on every rank (norms, biases): HF's 10 x hidden
         zero["stage3_param_persistence_threshold"] = 10 * hidden if hidden else 100_000
-        if world_size == 1 and not d.offload_params:
+        if world_size == 1 and not d.offload_params and recipe.method.kind in ("full", "lora"):
             # One process: its partition is the whole model, so gathering a layer before each use
             # saves no memory and costs a copy and a hook per parameter. Every parameter stays whole
-            # (DeepSpeed keeps its partition copy beside it: 2 bytes a parameter, core/memory.py).
+            # (DeepSpeed keeps its partition copy beside it: 2 bytes a parameter, core/memory.py). Not for
+            # QLoRA's 4-bit weights, left to DeepSpeed's usual rule.
             zero["stage3_param_persistence_threshold"] = ONE_PROCESS_PERSISTENCE
     cfg["zero_allow_untested_optimizer"] = True
     left = find_auto(cfg)
