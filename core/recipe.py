@@ -127,25 +127,20 @@ class TrainConfig(_Section):
         "auto", description="Recompute activations in backward: true all decoder layers, false none, N the first N. "
                           "auto: the fewest the planner finds fit (recorded in RUN_DIR/recipe.yaml).")
     fused_loss: Union[bool, Literal["auto"]] = Field(
-        "auto", description="Cross entropy through the LM head in chunks, never holding the full logits "
-                            "(training/model/loss.py; ~4% slower than the plain loss). auto: the planner keeps the plain "
-                            "loss when its logits fit the GPU, else the chunked one. Heads it does not cover use the "
-                            "plain loss.")
+        "auto", description="Cross entropy through the LM head in chunks, never holding the full logits (model/loss.py). "
+                            "auto: the plain loss when its logits fit the GPU, else the chunked one.")
     tiled_mlp: Union[bool, Literal["auto"]] = Field(
-        "auto", description="Run each layer's MLP over the sequence in tiles of hidden_size tokens (forward and "
-                            "recomputed backward), so its intermediate activations exist for one tile at a time "
-                            "(training/model/long_sequence.py). auto: on only when the planner finds nothing fits without it.")
+        "auto", description="Each layer's MLP over the sequence in tiles of hidden_size tokens (model/long_sequence.py): "
+                            "its intermediates exist one tile at a time. auto: only when nothing fits without it.")
     offload_activations: Union[bool, int, Literal["auto"]] = Field(
         "auto", description="Checkpointed layer inputs in pinned CPU memory until their backward: true all, N the "
                             "first N. auto: the fewest the planner finds fit the GPU (GPU and host memory).")
     compile: Union[bool, Literal["auto"]] = Field(
-        "auto", description="torch.compile each decoder layer (fuses norms, activations and rotary embeddings: "
-                            "~1.25x measured; the first step compiles for ~1 min). full/lora at ZeRO 0-2 only. "
-                            "auto: on for those on a CUDA GPU, decided on each rank.")
+        "auto", description="torch.compile each decoder layer (full/lora at ZeRO 0-2; the first step compiles ~1 min). "
+                            "auto: on for those on CUDA GPUs without liger's kernels (launcher/prepare.py).")
     precision: Literal["bf16", "fp8", "auto"] = Field(
-        "auto", description="Decoder linears' matmuls: bf16 (model.dtype) or fp8 (torchao float8; full: every decoder "
-                            "linear, lora: the frozen base's; core/precision.py says where it runs). auto: fp8 only "
-                            "where core/precision.py measured it faster; RUN_DIR/recipe.yaml records the choice.")
+        "auto", description="Decoder linears' matmuls: bf16 or fp8 (torchao float8; full: every decoder linear, lora: the "
+                            "frozen base's). auto: fp8 only where core/precision.py measured it faster (recorded).")
     eval_every: Optional[int] = Field(None, gt=0, description="Evaluate every N steps (and at the end).")
     eval_batches: Optional[int] = Field(None, gt=0, description="Cap on eval micro-batches per evaluation.")
     eval_prompts: list[str] = Field(
@@ -226,10 +221,12 @@ class DistributedConfig(_Section):
 # Keys a resumed run may change without checkpoint.allow_recipe_change: they decide how long the
 # run goes (the LR schedule then ends at the new last step), when it evaluates, saves and logs,
 # and where it runs; not the model, the method, the data, the batch or the optimizer.
+# How the same maths is computed (recompute, offload, kernels, compile) follows the GPU a resumed run gets.
 RESUME_SAFE_KEYS = ("output_dir", "train.max_steps", "train.epochs", "train.eval_every", "train.eval_batches",
-                    "train.eval_prompts", "train.eval_max_new_tokens",
-                    "train.early_stopping", "train.max_bad_steps", "checkpoint", "logging", "cluster",
-                    "distributed.timeout_minutes", "distributed.sequence_parallel", "data.cache_dir")
+                    "train.eval_prompts", "train.eval_max_new_tokens", "train.early_stopping", "train.max_bad_steps",
+                    "checkpoint", "logging", "cluster", "distributed.timeout_minutes", "distributed.sequence_parallel",
+                    "data.cache_dir", "train.gradient_checkpointing", "train.offload_activations", "train.tiled_mlp",
+                    "train.compile", "model.attn_implementation", "model.kernels")
 
 
 class CheckpointConfig(_Section):
