@@ -33,7 +33,7 @@ import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from peer_hf import count_params, flops_per_token, load_tokenizer, peak_flops, read_rows, to_messages  # noqa: E402
+from peer_hf import count_params, data_mode_figures, load_tokenizer, read_rows, to_messages  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 
@@ -164,12 +164,8 @@ def main():
     if not clock.times:
         raise SystemExit("peer_trl.py: no timed steps (--steps must exceed --warmup, and the data hold enough rows)")
     n_params = count_params(cfg)
-    real = sum(t[0] for t in clock.tokens)
-    padded = sum(t[1] for t in clock.tokens)
-    seq_eff = sum(t[2] for t in clock.tokens) / max(real, 1)   # token-weighted mean sample length
-    tok_s_gpu = real / sum(clock.times)
-    mfu = tok_s_gpu * flops_per_token(cfg, n_params, seq_eff) / peak_flops()
-    per_step = sorted(t[0] / s for t, s in zip(clock.tokens, clock.times))
+    # real tokens/s, MFU and the padding figures exactly as peer_hf.py's data mode counts them
+    tok_s_gpu, mfu, figures = data_mode_figures(a, clock, cfg, n_params, range(samples))
     step = sorted(clock.times)[len(clock.times) // 2]
     if int(os.environ.get("RANK", "0")) == 0:
         print("RESULT " + json.dumps(dict(
@@ -178,11 +174,7 @@ def main():
             step_s=round(step, 4), tok_s_gpu=round(tok_s_gpu), mfu=round(mfu, 4), load_s=round(load_s, 1),
             peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if CUDA else None,
             device=torch.cuda.get_device_name() if CUDA else "cpu",
-            data=a.data, format=a.format, max_len=a.max_len, samples=samples, packing=a.packing,
-            padding_free=a.padding_free or a.packing, real_tok_s_gpu=round(tok_s_gpu),
-            real_tok_s_gpu_median=round(per_step[len(per_step) // 2]), padded_tok_s_gpu=round(padded / sum(clock.times)),
-            pad_fraction=round(1 - real / max(padded, 1), 4), mean_sample_len=round(seq_eff, 1),
-            timed_steps=len(clock.times))), flush=True)
+            packing=a.packing, padding_free=a.padding_free or a.packing, **figures)), flush=True)
 
 
 if __name__ == "__main__":
