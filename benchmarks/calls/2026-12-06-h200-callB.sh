@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Device call B of 2026-12-06 (one H200; call A, the "before" call, never got a machine: three tries refused).
+# Device call B of 2026-12-06 (one H200 asked for; it ran on an H100. The "before" call never got a machine).
 # Stages, in order of what the issues' acceptance needs (each stage has its own limit; the driver stops
 # starting stages DEADLINE seconds after its start):
 #   testgpu    make test-gpu: every gpu test in one process (issue 27 item 6; fp8, layer, kernel, save tests)
