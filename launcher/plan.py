@@ -165,22 +165,23 @@ def pick_micro_batch(recipe: Recipe, gpus_per_node: int, nodes: int = 1,
     return best
 
 
-def sp_hint(w: Workload, method: str, gpu_memory: float, cpu_memory: float) -> str:
+def sp_hint(w: Workload, method: str, gpu_memory: float, cpu_memory: float, levers: Levers = Levers()) -> str:
     """What a sequence too long for the workload's settings needs: the smallest larger SP degree
-    (dividing the GPUs of a node and the attention heads) with a strategy that fits, else the
-    same with the checkpointed activations in CPU memory, or why none does."""
+    (dividing the GPUs of a node and the attention heads) with a strategy that fits, the planner
+    free to choose what `levers` leave to it (`zerotune plan` at that degree then shows the same
+    row), else the same with the checkpointed activations in CPU memory, or why none does."""
     for offload in sorted({w.offload_activations, True}):
         for n in sp_candidates(w):
             if n < w.sequence_parallel or (n == w.sequence_parallel and offload == w.offload_activations):
                 continue
             best = recommend(plan(replace(w, sequence_parallel=n, offload_activations=offload), method,
-                                  gpu_memory, cpu_memory), method)
+                                  gpu_memory, cpu_memory, levers=levers), method)
             if best is None:
                 continue
             sets = ([f"distributed.sequence_parallel={n}"] if n != w.sequence_parallel else []) + \
                 (["train.offload_activations=true"] if offload and not w.offload_activations else [])
             return (f"with {' '.join('--set ' + x for x in sets)} (each GPU holds {w.seq_len // n:,} of the "
-                    f"{w.seq_len:,} tokens) {best.strategy.label} fits at {best.total / GIB:.1f} GiB per GPU")
+                    f"{w.seq_len:,} tokens) {best.label} fits at {best.total / GIB:.1f} GiB per GPU")
     return (f"no sequence-parallel degree up to the {w.gpus_per_node} GPUs of a node fits {w.seq_len:,} tokens, "
             "even with train.offload_activations: lower data.max_len, or add GPUs per node")
 
@@ -317,7 +318,7 @@ def run(args) -> int:
         print(f"GPU memory: {gpu.describe()}")
         print(format_table(rows, w, best, gpu_memory, longest))
         if best is None:
-            print(f"long sequences: {sp_hint(w, recipe.method.kind, gpu_memory, cpu_memory)}")
+            print(f"long sequences: {sp_hint(w, recipe.method.kind, gpu_memory, cpu_memory, Levers.of(recipe.train))}")
         else:
             print(checkpoint_line(w, best.strategy))
     return 0 if best is not None else 1

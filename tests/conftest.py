@@ -57,6 +57,12 @@ def write_recipe(tmp_path: Path, recipe: dict, name: str = "recipe.yaml") -> Pat
     return p
 
 
+def without_data_warnings(err: str) -> str:
+    """stderr less the data's own warnings (prompts over data.max_len...), which the plan prints
+    first because it reads the tokenized data: what is left is the command's own message."""
+    return "".join(ln for ln in err.splitlines(keepends=True) if not ln.startswith("zerotune: warning: data."))
+
+
 def zerotune(*args: str, check: bool = True, timeout: int = 900, env: dict | None = None, cwd=None):
     """Run the CLI in a subprocess (as a user would); returns CompletedProcess with text output."""
     e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PHI3_TOKENIZER, ROOT, STORIES, base_recipe, write_recipe, zerotune
+from conftest import PHI3_TOKENIZER, ROOT, STORIES, base_recipe, without_data_warnings, write_recipe, zerotune
 
 FIXTURES = ROOT / "tests" / "fixtures" / "data"
 
@@ -24,7 +24,7 @@ def launch(capsys, recipe: Path, *args) -> tuple[int, str]:
 
 def error(capsys, recipe: Path, *args) -> str:
     rc, err = launch(capsys, recipe, *args)   # the data's own warnings (prompts over max_len) may come first
-    err = "".join(ln for ln in err.splitlines(keepends=True) if not ln.startswith("zerotune: warning: data."))
+    err = without_data_warnings(err)
     assert rc == 2 and err.startswith("zerotune: error: ") and err.count("\n") == 1, err
     return err.removeprefix("zerotune: error: ").rstrip("\n")
 

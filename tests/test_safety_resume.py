@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import base_recipe, write_recipe
+from conftest import base_recipe, without_data_warnings, write_recipe
 
 
 def launch(capsys, recipe: Path, *sets: str) -> tuple[int, str]:
@@ -18,7 +18,7 @@ def launch(capsys, recipe: Path, *sets: str) -> tuple[int, str]:
     args = [a for s in sets for a in ("--set", s)]
     rc = main(["launch", str(recipe), "--dry-run", "--nproc", "1", *args])
     err = capsys.readouterr().err   # without the data's own warnings (prompts over max_len), read before the plan
-    return rc, "".join(ln for ln in err.splitlines(keepends=True) if not ln.startswith("zerotune: warning: data."))
+    return rc, without_data_warnings(err)
 
 
 @pytest.fixture
