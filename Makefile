@@ -23,14 +23,19 @@ demo: install
 test: install
 	$(VENV)/bin/pytest -m "not gpu" $(PYTEST_ARGS) tests
 
-# Every gpu test in one process, on the GPU machine's own CUDA build of torch: a venv over the system's
-# packages, zerotune editable with its gpu extra (liger-kernel, torchao). The kernel tests need liger: a
-# machine without it fails here instead of skipping them. Offline (the lent GPU machine): put the wheels
-# on PYTHONPATH first and pass GPU_PIP_ARGS="--no-deps --no-build-isolation".
+# Every gpu test in one process, on the GPU machine's own CUDA build of torch: a venv over the packages
+# of GPU_PYTHON (the interpreter that holds torch; itself often a venv, whose packages a nested venv's
+# --system-site-packages would not see: a .pth file names them), zerotune editable with its gpu extra
+# (liger-kernel, torchao). The kernel tests need liger: a machine without it fails here instead of
+# skipping them. Offline (the lent GPU machine): put the wheels on PYTHONPATH first and pass
+# GPU_PIP_ARGS="--no-deps --no-build-isolation".
+GPU_PYTHON ?= python3
 GPU_VENV ?= .venv-gpu
 GPU_PIP_ARGS ?=
 test-gpu:
-	python3 -m venv --system-site-packages $(GPU_VENV)
+	$(GPU_PYTHON) -m venv --system-site-packages $(GPU_VENV)
+	$(GPU_PYTHON) -c "import site, sys; print(*[p for p in sys.path if p.endswith('-packages')], sep='\n')" \
+		> "$$($(GPU_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zerotune-gpu-python.pth"
 	$(GPU_VENV)/bin/python -m pip install -q $(GPU_PIP_ARGS) -e '.[gpu,test]'
 	$(GPU_VENV)/bin/python -c "import torch, liger_kernel; assert torch.cuda.is_available(), 'test-gpu: no CUDA GPU visible'"
 	$(GPU_VENV)/bin/python -m pytest -m gpu $(PYTEST_ARGS) tests

@@ -18,7 +18,8 @@ in the background) go to --out as rows, then the two checks of issue 29:
 
   {"check": "save_blocking", "gpus": 1, "fraction": F}   blocked seconds of each save / seconds between
       two saves (median over the saves; the first save and the run's last are left out when others
-      exist); also "fraction_vs_nosave": (seconds between saves - every x the z3 run's median step)
+      exist; a save due while the previous one was still being written waits for it, training
+      going on, so saves may come less often than --every: "steps_between" says); also "fraction_vs_nosave": (seconds between saves - every x the z3 run's median step)
       / seconds between saves: what the save costs the steps around it too (the background copy)
   {"check": "zero3_vs_zero0", "gpus": 1, "ratio": R}     tokens/s of z3 / tokens/s of z0 (medians after
       --warmup steps)
@@ -81,24 +82,27 @@ def step_rows(name: str, recs: list[dict], ckpts: list[dict]) -> dict:
             "steps": [{"step": r["step"], "time": r["time"], "tok_s": r.get("train/tokens_per_sec"),
                        **{k.split("/")[1]: r.get(k) for k in keys}} for r in recs],
             "checkpoints": [{"step": c["step"], "time": c["time"], "blocked_s": c.get("blocked_s"),
-                             "background": c.get("background")} for c in ckpts]}
+                             "background": c.get("background"), "due_step": c.get("due_step")} for c in ckpts]}
 
 
 def save_blocking(recs: list[dict], ckpts: list[dict], every: int, plain_step_s: float | None) -> dict:
     """Each periodic save (not the run's end): its blocked seconds over the seconds since the
-    previous save (the first: since the end of the step before the window began)."""
+    previous save (the first: since the end of the step `every` steps before it). A save that
+    waited for the previous one's write (due_step: training/run/loop.py periodic_save) is taken
+    later than every x steps: the time between counts from the save before it all the same."""
     at = {r["step"]: r["time"] for r in recs}
-    periodic = [c for c in ckpts if c["step"] in at and c["step"] < max(at)]
+    periodic = sorted((c for c in ckpts if c["step"] in at and c["step"] < max(at)), key=lambda c: c["step"])
     per = []
-    for c in periodic:
-        before = c["step"] - every
-        prev = next((p["time"] for p in periodic if p["step"] == before), at.get(before))
+    for i, c in enumerate(periodic):
+        prev_step = periodic[i - 1]["step"] if i else c["step"] - every
+        prev = periodic[i - 1]["time"] if i else at.get(prev_step)
         if prev is None:
             continue
         between = c["time"] - prev
-        per.append({"step": c["step"], "blocked_s": c["blocked_s"], "between_s": round(between, 4),
+        per.append({"step": c["step"], "due_step": c.get("due_step"), "blocked_s": c["blocked_s"],
+                    "between_s": round(between, 4), "steps_between": c["step"] - prev_step,
                     "fraction": round(c["blocked_s"] / between, 4),
-                    **({"fraction_vs_nosave": round((between - every * plain_step_s) / between, 4)}
+                    **({"fraction_vs_nosave": round((between - (c["step"] - prev_step) * plain_step_s) / between, 4)}
                        if plain_step_s else {})})
     later = per[1:] or per   # the first save pays one-time costs (pinned buffers, the writer thread)
     row = {"check": "save_blocking", "gpus": 1, "every": every, "saves": per,

@@ -5,6 +5,7 @@ completes a checkpoint only once every rank's files are on disk. The crash tests
 tests/test_checkpoint.py and tests/test_interrupt.py run with it on (the default)."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 from types import SimpleNamespace
@@ -12,7 +13,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from zerotune.core.layout import MARKER, STATE_FILE
+from conftest import zerotune
+from test_checkpoint import data24, recipe  # noqa: F401  (data24 is a fixture)
+from zerotune.core.layout import MARKER, STATE_FILE, complete_checkpoints
 from zerotune.training.checkpoint import async_save
 from zerotune.core.errors import CheckpointError
 from zerotune.training.checkpoint import save as checkpoint
@@ -102,6 +105,28 @@ def test_a_rank_that_never_finishes_is_named(tmp_path):
         checkpoint.complete_later(tmp_path / "run", path, {"step": 1}, keep=2, rank=0, world=3, engine=None,
                                   timeout=0.5)
     assert not (path / MARKER).exists()
+
+
+def test_a_save_due_while_the_previous_one_is_written_waits_and_training_does_not(tmp_path, data24):
+    """A disk slower than checkpoint.every (a save due every step; rank 1's writes take 2 s longer,
+    rank 0's disk is fast): training does not wait for the disk. A due save waits for the previous
+    write (both ranks agreeing: a save is collective), is taken at the first step after it, says
+    once why, and the run's end waits for the last one. Before: each save blocked ~1.5 s."""
+    r = recipe(tmp_path, "slow", 3, data24, every=1, max_steps=12, grad_accum=1)
+    p = zerotune("train", str(r), "--nproc", "2",
+                 env={"ZEROTUNE_TEST_SLOW_DISK": "2:1", "ZEROTUNE_TEST_STEP_SLEEP": "0.5"})
+    run = tmp_path / "runs" / "slow"
+    events = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    saves = [e for e in events if e.get("event") == "checkpoint"]
+    periodic = [s for s in saves if s["step"] < 12]
+    assert saves[-1]["step"] == 12 and complete_checkpoints(run)[-1].name == "step-000012"
+    assert 2 <= len(periodic) <= 6, saves                       # not every step: the disk cannot keep up
+    waited = [s for s in periodic if "due_step" in s]
+    assert waited and all(s["due_step"] < s["step"] for s in waited), saves
+    assert all(s["blocked_s"] < 1.0 for s in periodic), saves  # the snapshot only, never the previous write
+    out = p.stdout + p.stderr
+    assert out.count("waits until the previous one") == 1, out
+    assert "(due at step " in out
 
 
 @pytest.mark.gpu

@@ -9,8 +9,10 @@ file; on rank 0, once every rank's is there: zerotune_state.json, the manifest, 
 then pruning). A crash before COMPLETE leaves an incomplete checkpoint that resume skips, as a
 synchronous save would.
 
-The next save, a stop and the end of training wait for the save in flight (`wait`), so at most
-one snapshot is held: a CPU copy of this rank's part of the checkpoint (the planner counts it as
+A periodic save due while one is in flight on any rank waits for it without stopping training:
+it is taken at the first step after the write (training/run/loop.py periodic_save; the step's
+report tells every rank alike). A stop and the end of training wait for the save in flight
+(`wait`). So at most one snapshot is held: a CPU copy of this rank's part of the checkpoint (the planner counts it as
 host memory). On a GPU that copy is page-locked (`PinnedPool`: the copy runs at the bus's
 speed, one wait per file instead of one per tensor) and kept for the next save. An error in the thread (a full disk) is raised in the training thread at the next
 step (`raise_error`) or wait.

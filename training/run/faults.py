@@ -21,6 +21,9 @@ these variables.
   ZEROTUNE_TEST_ENOSPC="<step>[:<rank>]"            the save of <step> fails with OSError ENOSPC
                                                     after this rank's shards are written (a disk
                                                     that fills up mid-save)
+  ZEROTUNE_TEST_SLOW_DISK="<seconds>[:<rank>]"      a background save's writing (checkpoint.async_save)
+                                                    takes that many seconds longer on that rank (all
+                                                    ranks if none): a disk slower than the saves
   ZEROTUNE_TEST_SAMPLES="<file>"                    every rank appends one JSON line per optimizer
                                                     step: {"attempt", "step", "rank", "samples"}
                                                     (the sample indices that step trained)
@@ -45,7 +48,7 @@ import sys
 import time
 
 VARS = ("ZEROTUNE_TEST_SIGNAL", "ZEROTUNE_TEST_NAN_STEPS", "ZEROTUNE_TEST_OOM_STEP", "ZEROTUNE_TEST_CRASH",
-        "ZEROTUNE_TEST_STEP_SLEEP", "ZEROTUNE_TEST_ENOSPC", "ZEROTUNE_TEST_SAMPLES",
+        "ZEROTUNE_TEST_STEP_SLEEP", "ZEROTUNE_TEST_ENOSPC", "ZEROTUNE_TEST_SLOW_DISK", "ZEROTUNE_TEST_SAMPLES",
         "ZEROTUNE_TEST_COUNT_SYNCS")
 
 
@@ -127,6 +130,18 @@ def _disk_full_in_save(at_step: int, rank: int | None) -> None:
             return out
         return write_shards
     _wrap(checkpoint, "write_shards", make)
+
+
+def _slow_disk(seconds: float, rank: int | None) -> None:
+    from zerotune.training.checkpoint import save as checkpoint
+
+    def make(original):
+        def complete_later(*args, **kwargs):   # in the writer thread, after this rank's files
+            if rank is None or _rank() == rank:
+                time.sleep(seconds)
+            return original(*args, **kwargs)
+        return complete_later
+    _wrap(checkpoint, "complete_later", make)
 
 
 def _crash_in_save(point: str, at_step: int, rank: int | None) -> None:
@@ -328,6 +343,9 @@ def install_from_env(env=os.environ) -> bool:
     if env.get("ZEROTUNE_TEST_ENOSPC"):
         parts = env["ZEROTUNE_TEST_ENOSPC"].split(":")
         _disk_full_in_save(int(parts[0]), int(parts[1]) if len(parts) > 1 else None)
+    if env.get("ZEROTUNE_TEST_SLOW_DISK"):
+        parts = env["ZEROTUNE_TEST_SLOW_DISK"].split(":")
+        _slow_disk(float(parts[0]), int(parts[1]) if len(parts) > 1 else None)
     if env.get("ZEROTUNE_TEST_SAMPLES"):
         _record_samples(env["ZEROTUNE_TEST_SAMPLES"])
     if env.get("ZEROTUNE_TEST_COUNT_SYNCS"):

@@ -75,6 +75,8 @@ class Run:
     writer: object = None        # async_save.Writer: checkpoints written in the background
     start_step: int = 0          # the step this attempt resumed at
     last_saved: int = -1         # the newest step with a checkpoint (the resume point counts)
+    warned_save_wait: bool = False
+    save_due: int | None = None  # a periodic save waiting for the previous one to be written (periodic_save)
     last_eval: float | None = None
 
 
@@ -221,7 +223,7 @@ def run_steps(run: Run) -> str:
             lr = engine.get_lr()[0]  # the rate this step uses (the scheduler steps inside engine.step)
             with log.time("fwd_bwd"):
                 step_loss = steps.forward_backward(engine, micro, counts[0], run.world)
-            got = steps.update_and_read(engine, step_loss, counts, lambda: run.stop.vote(run.world), log.time)
+            got = steps.update_and_read(engine, step_loss, counts, lambda: votes(run), log.time)
             run.state["step"] += 1
             run.state["tokens_seen"] += int(got["real"])
             step = run.state["step"]
@@ -246,9 +248,15 @@ def run_steps(run: Run) -> str:
                 return EARLY_STOP
             if run.writer:
                 run.writer.raise_error()   # a background save that failed (a full disk) stops the run here
-            if between(step, run.recipe.checkpoint.every, run.total_steps):
-                save_checkpoint(run, step)
+            if run.save_due is not None or between(step, run.recipe.checkpoint.every, run.total_steps):
+                periodic_save(run, step, writing=got["writing"] > 0)
     return stop or DONE
+
+
+def votes(run: Run) -> tuple[float, float]:
+    """This rank's share of the step's report: its stop vote, and 1 while its background writer
+    still writes a checkpoint (summed over ranks: every rank sees the same "writing")."""
+    return run.stop.vote(run.world), float(run.writer is not None and run.writer.busy())
 
 
 def between(step: int, every: int | None, total_steps: int) -> bool:
@@ -275,7 +283,27 @@ def evaluate(run: Run, step: int) -> bool:
     return bool(es and state["evals_without_improvement"] >= es.patience)
 
 
-def save_checkpoint(run: Run, step: int) -> None:
+def periodic_save(run: Run, step: int, writing: bool) -> None:
+    """A save that checkpoint.every asks for. A background save still being written on some rank
+    (the step's report says so, alike on every rank) does not stop training: this save waits, a
+    step at a time, for the first step after the writing is done. Checkpoints then come as often
+    as the disk writes them, and the first wait says so once. checkpoint.async_save: false saves
+    on schedule, training waiting for each write."""
+    if writing and run.writer is not None and step < run.total_steps:
+        if run.save_due is None:
+            run.save_due = step
+            if not run.warned_save_wait:
+                run.warned_save_wait = True
+                run.log.warn(f"step {step}: the checkpoint due now waits until the previous one (step "
+                             f"{run.last_saved}) is written, training goes on meanwhile: checkpoint.every "
+                             f"{run.recipe.checkpoint.every} steps is shorter than a save's write; raise it, or set "
+                             "checkpoint.async_save: false to save on schedule with training waiting for the disk")
+        return
+    due, run.save_due = run.save_due, None
+    save_checkpoint(run, step, due=due)
+
+
+def save_checkpoint(run: Run, step: int, due: int | None = None) -> None:
     """Save step `step` (once: a stop or a bad loss right after a periodic save does not repeat it)."""
     if run.last_saved == step:
         return
@@ -284,7 +312,7 @@ def save_checkpoint(run: Run, step: int) -> None:
                            keep=run.recipe.checkpoint.keep, rank=run.rank, world=run.world, eval_loss=run.last_eval,
                            recipe_digest=run.recipe.digest(), frozen_params=run.frozen, writer=run.writer)
     run.last_saved = step
-    run.log.saved(step, path, time.perf_counter() - t0, background=run.writer is not None)
+    run.log.saved(step, path, time.perf_counter() - t0, background=run.writer is not None, due=due)
     if run.beat:
         run.beat.write(RUNNING)  # status sees the step of the newest checkpoint without waiting for a beat
 

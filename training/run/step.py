@@ -9,7 +9,7 @@ over ranks, so the backward is scaled by the world size to undo that average.
 Per optimizer step, beyond ZeRO's own communication, the loop issues two small collectives and
 one host read, whatever the world size: `step_counts` (token counts of the whole accumulation
 window, all-reduced before the first forward and divided by on the device), `step_report` (loss,
-stop votes, router aux loss, all-reduced after the backward) and `read_step` (one .tolist() of
+stop votes, background saves still writing, router aux loss, all-reduced after the backward) and `read_step` (one .tolist() of
 both and the gradient norm). benchmarks/step_syncs.py counts them (tests/test_step_syncs.py).
 """
 from __future__ import annotations
@@ -83,12 +83,14 @@ def step_counts(micro: list[dict], device, copies: int = 1) -> torch.Tensor:
     return counts / copies if copies > 1 else counts
 
 
-def step_report(step_loss: torch.Tensor, stop_vote: float) -> torch.Tensor:
-    """The step's second and last collective: [loss, stop votes, router aux loss] summed over
-    ranks (the ranks' loss shares add up to the global batch's loss; votes: signals.StopRequest.vote,
-    read back with signals.agreed; router aux: 0 for dense models). Stays on the device."""
+def step_report(step_loss: torch.Tensor, stop_vote: float, writing: float = 0.0) -> torch.Tensor:
+    """The step's second and last collective: [loss, stop votes, writing, router aux loss] summed
+    over ranks (the ranks' loss shares add up to the global batch's loss; votes:
+    signals.StopRequest.vote, read back with signals.agreed; writing: 1 from each rank whose
+    background checkpoint writer is still busy, so that every rank decides alike whether a save
+    due now waits (training/run/loop.py); router aux: 0 for dense models). Stays on the device."""
     aux = getattr(step_loss, "router_aux", None)
-    report = torch.stack([step_loss, torch.full_like(step_loss, stop_vote),
+    report = torch.stack([step_loss, torch.full_like(step_loss, stop_vote), torch.full_like(step_loss, writing),
                           aux.double() if aux is not None else torch.zeros_like(step_loss)])
     dist.all_reduce(report)
     return report
@@ -104,23 +106,23 @@ def read_step(report: torch.Tensor, counts: torch.Tensor, grad_norm=None, moe: b
     values = torch.cat(parts).tolist()
     if not torch.is_tensor(grad_norm):
         values.append(None if grad_norm is None else float(grad_norm))
-    loss, votes, aux, n_target, real, padded, norm = values
-    return {"loss": loss, "votes": votes, "router_aux": aux if moe else None,
+    loss, votes, writing, aux, n_target, real, padded, norm = values
+    return {"loss": loss, "votes": votes, "writing": writing, "router_aux": aux if moe else None,
             "n_target": n_target, "real": real, "padded": padded, "grad_norm": norm}
 
 
 def update_and_read(engine, step_loss: torch.Tensor, counts: torch.Tensor, vote, timed) -> dict:
-    """The optimizer step and the step's one host read (`read_step`: loss, stop votes, token
-    counts, grad norm; "finite": every rank agrees whether the loss was). DeepSpeed's own
-    optimizers discard a non-finite step themselves (diagnostics.checks_itself), so their update
+    """The optimizer step and the step's one host read (`read_step`: loss, stop votes, saves still
+    writing, token counts, grad norm; "finite": every rank agrees whether the loss was). DeepSpeed's
+    own optimizers discard a non-finite step themselves (diagnostics.checks_itself), so their update
     is queued first and the read comes after it; a plain torch optimizer must hear "skip" before
-    its step. `vote()`: this rank's stop vote, asked after the update is queued (a signal that
-    came during the step counts in it); `timed(name)`: the loop's phase timer."""
+    its step. `vote()`: this rank's (stop vote, writing), asked after the update is queued (a
+    signal that came during the step counts in it); `timed(name)`: the loop's phase timer."""
     checks_itself = diagnostics.checks_itself(engine)
     if checks_itself:
         with timed("optimizer"):
             applied = diagnostics.optimizer_step(engine, skip=False)
-    got = read_step(step_report(step_loss, vote()), counts, engine.get_global_grad_norm() if checks_itself else None,
+    got = read_step(step_report(step_loss, *vote()), counts, engine.get_global_grad_norm() if checks_itself else None,
                     moe=hasattr(step_loss, "router_aux"))
     got["finite"] = math.isfinite(got["loss"])
     if checks_itself:
