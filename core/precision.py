@@ -55,7 +55,11 @@ def measured(method: str, capability: tuple[int, int], hidden: int, tokens: int,
 
 def unsupported(method: str, zero: int, dtype: str, capability: Optional[tuple[int, int]],
                 has_torchao: bool) -> Optional[str]:
-    """Why FP8 cannot run here (None when it can). capability None: no CUDA GPU."""
+    """Why FP8 cannot run here (None when it can), the machine first. capability None: no CUDA GPU."""
+    if capability is None:
+        return "no CUDA GPU here (FP8 needs compute capability 8.9+: Ada, Hopper, Blackwell)"
+    if tuple(capability) < FP8_CAPABILITY:
+        return f"GPU compute capability {capability[0]}.{capability[1]} has no FP8 tensor cores (8.9+ needed)"
     if method == "qlora":
         return "method.kind qlora: the NF4 base is dequantised to bf16 for its matmuls (nothing runs in FP8)"
     if method not in FP8_METHODS:
@@ -64,10 +68,6 @@ def unsupported(method: str, zero: int, dtype: str, capability: Optional[tuple[i
         return "distributed.zero 3: FP8 runs at ZeRO 0-2 (ZeRO-3 layers are not compiled, and uncompiled FP8 casts cost more than they save)"
     if dtype != "bf16":
         return f"model.dtype {dtype}: FP8 training keeps bf16 master weights (set model.dtype: bf16)"
-    if capability is None:
-        return "no CUDA GPU here (FP8 needs compute capability 8.9+: Ada, Hopper, Blackwell)"
-    if tuple(capability) < FP8_CAPABILITY:
-        return f"GPU compute capability {capability[0]}.{capability[1]} has no FP8 tensor cores (8.9+ needed)"
     if not has_torchao:
         return "torchao is not installed (pip install 'zerotune[gpu]')"
     return None

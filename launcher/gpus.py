@@ -1,8 +1,10 @@
 """The GPU memory a run is planned for: every `auto` (launcher/prepare.py) and the fit check are
 chosen against it. Torch-free (the CLI starts without torch): the local GPUs are read from
-`nvidia-smi --query-gpu=index,uuid,memory.total --format=csv,noheader,nounits` (MiB per GPU; the
-smallest GPU counts), CUDA_VISIBLE_DEVICES applied (indices or UUIDs, as CUDA reads it): one
-query gives both how many processes `zerotune train` / `launch` start and the memory planned for.
+`nvidia-smi --query-gpu=index,uuid,memory.total,compute_cap --format=csv,noheader,nounits` (MiB per
+GPU; the smallest GPU and the lowest compute capability count), CUDA_VISIBLE_DEVICES applied
+(indices or UUIDs, as CUDA reads it): one query gives how many processes `zerotune train` /
+`launch` start, the memory planned for and the capability train.precision: auto reads (a driver
+too old for compute_cap is asked again without it: capability unknown).
 
 Where the size comes from, first match:
   --gpu-memory SIZE                 (zerotune launch / plan)
@@ -17,7 +19,7 @@ import os
 import re
 import subprocess
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from zerotune.core.io import GIB, parse_size
 from zerotune.core.io import read_model_config
@@ -25,7 +27,13 @@ from zerotune.core.memory import DEFAULT_GPU_MEMORY, LIGER_FAMILIES
 from zerotune.core.recipe import RecipeError
 
 MIB = 1 << 20
-QUERY = ["nvidia-smi", "--query-gpu=index,uuid,memory.total", "--format=csv,noheader,nounits"]
+FIELDS = "index,uuid,memory.total,compute_cap"
+
+
+class LocalGpus(NamedTuple):
+    count: int                                   # GPUs this process may use
+    memory: Optional[float]                      # bytes of the smallest
+    capability: Optional[tuple[int, int]] = None  # the lowest compute capability, e.g. (9, 0)
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,7 @@ class GpuMemory:
     bytes: float         # memory of one GPU planned for
     source: str          # "nvidia-smi", "--gpu-memory", "cluster.gpu_memory" or "assumed"
     where: str = "local"  # "local": runs here, no GPU seen (a CPU run); "gpus": here, on GPUs; "slurm": a job's GPUs
+    capability: Optional[tuple[int, int]] = None   # the local GPUs' lowest compute capability (where "gpus")
 
     @property
     def known(self) -> bool:
@@ -52,7 +61,7 @@ class GpuMemory:
         return f"{self.bytes / GIB:.1f}GiB"
 
 
-def _visible(rows: list[tuple[str, str, float]]) -> list[tuple[str, str, float]]:
+def _visible(rows: list[tuple]) -> list[tuple]:
     """The rows CUDA_VISIBLE_DEVICES leaves, in its order (an index or a UUID prefix each; CUDA
     stops at the first entry that names no GPU; set but empty: none)."""
     setting = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -67,34 +76,44 @@ def _visible(rows: list[tuple[str, str, float]]) -> list[tuple[str, str, float]]
     return out
 
 
-def local_gpus() -> tuple[int, Optional[float]]:
-    """(how many GPUs this process may use, bytes of the smallest of them) from one nvidia-smi
-    query, CUDA_VISIBLE_DEVICES applied; (0, None) without nvidia-smi or GPUs."""
+def _query(fields: str) -> Optional[str]:
     try:
-        proc = subprocess.run(QUERY, capture_output=True, text=True, timeout=20)
+        proc = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired):
-        return 0, None
-    if proc.returncode != 0:
-        return 0, None
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def local_gpus() -> LocalGpus:
+    """The GPUs this process may use (module docstring), from one nvidia-smi query, CUDA_VISIBLE_DEVICES
+    applied; LocalGpus(0, None) without nvidia-smi or GPUs."""
+    out = _query(FIELDS)
+    if out is None:
+        out = _query(FIELDS.removesuffix(",compute_cap"))
     rows = []
-    for line in proc.stdout.splitlines():
+    for line in (out or "").splitlines():
         parts = [p.strip() for p in line.split(",")]
         try:
-            rows.append((parts[0], parts[1], float(parts[2]) * MIB))
+            cap = tuple(int(p) for p in parts[3].split(".")[:2]) if len(parts) > 3 and re.fullmatch(r"\d+\.\d+", parts[3]) else None
+            rows.append((parts[0], parts[1], float(parts[2]) * MIB, cap))
         except (IndexError, ValueError):
             continue
     rows = _visible(rows)
-    return len(rows), (min(r[2] for r in rows) if rows else None)
+    if not rows:
+        return LocalGpus(0, None)
+    caps = [r[3] for r in rows]
+    return LocalGpus(len(rows), min(r[2] for r in rows), None if None in caps else min(caps))
 
 
 def planned_gpu_memory(recipe, flag: Optional[str] = None, slurm: bool = False) -> GpuMemory:
     """The GPU memory `recipe` is planned for (module docstring)."""
-    local = None if slurm else local_gpus()[1]
-    where = "slurm" if slurm else ("gpus" if local is not None else "local")
+    local = LocalGpus(0, None) if slurm else local_gpus()
+    where = "slurm" if slurm else ("gpus" if local.memory is not None else "local")
     if flag:
-        return GpuMemory(parse_size(flag), "--gpu-memory", where)
-    if local is not None:
-        return GpuMemory(local, "nvidia-smi", where)
+        return GpuMemory(parse_size(flag), "--gpu-memory", where, local.capability)
+    if local.memory is not None:
+        return GpuMemory(local.memory, "nvidia-smi", where, local.capability)
     if recipe.cluster.gpu_memory:
         return GpuMemory(parse_size(recipe.cluster.gpu_memory), "cluster.gpu_memory", where)
     return GpuMemory(DEFAULT_GPU_MEMORY, "assumed", where)
@@ -113,16 +132,3 @@ def kernels_for(recipe, gpu: GpuMemory) -> str:
         return setting
     local = gpu.where == "gpus" and has
     return "liger" if local and read_model_config(recipe.model.path).get("model_type") in LIGER_FAMILIES else "none"
-
-
-def local_compute_capability() -> Optional[tuple[int, int]]:
-    """The lowest compute capability of the local GPUs (nvidia-smi's compute_cap, e.g. (9, 0) on
-    H100/H200); None without nvidia-smi or GPUs. train.precision: auto reads it (launcher/prepare.py)."""
-    try:
-        proc = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    caps = [tuple(int(p) for p in line.strip().split(".")[:2]) for line in proc.stdout.splitlines()
-            if proc.returncode == 0 and re.fullmatch(r"\d+\.\d+", line.strip())]
-    return min(caps) if caps else None

@@ -43,12 +43,12 @@ def processes_per_node(args, recipe_gpus) -> int:
     if args.slurm:
         return 1
     from .gpus import local_gpus
-    return local_gpus()[0] or 1
+    return local_gpus().count or 1
 
 
 def _has_gpus() -> bool:
     from .gpus import local_gpus
-    return local_gpus()[0] > 0
+    return local_gpus().count > 0
 
 
 def run(args) -> int:

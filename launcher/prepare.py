@@ -25,7 +25,7 @@ from zerotune.core.recipe_load import load_recipe, load_run_recipe, validate_rec
 
 from . import ds_config, preflight
 from .data_size import DataLengths, with_max_len
-from .gpus import GpuMemory, kernels_for, local_compute_capability, planned_gpu_memory
+from .gpus import GpuMemory, kernels_for, planned_gpu_memory
 from zerotune.training.monitoring.tracker_setup import check_trackers
 
 _NONE = object()
@@ -83,12 +83,19 @@ def say_plan(recipe: Recipe, gpu: GpuMemory, precision_why: str = "") -> None:
           f"gradient_checkpointing {str(t.gradient_checkpointing).lower()}, fused_loss {str(t.fused_loss).lower()}, "
           f"tiled_mlp {str(t.tiled_mlp).lower()}, offload_activations {str(t.offload_activations).lower()}, "
           f"compile {str(t.compile).lower()}, "
-          f"precision {t.precision}" + (f" ({precision_why})" if precision_why else ""), file=sys.stderr, flush=True)
+          f"precision {matmul_precision(t.precision, m.dtype)}" + (f" ({precision_why})" if precision_why else ""),
+          file=sys.stderr, flush=True)
+
+
+def matmul_precision(precision: str, dtype: str) -> str:
+    """What the matmuls run in: train.precision bf16 means "no fp8", so an fp32 or fp16 model's
+    matmuls run in its model.dtype (the plan line says that, not bf16)."""
+    return dtype if precision == "bf16" and dtype != "bf16" else precision
 
 
 def resolve_precision(recipe: Recipe, gpu: GpuMemory, config: dict) -> tuple[Recipe, str]:
     """train.precision (core/precision.py) after the plan: (the recipe, why). Local GPUs: auto
-    becomes bf16 or fp8 for their compute capability (nvidia-smi); explicit fp8 that cannot run is
+    becomes bf16 or fp8 for their compute capability (nvidia-smi, launcher/gpus.py); explicit fp8 that cannot run is
     one line here, before torchrun. A Slurm job's auto stays auto (its ranks decide,
     training/model/fp8.py); its explicit fp8 is checked for all but the GPU, which the ranks check."""
     import importlib.util
@@ -97,7 +104,7 @@ def resolve_precision(recipe: Recipe, gpu: GpuMemory, config: dict) -> tuple[Rec
     slurm = gpu.where == "slurm"
     if t.precision == "bf16" or (slurm and t.precision == "auto"):
         return recipe, "decided on each rank" if t.precision == "auto" else ""
-    cap = precision.FP8_CAPABILITY if slurm else local_compute_capability()
+    cap = precision.FP8_CAPABILITY if slurm else gpu.capability
     value, why = precision.choose(
         t.precision, method=recipe.method.kind, zero=recipe.zero_stage(), dtype=recipe.model.dtype, capability=cap,
         has_torchao=importlib.util.find_spec("torchao") is not None, hidden=config.get("hidden_size"),

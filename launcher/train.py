@@ -33,7 +33,7 @@ def run(args) -> int:
     from .gpus import local_gpus
     from .submit import grace_seconds, run_local
     check_counts(args)
-    nproc = args.nproc or local_gpus()[0] or 1
+    nproc = args.nproc or local_gpus().count or 1
     recipe = prepare_run(args.recipe, args.set, world_size=nproc, lock=True)   # auto planned for the local GPUs; fit check
     print(f"zerotune: run dir {recipe.run_dir} ({nproc} process(es))", flush=True)
     return run_local(recipe.run_dir, nproc, grace_seconds(recipe, nproc))

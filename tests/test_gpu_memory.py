@@ -17,13 +17,16 @@ from zerotune.launcher.gpus import local_gpus, planned_gpu_memory
 from zerotune.launcher.prepare import resolve
 
 
-def fake_smi(tmp_path, *mib: int) -> str:
-    """A directory holding an `nvidia-smi` that prints `index, uuid, MiB` of these GPUs, one a
-    line (the query launcher/gpus.py asks); returns a PATH."""
+def fake_smi(tmp_path, *mib: int, caps: tuple[str, ...] | None = None) -> str:
+    """A directory holding an `nvidia-smi` that prints `index, uuid, MiB, compute_cap` of these GPUs,
+    one a line (the query launcher/gpus.py asks); without `caps`, a driver that knows no compute_cap
+    (it refuses that query, as old drivers do, and answers `index, uuid, MiB`). Returns a PATH."""
     d = tmp_path / "bin"
     d.mkdir(exist_ok=True)
     smi = d / "nvidia-smi"
-    smi.write_text("#!/bin/sh\n" + "".join(f"echo '{i}, GPU-{i}a{i}b-0000, {m}'\n" for i, m in enumerate(mib)))
+    rows = [f"{i}, GPU-{i}a{i}b-0000, {m}" + (f", {caps[i]}" if caps else "") for i, m in enumerate(mib)]
+    refuse = "" if caps else 'case "$*" in *compute_cap*) echo "Field compute_cap is not valid" >&2; exit 2;; esac\n'
+    smi.write_text("#!/bin/sh\n" + refuse + "".join(f"echo '{r}'\n" for r in rows))
     smi.chmod(0o755)
     return f"{d}{os.pathsep}{os.environ['PATH']}"
 
@@ -46,23 +49,25 @@ def peft_8b(tmp_path, kind="lora", **train):
 def test_nvidia_smi_is_read_smallest_gpu_counts(tmp_path, monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setenv("PATH", fake_smi(tmp_path, 143771, 81920))
-    assert local_gpus() == (2, 81920 * 2 ** 20)
+    assert local_gpus() == (2, 81920 * 2 ** 20, None)   # a driver without compute_cap: asked again without it
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
-    assert local_gpus() == (0, None)
+    assert local_gpus() == (0, None, None)
     gpu = planned_gpu_memory(peft_8b(tmp_path))
     assert not gpu.known and gpu.describe().startswith("a CPU run") and "80 GiB" in gpu.describe()
     assert planned_gpu_memory(peft_8b(tmp_path), slurm=True).describe().startswith("80 GiB per GPU (assumed")
 
 
 def test_cuda_visible_devices_picks_the_gpus_counted(tmp_path, monkeypatch):
-    """One nvidia-smi query gives the count and the memory, as CUDA sees them: indices or UUID
-    prefixes, in order, up to the first that names no GPU; set but empty: none."""
-    monkeypatch.setenv("PATH", fake_smi(tmp_path, 143771, 81920, 40960))
-    for visible, want in (("0", (1, 143771)), ("2,0", (2, 40960)), ("GPU-1a1b", (1, 81920)),
-                          ("0,7,1", (1, 143771)), ("", (0, None)), ("-1", (0, None))):
+    """One nvidia-smi query gives the count, the memory and the compute capability, as CUDA sees
+    them: indices or UUID prefixes, in order, up to the first that names no GPU; set but empty: none."""
+    monkeypatch.setenv("PATH", fake_smi(tmp_path, 143771, 81920, 40960, caps=("9.0", "9.0", "8.0")))
+    for visible, want in (("0", (1, 143771, (9, 0))), ("2,0", (2, 40960, (8, 0))), ("GPU-1a1b", (1, 81920, (9, 0))),
+                          ("0,7,1", (1, 143771, (9, 0))), ("", (0, None, None)), ("-1", (0, None, None))):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-        count, size = local_gpus()
-        assert (count, size and size / 2 ** 20) == want, visible
+        count, size, cap = local_gpus()
+        assert (count, size and size / 2 ** 20, cap) == want, visible
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")   # the GPU that runs decides train.precision: auto
+    assert planned_gpu_memory(peft_8b(tmp_path)).capability == (9, 0)
 
 
 @pytest.mark.parametrize("kind", ["lora", "qlora"])

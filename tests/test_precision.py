@@ -4,7 +4,6 @@ in FP8 (converted on CPU through torchao's emulation of the FP8 GEMM). The GPU n
 tests/test_fp8.py."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import yaml
@@ -67,8 +66,7 @@ def test_launcher_resolves_auto_for_the_local_gpu(tmp_path, monkeypatch):
     from zerotune.launcher.gpus import GpuMemory
     recipe = validate_recipe(base_recipe(tmp_path, model={"dtype": "bf16"}, distributed={"zero": 0},
                                          data={"max_len": 256}, train={"max_steps": 1, "micro_batch_size": 4}))
-    monkeypatch.setattr(prepare, "local_compute_capability", lambda: H100)
-    gpu = GpuMemory(80 * 2 ** 30, "nvidia-smi", "gpus")
+    gpu = GpuMemory(80 * 2 ** 30, "nvidia-smi", "gpus", capability=H100)
     out, why = prepare.resolve_precision(recipe, gpu, {"hidden_size": 64})
     assert out.train.precision == "bf16" and why == "fp8 not measured faster for full at hidden 64, 1024 tokens per micro-batch"
     monkeypatch.setattr(precision, "MEASURED", (Measured("full", H100, 64, 1024, 1.2, "test"),))
@@ -79,13 +77,9 @@ def test_launcher_resolves_auto_for_the_local_gpu(tmp_path, monkeypatch):
 
 
 def fake_smi(tmp_path, cap: str) -> str:
-    """An nvidia-smi answering compute_cap queries with `cap` and memory queries with an H200's."""
-    d = tmp_path / "bin"
-    d.mkdir(exist_ok=True)
-    smi = d / "nvidia-smi"
-    smi.write_text(f'#!/bin/sh\ncase "$*" in *compute_cap*) echo {cap};; *) echo 143771;; esac\n')
-    smi.chmod(0o755)
-    return f"{d}{os.pathsep}{os.environ['PATH']}"
+    """An nvidia-smi that sees one H200-sized GPU of compute capability `cap`."""
+    from test_gpu_memory import fake_smi as smi
+    return smi(tmp_path, 143771, caps=(cap,))
 
 
 def test_fp8_without_fp8_gpu_is_one_line_before_torchrun(tmp_path):
