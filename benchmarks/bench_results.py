@@ -42,8 +42,8 @@ def train_records(metrics_file: Path) -> tuple[list[dict], int]:
 
 
 def parse_metrics(metrics_file: Path, warmup: int) -> dict:
-    """Median tokens/s per GPU and MFU over the steps after `warmup`, peak GPU memory (GiB) of
-    rank 0 over the whole run, and the loss of every step (bf16 and fp8 variants compare curves). train/tokens_per_sec is global (real tokens of all ranks); memory
+    """Median tokens/s per GPU and MFU over the steps after `warmup`, peak GPU memory (GiB) and
+    peak host RSS of rank 0 over the whole run, and the loss of every step (bf16 and fp8 variants compare curves). train/tokens_per_sec is global (real tokens of all ranks); memory
     is train/gpu_mem_peak_gib (GiB), or the older train/gpu_mem_peak_gb (1e9-byte GB) converted."""
     recs, world = train_records(metrics_file)
     timed = [r for r in recs if r["step"] > warmup]
@@ -59,9 +59,11 @@ def parse_metrics(metrics_file: Path, warmup: int) -> dict:
     secs = [r.get("time/step_s") for r in timed]
     mean = (sum(t * s for t, s in zip(tps, secs)) / sum(secs)) if all(secs) else None
     eff = [r["data/packing_efficiency"] for r in timed if r.get("data/packing_efficiency") is not None]
+    rss = [r["train/host_rss_peak_gib"] for r in recs if r.get("train/host_rss_peak_gib") is not None]
     return {"tok_s_gpu": round(statistics.median(tps)), "tok_s_gpu_mean": round(mean) if mean else None,
             "mfu": round(statistics.median(mfus), 4) if mfus else None,
             "peak_gib": round(max(peaks), 2) if peaks else None,
+            "host_rss_peak_gib": round(max(rss), 2) if rss else None,   # rank 0's process (runs since 2026-12-06)
             "step_s": round(statistics.median(secs), 4) if all(secs) else None,
             "packing_efficiency": round(statistics.median(eff), 4) if eff else None,
             "world": world, "timed_steps": len(timed), "last_step": recs[-1]["step"] if recs else 0,

@@ -57,8 +57,20 @@ WORKLOADS = {
     # one GPU, LoRA 8B at 32k tokens (issue 20): no sequence parallelism, the recipe's autos decide
     "lora-8b-32k": dict(size="8b", method="lora", mbs=1, gpus=1, zero=0, seq=32768, hidden=True),
     "lora-8b-128k": dict(size="8b", method="lora", mbs=1, gpus=1, zero=0, seq=131072, hidden=True),
+    # issue 28: one GPU at 128k (QLoRA) and 512k, as recipes/llama3-8b-lora-512k.yaml writes it (one
+    # document a row, LoRA without dropout); no peer (HF Trainer runs out of memory from 128k)
+    "qlora-8b-128k": dict(size="8b", method="qlora", mbs=1, gpus=1, zero=0, seq=131072, peer=False, hidden=True),
+    "lora-8b-512k": dict(size="8b", method="lora", mbs=1, gpus=1, zero=0, seq=524288, packing=False, lora_dropout=0.0,
+                         peer=False, hidden=True),
+    "qlora-8b-512k": dict(size="8b", method="qlora", mbs=1, gpus=1, zero=0, seq=524288, packing=False,
+                          lora_dropout=0.0, peer=False, hidden=True),
     "long-lora-8b-32k": dict(size="8b", method="lora", mbs=1, gpus="all", min_gpus=4, zero=3, seq=32768, sp=4,
                              hidden=True),
+    # issue 29 part C: LoRA 8B data-parallel over every GPU of the machine (the peer: torchrun, DDP), and
+    # at 131,072 tokens with sequence parallelism over 4
+    "lora-8b-dp": dict(size="8b", method="lora", mbs=4, gpus="all", min_gpus=2, zero=0, hidden=True),
+    "long-lora-8b-128k": dict(size="8b", method="lora", mbs=1, gpus="all", min_gpus=4, zero=3, seq=131072, sp=4,
+                              peer=False, hidden=True),
     # a CPU smoke test of bench.py (tests/test_bench.py); no peer (it needs CUDA); not in the default set
     "tiny": dict(size="tiny", method="full", mbs=2, gpus=1, zero=3, seq=128, dtype="fp32", peer=False, hidden=True),
 }
@@ -87,8 +99,13 @@ VARIANTS = {
     "long-8b-32k": {"default": [], "sp2": ["distributed.sequence_parallel=2"]},
     "long-8b-128k": {"default": [], "offload-activations": ["train.offload_activations=true"]},
     "long-lora-8b-32k": {"default": []},
+    "lora-8b-dp": {"default": []},
+    "long-lora-8b-128k": {"default": []},
     "lora-8b-32k": {"default": [], "kernels-none": ["model.kernels=none"]},
     "lora-8b-128k": {"default": []},
+    "qlora-8b-128k": {"default": []},
+    "lora-8b-512k": {"default": []},
+    "qlora-8b-512k": {"default": []},
 }
 for _wl in ("full-1b", "lora-8b", "qlora-8b"):   # issue 20: liger's share of the recipe as written
     VARIANTS[_wl]["kernels-none"] = ["model.kernels=none"]
@@ -239,7 +256,7 @@ class Plan:
         w = WORKLOADS[wl]
         method = {"kind": w["method"]}
         if w["method"] in ("lora", "qlora"):  # the peer's LoraConfig
-            method["lora"] = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
+            method["lora"] = {"r": 16, "alpha": 32, "dropout": w.get("lora_dropout", 0.05), "target_modules": "all-linear"}
         fmt = w["data"][1] if w.get("data") else "text"
         return {
             "name": wl, "output_dir": str(self.work / "runs"),
@@ -247,7 +264,7 @@ class Plan:
                       "dtype": self.dtype(wl), "attn_implementation": "sdpa", "chat_template": None},
             "method": method,
             "data": {"train": [{"path": str(self.data_file(wl)), "format": fmt}], "max_len": self.seq(wl),
-                     "packing": True, "eval_split": 0.0},
+                     "packing": w.get("packing", True), "eval_split": 0.0},
             # the recipe as a user writes it (issue 20): checkpointing, kernels, loss and, on one GPU
             # without offload or SP, the ZeRO stage are left to `auto` (planned for the GPU it runs on)
             "train": {"max_steps": self.a.steps, "micro_batch_size": w["mbs"], "grad_accum": 1, "lr": 1e-5,

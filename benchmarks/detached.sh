@@ -27,6 +27,23 @@ stage() {
 
 finish() { echo "$(date +%T) done" >> "$LOG/progress"; touch "$LOG/DONE"; }
 
+prepare_machine() {   # the environment every stage runs in: wheels from /tmp/site, zerotune from /tmp/pkg
+  export TORCH_EXTENSIONS_DIR=/tmp/torch_extensions PYTHONPATH=/tmp/site TORCH_CUDA_ARCH_LIST=9.0 \
+         TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+  { nvidia-smi --query-gpu=name,memory.total,compute_cap --format=csv; df -h /tmp; free -g; } > "$LOG/gpu.txt"
+  python3 -c 'import sys; sys.path.insert(0, "benchmarks"); from pathlib import Path; from bench_setup import make_package; make_package(Path("/tmp/pkg"))'
+  export PYTHONPATH=/tmp/pkg:/tmp/site
+  mkdir -p "$LOG/results"
+}
+
+keep_runs() {   # WORK: bench.py's logs, every run's metrics.jsonl and recipe.yaml into $LOG; checkpoints dropped
+  local work=$1 m; mkdir -p "$LOG/runs"; cp -r "$work/logs" "$LOG/" 2>/dev/null
+  for m in "$work"/runs/*/metrics.jsonl "$work"/runs/*/recipe.yaml; do
+    [ -f "$m" ] && cp "$m" "$LOG/runs/$(basename "$(dirname "$m")").$(basename "$m")"
+  done
+  rm -rf "$work"/runs/*/checkpoints
+}
+
 wait_and_pack() {   # LOG SECONDS
   local log=$1 end=$(( $(date +%s) + $2 )) cur
   while [ ! -f "$log/DONE" ] && [ "$(date +%s)" -lt "$end" ]; do

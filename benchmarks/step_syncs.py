@@ -4,7 +4,7 @@
     python benchmarks/step_syncs.py --out benchmarks/results/2026-12-06-cpu-step-syncs.jsonl
 
 Runs `zerotune train --nproc N` on the tiny stories260K model (examples/) with
-ZEROTUNE_TEST_COUNT_SYNCS set: training/run/faults.py then counts, on every rank and for every
+ZEROTUNE_TEST_COUNT_SYNCS set: training/run/sync_counter.py then counts, on every rank and for every
 step, the collectives (kind, calls, bytes) and host syncs (.item(), .tolist(), .cpu(), bool(t),
 float(t), int(t), ...; on a GPU also CUDA event waits), ours apart from ZeRO's (those issued
 inside DeepSpeed's engine forward/backward/step), and the Python time outside those engine calls.

@@ -88,7 +88,7 @@ def step_rows(name: str, recs: list[dict], ckpts: list[dict]) -> dict:
 def save_blocking(recs: list[dict], ckpts: list[dict], every: int, plain_step_s: float | None) -> dict:
     """Each periodic save (not the run's end): its blocked seconds over the seconds since the
     previous save (the first: since the end of the step `every` steps before it). A save that
-    waited for the previous one's write (due_step: training/run/loop.py periodic_save) is taken
+    waited for the previous one's write (due_step: training/run/saves.py periodic_save) is taken
     later than every x steps: the time between counts from the save before it all the same."""
     at = {r["step"]: r["time"] for r in recs}
     periodic = sorted((c for c in ckpts if c["step"] in at and c["step"] < max(at)), key=lambda c: c["step"])

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Optional
 
-from .memory import OFFLOAD_ACTIVATIONS_SPEED, TILED_MLP_SPEED, Strategy, efficiency
+from .memory import Strategy
+from .speed import OFFLOAD_ACTIVATIONS_SPEED, TILED_MLP_SPEED, efficiency
 
 
 def checkpointed_layers(train, layers: int) -> int:

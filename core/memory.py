@@ -15,9 +15,17 @@ The memory model (bytes, per GPU; N parameters, W GPUs, B x S tokens per micro-b
                later, uncheckpointed layers' activations before it reaches them, so a recompute
                never meets those (and an offloaded input has the whole forward and backward to move).
                Working set of a Llama-style layer, per token: (11 d + 4 ff + 2 kv) x act bytes
-               (norm inputs in fp32, q, rotated q/k, repeated k/v, attention out, gate, up,
-               silu(gate), gate*up); LoRA adds, for every adapted linear, its dropout output
-               (saved by lora_A, in the adapter's dtype) and the 1-byte dropout mask.
+               (norm inputs in fp32 and, for the norm weights' gradients, in bf16, q, rotated q/k,
+               k/v, attention out, gate, up, silu(gate), gate*up; 1 d to spare); frozen norm
+               weights (PEFT) keep 2 d less (the bf16 copies). LoRA adds, for every adapted linear, lora_A's r outputs and
+               (lora.dropout > 0) its dropout output, in the adapter's dtype, and the 1-byte dropout
+               mask, or (no dropout, adapters in another dtype: the HF peer's fp32) its cast input;
+               without dropout and in the model's dtype lora_A saves the very input already counted.
+               train.tiled_mlp: the MLP's part (4 ff, and its adapters') exists for one tile only.
+               Checked against autograd's saved tensors of a real layer (tests/test_layer_bytes.py).
+               A recomputed layer's backward also holds its own gradients, (4 d + 2 kv) x act a
+               token: the output's, the residual's, attention's dout, dq, dk, dv (measured at 8B LoRA,
+               131,072 tokens, every layer recomputed: 62.2 GiB, estimated 65.1, 60.6 without them).
   logits       B S V x 12 bytes at the loss backward: fp32 log-probs saved by log_softmax, the
                gradient coming in and the gradient going out (all fp32). With the chunked loss
                (train.fused_loss, training/model/loss.py) the logits of one chunk of at most
@@ -63,10 +71,7 @@ cast: its adapters stay fp32 (4 + 4 bytes parameters and gradients, no master co
 the non-quantised parameters stay fp32 (4 bytes) and their fp32 norm weights make the residual
 stream, and so the kept and recomputed activations, fp32.
 
-Speed: tokens/s per GPU = MFU x peak FLOP/s / training FLOPs per token (core/flops.py).
-The MFUs are the initial calibration: the HF Trainer peer measured on one H100 80GB
-(docs/plan_vs_measured.md, 2026-11-24); values marked "assumed" in EFFICIENCY were not
-measured. docs/plan_vs_measured.md compares estimates with measurements.
+Speed (tokens/s per GPU from measured MFUs): core/speed.py.
 """
 from __future__ import annotations
 
@@ -83,48 +88,8 @@ DEFAULT_CPU_MEMORY = 512 * GIB     # per node
 RESERVED = 2.5 * GIB               # CUDA context, NCCL buffers, allocator fragmentation
 LOGIT_BYTES = 12                   # per logit element, see the module docstring
 FUSED_CHUNK = 4096                 # tokens per chunk of the chunked loss (training/model/loss.py CHUNK_TOKENS)
-FUSED_LOSS_SPEED = 0.96            # its tokens/s relative to the plain loss (measured 0.94-0.97, H200)
-OFFLOAD_ACTIVATIONS_SPEED = 0.9    # train.offload_activations, every layer: ASSUMED (not measured), a copy each way
-TILED_MLP_SPEED = 0.97             # train.tiled_mlp: ASSUMED (not measured), the MLP's forward once more a layer
 # model.kernels: liger (training/model/kernels.py) for these config model_types (RMSNorm + SwiGLU + RoPE)
 LIGER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
-# MFU per strategy on one GPU, zerotune's own path through `zerotune train` (benchmarks/bench.py,
-# one H200, 2026-11-27, 1B mbs 8 / 8B mbs 4, seq 2048, chunked loss), gradient checkpointing on
-# and off. Keys: (method, zero, offload optimizer, offload params, gradient checkpointing).
-MEASURED = {
-    ("full", 3, False, False, True): (0.265, "measured: zerotune, 1B ZeRO-3 mbs 8"),
-    ("full", 3, False, False, False): (0.309, "measured: zerotune, 1B ZeRO-3 mbs 8, no checkpointing"),
-    ("full", 2, False, False, False): (0.340, "measured: zerotune, 1B ZeRO-2 mbs 8, no checkpointing"),
-    ("full", 1, False, False, False): (0.344, "measured: zerotune, 1B ZeRO-1 mbs 8, no checkpointing"),
-    ("full", 0, False, False, False): (0.352, "measured: zerotune, 1B ZeRO-0 mbs 8, no checkpointing"),
-    # checkpointing on at ZeRO 0-2: the no-checkpointing figure / 1.166, the ratio measured at ZeRO-3
-    ("full", 2, False, False, True): (0.292, "derived: ZeRO-2 without checkpointing / 1.166"),
-    ("full", 1, False, False, True): (0.295, "derived: ZeRO-1 without checkpointing / 1.166"),
-    ("full", 0, False, False, True): (0.302, "derived: ZeRO-0 without checkpointing / 1.166"),
-    ("lora", 0, False, False, True): (0.361, "measured: zerotune, LoRA r16 8B mbs 4"),
-    ("lora", 0, False, False, False): (0.490, "measured: zerotune, LoRA r16 8B mbs 4, no checkpointing"),
-    ("qlora", 0, False, False, True): (0.341, "measured: zerotune, QLoRA r16 8B mbs 4"),
-    ("qlora", 0, False, False, False): (0.456, "measured: zerotune, QLoRA r16 8B mbs 4, no checkpointing"),
-}
-# Older calibration (the HF Trainer peer on one H100, 2026-11-24), with checkpointing; used where
-# MEASURED has no entry (no checkpointing: x NO_CHECKPOINTING).
-EFFICIENCY = {
-    ("full", 3, False, False): (0.221, "measured: peer, 1B ZeRO-3 mbs 8 seq 2048"),
-    ("full", 3, True, True): (0.118, "measured: peer, 1B ZeRO-3 + offload optimizer and params"),
-    ("full", 3, True, False): (0.16, "assumed: between ZeRO-3 and ZeRO-3 + offload all"),
-    ("full", 2, True, False): (0.16, "assumed: as ZeRO-3 + offload optimizer"),
-    ("full", 1, True, False): (0.16, "assumed: as ZeRO-3 + offload optimizer"),
-    ("full", 2, False, False): (0.221, "assumed: as ZeRO-3 on one GPU"),
-    ("full", 1, False, False): (0.221, "assumed: as ZeRO-3 on one GPU"),
-    ("full", 0, False, False): (0.221, "assumed: as ZeRO-3 on one GPU"),
-    ("lora", 0, False, False): (0.297, "measured: peer, LoRA r16 8B mbs 4"),
-    ("lora", 3, False, False): (0.22, "assumed: LoRA with the frozen base gathered per layer"),
-    ("qlora", 0, False, False): (0.237, "measured: peer, QLoRA r16 8B NF4 mbs 4"),
-}
-ZERO3_MULTI_GPU = 0.9   # assumed: ZeRO-3 moves 1.5x the bytes of ZeRO-1/2 (ZeRO paper, sec. 7)
-NO_CHECKPOINTING = 4 / 3  # recomputation costs one more forward: 8N instead of 6N FLOPs per token
-
-
 @dataclass(frozen=True)
 class Strategy:
     method: str                 # full | lora | qlora | other PEFT kinds
@@ -182,14 +147,18 @@ def dtype_bytes(dtype: str) -> int:
     return 4 if dtype == "fp32" else 2
 
 
+def adapted_linears(w: Workload) -> dict[str, tuple[int, int]]:
+    """Llama's name -> (in, out) of every linear LoRA adapts in one decoder layer (MoE: experts frozen)."""
+    s = shape(w.model)
+    names = ["q_proj", "k_proj", "v_proj", "o_proj"] + (["gate_proj", "up_proj", "down_proj"] if s["gated"]
+                                                       else ["up_proj", "down_proj"])
+    linears = dict(zip(names, linear_shapes(w.model)[:4] if s["experts"] > 1 else linear_shapes(w.model)))
+    return linears if w.lora_targets == "all-linear" else {n: io for n, io in linears.items() if n in w.lora_targets}
+
+
 def lora_params(w: Workload) -> int:
     """LoRA parameters: r x (in + out) for every adapted linear of every layer."""
-    s = shape(w.model)
-    shapes = linear_shapes(w.model)[:4] if s["experts"] > 1 else linear_shapes(w.model)   # MoE: experts frozen
-    if w.lora_targets != "all-linear":  # Llama names, in linear_shapes order
-        names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        shapes = [io for n, io in zip(names, shapes) if n in w.lora_targets]
-    return s["layers"] * sum(w.lora_r * (i + o) for i, o in shapes)
+    return shape(w.model)["layers"] * sum(w.lora_r * (i + o) for i, o in adapted_linears(w).values())
 
 
 def adapter_bytes(w: Workload) -> int:
@@ -210,16 +179,27 @@ def quantised_bytes(w: Workload) -> float:
     return s["layers"] * total
 
 
-def layer_working_bytes(w: Workload, method: str, act: int) -> float:
-    """Bytes per token of one layer's saved tensors during its backward."""
+def layer_working_bytes(w: Workload, method: str, act: int, tiled: bool = False) -> float:
+    """Bytes per token of one layer's saved tensors during its backward; tiled: without the MLP's,
+    which exist for one tile (module docstring, "activations")."""
     s = shape(w.model)
     kv = s["kv_heads"] * s["head_dim"]
-    base = (11 * s["d"] + 4 * s["ff"] + 2 * kv) * act
+    attn, mlp = (11 * s["d"] + 2 * kv) * act, 4 * s["ff"] * act
     if w.kernels == "liger" and s["gated"]:   # fused SwiGLU and RMSNorm (module docstring, "kernels")
-        base -= (2 * s["d"] + s["ff"]) * act
-    if method in ("lora", "qlora"):  # each adapted linear's dropout output (+ its 1-byte mask)
-        base += sum(i for i, _ in linear_shapes(w.model)) * (adapter_bytes(w) + (1 if w.lora_dropout else 0))
-    return base
+        attn, mlp = attn - 2 * s["d"] * act, mlp - s["ff"] * act
+    if method != "full":   # frozen norm weights: no bf16 copy of each norm's input kept for their gradient
+        attn -= 2 * s["d"] * act
+    if method in ("lora", "qlora"):
+        ab, linears = adapter_bytes(w), adapted_linears(w)
+        own = ab + 1 if w.lora_dropout else (ab if ab != act else 0)   # a dropout output + mask, or a cast
+        for name, (i, _) in linears.items():
+            extra = w.lora_r * ab + i * own
+            attn, mlp = (attn + extra, mlp) if name in ("q_proj", "k_proj", "v_proj", "o_proj") else (attn, mlp + extra)
+        if own:   # then the inputs the adapted linears alone kept are not kept
+            attn -= s["d"] * act if {"q_proj", "k_proj", "v_proj"} <= linears.keys() else 0   # the attention norm's out
+            mlp -= s["d"] * act if ({"gate_proj", "up_proj"} if s["gated"] else {"up_proj"}) <= linears.keys() else 0
+            mlp -= s["ff"] * act if "down_proj" in linears else 0   # act(gate) * up
+    return attn + (0 if tiled else mlp)
 
 
 def loss_bytes(w: Workload, tokens: int, vocab: int, d: int, act: int) -> float:
@@ -245,14 +225,14 @@ def activation_bytes(w: Workload, st: Strategy, act: int) -> dict:
     tokens = w.micro_batch_size * w.seq_len
     k, o = layer_split(w, st)
     x = s["d"] * act * tokens                   # one layer's input
-    per_token = layer_working_bytes(w, st.method, act)
-    mlp = 4 * s["ff"] * act              # gate, up, act(gate) and their product, per token
+    per_token = layer_working_bytes(w, st.method, act, tiled=w.tiled_mlp)
     tile = 0.0
-    if w.tiled_mlp:
-        per_token -= mlp
+    if w.tiled_mlp:   # one tile's MLP part
+        mlp = layer_working_bytes(w, st.method, act) - per_token
         tile = mlp * min(tokens, w.micro_batch_size * s["d"])
     held = (s["layers"] - k) * per_token * tokens + (tile if k < s["layers"] else 0.0)
-    working = (per_token * tokens + tile + (x if o else 0.0)) if k else 0.0
+    grads = (4 * s["d"] + 2 * s["kv_heads"] * s["head_dim"]) * act   # a backward's own gradients (docstring)
+    working = ((per_token + grads) * tokens + tile + (x if o else 0.0)) if k else 0.0
     return {"kept": (k - o) * x, "offloaded": o * x, "held": held, "working": working, "ckpt_layers": k,
             "offload_layers": o}
 
@@ -313,21 +293,6 @@ def estimate_memory(w: Workload, st: Strategy) -> dict:
             "kept": kept, "held": held, "working": working, "ckpt_layers": a["ckpt_layers"],
             "offload_layers": a["offload_layers"], "logits": logits, "temporary": temp, "total": total,
             "cpu_per_node": cpu * w.gpus_per_node, "trainable": trainable}
-
-
-# --------------------------------------------------------------------------- speed
-def efficiency(st: Strategy, world: int) -> tuple[float, str]:
-    method = st.method if st.method in ("full", "lora", "qlora") else "lora"
-    key = (method, st.zero, st.offload_optimizer, st.offload_params)
-    if (*key, st.grad_ckpt) in MEASURED:
-        mfu, source = MEASURED[(*key, st.grad_ckpt)]
-    else:
-        mfu, source = EFFICIENCY.get(key, (0.15, "assumed: no measurement for this strategy"))
-        if not st.grad_ckpt:
-            mfu *= NO_CHECKPOINTING
-    if st.zero == 3 and world > 1:
-        mfu *= ZERO3_MULTI_GPU
-    return mfu, source
 
 
 def workload_of(recipe, gpus_per_node: int, nodes: int = 1, train_tokens: Optional[float] = None,

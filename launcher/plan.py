@@ -14,9 +14,10 @@ from zerotune.core.checkpoint_cost import WRITE_BYTES_PER_S, checkpoint_bytes, s
 from zerotune.core.flops import PEAK_TFLOPS
 from zerotune.core.io import GIB
 from zerotune.core.long_context import sp_candidates
-from zerotune.core.memory import (DEFAULT_CPU_MEMORY, DEFAULT_GPU_MEMORY, FUSED_LOSS_SPEED, OFFLOAD_ACTIVATIONS_SPEED,  # noqa: F401
-                                  RESERVED, Estimate, Strategy, Workload, efficiency, estimate_memory,  # noqa: F401
+from zerotune.core.memory import (DEFAULT_CPU_MEMORY, DEFAULT_GPU_MEMORY,  # noqa: F401
+                                  RESERVED, Estimate, Strategy, Workload, estimate_memory,  # noqa: F401
                                   workload_of)
+from zerotune.core.speed import FUSED_LOSS_SPEED
 from zerotune.core.recipe import Recipe, RecipeError
 from zerotune.core.recipe_load import load_recipe, validate_recipe
 
@@ -274,7 +275,7 @@ def format_table(rows: list[Estimate], w: Workload, best: Optional[Estimate], gp
                "+ logits, one layer's recompute);"
                f" fits leaves {RESERVED / GIB:.1f} GiB for CUDA/NCCL." +
                (" CPU GiB/node includes a background save's snapshot (checkpoint.async_save)." if w.async_save else ""))
-    out.append("Speed from MFUs zerotune measured on one H200 (core/memory.py MEASURED, benchmarks/results/);"
+    out.append("Speed from MFUs zerotune measured on one H200 (core/speed.py MEASURED, benchmarks/results/);"
                " rows without a measurement use the older peer calibration or assumed values.")
     if best is not None:
         out.append(f"recommended: {best.label} ({best.tokens_per_s:,.0f} tokens/s/GPU, "

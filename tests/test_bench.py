@@ -108,10 +108,11 @@ def test_recipes_and_variants_validate(tmp_path):
         path.write_text(json.dumps(plan.recipe(wl)))
         for name, sets in plan.variants(wl).items():
             r = load_recipe(path, [f"name={plan.run_name(wl, name)}", *sets], check_paths=False)
-            unpacked = "data.packing=false" in sets   # chat-lora-8b's padded variant
+            padded = "data.packing=false" in sets   # chat-lora-8b's padded variant
+            unpacked = padded or bench.WORKLOADS[wl].get("packing") is False   # 512k: one document a row
             assert r.train.max_steps == 12 and r.data.packing is not unpacked and r.checkpoint.save_final is False
             assert r.model.tokenizer.endswith("phi-3-mini")
-            assert r.train.micro_batch_size == (16 if unpacked else bench.WORKLOADS[wl]["mbs"])
+            assert r.train.micro_batch_size == (16 if padded else bench.WORKLOADS[wl]["mbs"])
     off = load_recipe(tmp_path / "full-1b-offload.yaml", check_paths=False)
     assert off.distributed.offload_optimizer and off.distributed.offload_params and off.distributed.zero == 3
     q = load_recipe(tmp_path / "qlora-8b.yaml", check_paths=False)
@@ -184,7 +185,8 @@ def _metrics(path: Path, world: int, steps: int, tps, peak_gb, mfu=0.2) -> Path:
     lines = [{"time": 0, "step": 0, "event": "start", "total_steps": steps, "world_size": world}]
     for s in range(1, steps + 1):
         lines.append({"time": s, "step": s, "train/loss": 2.0, "train/tokens_per_sec": tps(s), "train/mfu": mfu,
-                      "time/step_s": 0.5, "train/gpu_mem_peak_gb": peak_gb(s), "data/packing_efficiency": 0.97})
+                      "time/step_s": 0.5, "train/gpu_mem_peak_gb": peak_gb(s), "data/packing_efficiency": 0.97,
+                      "train/host_rss_peak_gib": 3.0 + s / 10})
     lines.insert(3, {"time": 1, "step": 2, "event": "checkpoint", "path": "x"})
     path.write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"time": 9, "step": 13, "train/lo')  # a cut line
     return path
@@ -198,6 +200,7 @@ def test_parse_metrics(tmp_path):
     assert m["tok_s_gpu"] == round((40000 + 8.5) / 4)
     assert m["timed_steps"] == 8 and m["world"] == 4 and m["last_step"] == 12
     assert m["peak_gib"] == round(52e9 / 2 ** 30, 2) and m["mfu"] == 0.2 and m["packing_efficiency"] == 0.97
+    assert m["host_rss_peak_gib"] == 4.2   # the largest of the run, warm-up included
     assert bench.last_step(f) == 12
     with pytest.raises(ValueError, match="no train steps"):
         bench.parse_metrics(f, warmup=12)

@@ -43,13 +43,13 @@ def test_checkpointed_layers_follow_the_gpu_memory_and_recipe_yaml_records_them(
     from zerotune.core.layers import checkpointed_layers
     r = llama8b(tmp_path, data={"max_len": 32768}, train={"micro_batch_size": 1})
     counts = {}
-    for gib in (80, 140, 400):
+    for gib in (40, 140, 400):
         t = resolved(r, gib).train
         counts[gib] = checkpointed_layers(t, 32)
         saved = yaml.safe_load(resolved(r, gib).to_yaml())["train"]   # what RUN_DIR/recipe.yaml holds
         assert saved["gradient_checkpointing"] == t.gradient_checkpointing != "auto"
-    # more memory, fewer layers recomputed: all at 80 GiB, some at 140 (H200), none at 400
-    assert counts[80] == 32 and 0 < counts[140] < 32 and counts[400] == 0, counts
+    # more memory, fewer layers recomputed: all at 40 GiB (A100 40GB), some at 140 (H200), none at 400
+    assert counts[40] == 32 and 0 < counts[140] < 32 and counts[400] == 0, counts
     assert type(resolved(r, 140).train.gradient_checkpointing) is int
 
 

@@ -26,7 +26,7 @@ from zerotune.core.recipe_load import validate_recipe
 
 TRAIN_TAGS = ["train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/samples_seen",
               "train/epoch", "data/packing_efficiency", "time/step_s", "time/data_wait_s", "time/fwd_bwd_s",
-              "time/optimizer_s", "time/other_s"]
+              "time/optimizer_s", "time/other_s", "train/host_rss_peak_gib"]
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:

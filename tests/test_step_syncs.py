@@ -1,6 +1,6 @@
 """Issue 29 part B: what the training loop adds to ZeRO's own communication per optimizer step
 is the same on 1, 2 and 4 processes, with at most one host sync. benchmarks/step_syncs.py runs
-`zerotune train` on CPU (gloo) with training/run/faults.py's ZEROTUNE_TEST_COUNT_SYNCS switch,
+`zerotune train` on CPU (gloo) with training/run/sync_counter.py's ZEROTUNE_TEST_COUNT_SYNCS switch,
 which counts every collective and host sync from outside (torch.distributed and torch.Tensor
 wrapped at process start; ZeRO's own are those inside DeepSpeed's engine forward/backward/step)."""
 from __future__ import annotations

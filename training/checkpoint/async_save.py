@@ -10,7 +10,7 @@ then pruning). A crash before COMPLETE leaves an incomplete checkpoint that resu
 synchronous save would.
 
 A periodic save due while one is in flight on any rank waits for it without stopping training:
-it is taken at the first step after the write (training/run/loop.py periodic_save; the step's
+it is taken at the first step after the write (training/run/saves.py periodic_save; the step's
 report tells every rank alike). A stop and the end of training wait for the save in flight
 (`wait`). So at most one snapshot is held: a CPU copy of this rank's part of the checkpoint (the planner counts it as
 host memory). On a GPU that copy is page-locked (`PinnedPool`: the copy runs at the bus's

@@ -27,6 +27,7 @@ Tags (every tracker):
   train/mfu (when core/flops.py knows the model and the GPU's peak is known; formula: config/mfu)
   train/gpu_mem_allocated_gib train/gpu_mem_reserved_gib train/gpu_mem_peak_gib (CUDA only; GiB. metrics.jsonl
   also keeps the old train/gpu_mem_*_gb keys, in 1e9-byte GB, until the next release)
+  train/host_rss_peak_gib (this rank's peak resident host memory, pinned buffers included)
   train/samples_seen train/epoch  eval/loss eval/perplexity  eval/samples (text)
   train/skipped_steps (at each skipped step: the run's total so far)
   data/packing_efficiency  time/step_s time/data_wait_s time/fwd_bwd_s time/optimizer_s time/other_s
@@ -168,6 +169,7 @@ class Metrics:
             "train/epoch": epoch,
             **time_scalars(self.timer.take(), seconds),
             **self.throughput.gpu_memory(),
+            **self.throughput.host_memory(),
         }
         self.last_train = {k: v for k, v in values.items() if v is not None}
         eta = self.console.eta_seconds(step)

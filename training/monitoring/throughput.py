@@ -82,6 +82,13 @@ class Throughput:
                 "train/gpu_mem_reserved_gib": torch.cuda.memory_reserved() / GIB,
                 "train/gpu_mem_peak_gib": torch.cuda.max_memory_allocated() / GIB}
 
+    @staticmethod
+    def host_memory() -> dict[str, float]:
+        """This process's peak resident memory (Linux ru_maxrss, KiB), pinned host buffers included:
+        offloaded activations and a background save's snapshot live there."""
+        import resource
+        return {"train/host_rss_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB}
+
     def rates(self, tokens: float, seconds: float, padded_tokens: float | None, seq_len: int) -> dict:
         """A step's tokens/s (real tokens of the global batch, padding excluded), MFU and packing
         efficiency (real / padded tokens)."""

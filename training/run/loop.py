@@ -33,7 +33,7 @@ from zerotune.core.io import atomic_write
 from zerotune.core.layout import BAD_LOSS_EXIT_CODE, DS_CONFIG_FILE, FINAL_DIR, PREEMPT_MARKER, check_fresh_start
 from zerotune.core.recipe import BatchGeometry
 from zerotune.core.recipe_load import load_run_recipe
-from zerotune.training.checkpoint import async_save, resume, save as checkpoint  # checkpoint.save: the save itself
+from zerotune.training.checkpoint import async_save, resume
 from zerotune.training.data.loader import ResumableSampler, batches
 from zerotune.training.data.build import build_data, load_tokenizer
 from zerotune.training.export.write import save_final
@@ -44,8 +44,9 @@ from zerotune.training.model.samples import eval_samples
 from zerotune.training.monitoring import profile
 from zerotune.training.monitoring.metrics import Metrics
 from zerotune.training.run import diagnostics, signals, step as steps
+from zerotune.training.run.saves import periodic_save, save_checkpoint
 from zerotune.training.run.engine import build_engine, init_distributed
-from zerotune.training.run.heartbeat import RUNNING, Heartbeat
+from zerotune.training.run.heartbeat import Heartbeat
 from zerotune.training.run.signals import INTERRUPTED, PREEMPTED, StopRequest
 
 DONE, EARLY_STOP, BAD_LOSS = "done", "early_stop", "bad_loss"
@@ -281,40 +282,6 @@ def evaluate(run: Run, step: int) -> bool:
     else:
         state["evals_without_improvement"] += 1
     return bool(es and state["evals_without_improvement"] >= es.patience)
-
-
-def periodic_save(run: Run, step: int, writing: bool) -> None:
-    """A save that checkpoint.every asks for. A background save still being written on some rank
-    (the step's report says so, alike on every rank) does not stop training: this save waits, a
-    step at a time, for the first step after the writing is done. Checkpoints then come as often
-    as the disk writes them, and the first wait says so once. checkpoint.async_save: false saves
-    on schedule, training waiting for each write."""
-    if writing and run.writer is not None and step < run.total_steps:
-        if run.save_due is None:
-            run.save_due = step
-            if not run.warned_save_wait:
-                run.warned_save_wait = True
-                run.log.warn(f"step {step}: the checkpoint due now waits until the previous one (step "
-                             f"{run.last_saved}) is written, training goes on meanwhile: checkpoint.every "
-                             f"{run.recipe.checkpoint.every} steps is shorter than a save's write; raise it, or set "
-                             "checkpoint.async_save: false to save on schedule with training waiting for the disk")
-        return
-    due, run.save_due = run.save_due, None
-    save_checkpoint(run, step, due=due)
-
-
-def save_checkpoint(run: Run, step: int, due: int | None = None) -> None:
-    """Save step `step` (once: a stop or a bad loss right after a periodic save does not repeat it)."""
-    if run.last_saved == step:
-        return
-    t0 = time.perf_counter()
-    path = checkpoint.save(run.engine, run.run_dir, step, run.state, run.sampler.state_dict(),
-                           keep=run.recipe.checkpoint.keep, rank=run.rank, world=run.world, eval_loss=run.last_eval,
-                           recipe_digest=run.recipe.digest(), frozen_params=run.frozen, writer=run.writer)
-    run.last_saved = step
-    run.log.saved(step, path, time.perf_counter() - t0, background=run.writer is not None, due=due)
-    if run.beat:
-        run.beat.write(RUNNING)  # status sees the step of the newest checkpoint without waiting for a beat
 
 
 # ----------------------------------------------------------------------------- the end

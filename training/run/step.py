@@ -88,7 +88,7 @@ def step_report(step_loss: torch.Tensor, stop_vote: float, writing: float = 0.0)
     over ranks (the ranks' loss shares add up to the global batch's loss; votes:
     signals.StopRequest.vote, read back with signals.agreed; writing: 1 from each rank whose
     background checkpoint writer is still busy, so that every rank decides alike whether a save
-    due now waits (training/run/loop.py); router aux: 0 for dense models). Stays on the device."""
+    due now waits (training/run/saves.py); router aux: 0 for dense models). Stays on the device."""
     aux = getattr(step_loss, "router_aux", None)
     report = torch.stack([step_loss, torch.full_like(step_loss, stop_vote), torch.full_like(step_loss, writing),
                           aux.double() if aux is not None else torch.zeros_like(step_loss)])
