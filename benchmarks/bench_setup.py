@@ -80,6 +80,7 @@ SEQ = 2048
 # recipe as a user writes it; "unfused-loss" is the before-baseline (plain cross entropy over full
 # logits); the others are candidate optimisations. The workload's figure is its fastest variant.
 UNFUSED = ["train.fused_loss=false"]
+KEEP_ATTENTION = ["train.recompute_attention=false"]
 NO_GC = ["train.gradient_checkpointing=false"]
 VARIANTS = {
     "full-1b": {"default": [], "unfused-loss": UNFUSED, "no-gc": NO_GC,
@@ -101,8 +102,9 @@ VARIANTS = {
     "long-lora-8b-32k": {"default": []},
     "lora-8b-dp": {"default": []},
     "long-lora-8b-128k": {"default": []},
-    "lora-8b-32k": {"default": [], "kernels-none": ["model.kernels=none"]},
-    "lora-8b-128k": {"default": []},
+    # keep-attn: checkpointed layers keep attention's output instead of recomputing it (2026-12-06, unmeasured)
+    "lora-8b-32k": {"default": [], "kernels-none": ["model.kernels=none"], "keep-attn": KEEP_ATTENTION},
+    "lora-8b-128k": {"default": [], "keep-attn": KEEP_ATTENTION},
     "qlora-8b-128k": {"default": []},
     "lora-8b-512k": {"default": []},
     "qlora-8b-512k": {"default": []},

@@ -121,11 +121,13 @@ def sp_candidates(w: Workload) -> list[int]:
 
 def layer_options(recipe) -> list[str]:
     """What makes a decoder layer more than plain compute in this (resolved) run: sequence parallelism,
-    the tiled MLP, checkpoints offloaded to CPU memory (training/model/long_sequence.py). The rank logs
+    the tiled MLP, attention kept through checkpointing, checkpoints offloaded to CPU memory (training/model/long_sequence.py). The rank logs
     them; train.compile leaves such layers alone (launcher/prepare.py compile_choice, build.py)."""
     sp, t = recipe.distributed.sequence_parallel, recipe.train
     o = t.offload_activations
     return ([f"sequence parallel {sp}"] if sp > 1 else []) + \
         (["tiled MLP"] if recipe.uses_tiled_mlp() else []) + \
+        (["attention kept, not recomputed"] if not t.recompute_attention and t.gradient_checkpointing not in (False, 0)
+         else []) + \
         ([f"checkpointed activations on CPU{'' if o is True else f' (first {o} layers)'}"]
          if o is True or (type(o) is int and o > 0 and t.gradient_checkpointing not in (False, 0)) else [])

@@ -26,6 +26,8 @@ The memory model (bytes, per GPU; N parameters, W GPUs, B x S tokens per micro-b
                A recomputed layer's backward also holds its own gradients, (4 d + 2 kv) x act a
                token: the output's, the residual's, attention's dout, dq, dk, dv (measured at 8B LoRA,
                131,072 tokens, every layer recomputed: 62.2 GiB, estimated 65.1, 60.6 without them).
+               train.recompute_attention: false: a checkpointed layer also keeps attention's output
+               (heads x head_dim x act) and its fp32 softmax statistics (4 bytes a head).
   logits       B S V x 12 bytes at the loss backward: fp32 log-probs saved by log_softmax, the
                gradient coming in and the gradient going out (all fp32). With the chunked loss
                (train.fused_loss, training/model/loss.py) the logits of one chunk of at most
@@ -133,6 +135,7 @@ class Workload:
     tiled_mlp: bool = False      # train.tiled_mlp: the MLP's intermediates exist for one tile of tokens
     offload_activations: object = False  # train.offload_activations: True all checkpointed inputs on the CPU, N the first N
     ckpt_layers: Optional[int] = None    # with Strategy.grad_ckpt: the first N layers checkpointed (None: all)
+    keep_attention: bool = False         # not train.recompute_attention: checkpointed layers keep attention's output
     async_save: bool = False     # checkpoint.async_save: a save's snapshot waits in CPU memory (core/checkpoint_cost.py)
     packed: bool = False; attn: str = "sdpa"   # data.packing, model.attn_implementation: sdpa's packed-row mask
     kernels: str = "none"        # model.kernels as resolved: "liger" counts its savings (module docstring)
@@ -233,7 +236,10 @@ def activation_bytes(w: Workload, st: Strategy, act: int) -> dict:
     held = (s["layers"] - k) * per_token * tokens + (tile if k < s["layers"] else 0.0)
     grads = (4 * s["d"] + 2 * s["kv_heads"] * s["head_dim"]) * act   # a backward's own gradients (docstring)
     working = ((per_token + grads) * tokens + tile + (x if o else 0.0)) if k else 0.0
-    return {"kept": (k - o) * x, "offloaded": o * x, "held": held, "working": working, "ckpt_layers": k,
+    # train.recompute_attention: false: each checkpointed layer keeps the attention kernel's output and its
+    # fp32 softmax statistics on the GPU (offloaded or not)
+    attention = k * (s["heads"] * s["head_dim"] * act + 4 * s["heads"]) * tokens if w.keep_attention else 0.0
+    return {"kept": (k - o) * x + attention, "offloaded": o * x, "held": held, "working": working, "ckpt_layers": k,
             "offload_layers": o}
 
 
@@ -311,5 +317,6 @@ def workload_of(recipe, gpus_per_node: int, nodes: int = 1, train_tokens: Option
                     tiled_mlp=t.tiled_mlp is True,   # auto: the planner decides (launcher/plan.py)
                     offload_activations=False if t.offload_activations == "auto" else t.offload_activations,
                     ckpt_layers=t.gradient_checkpointing if type(t.gradient_checkpointing) is int else None,
+                    keep_attention=not t.recompute_attention,
                     async_save=recipe.checkpoint.async_save,
                     attn="sdpa" if attn == "auto" else attn, kernels=recipe.model.kernels)

@@ -20,8 +20,8 @@ from pydantic import Field, field_validator, model_validator
 
 from .errors import RecipeError
 
-from .recipe_parts import (METHODS, AdapterConfig, ClusterConfig, IA3Config, LoraConfig,  # noqa: F401,E402
-                           MethodConfig, PromptConfig, QuantConfig, _Section)
+from .recipe_parts import (METHODS, AdapterConfig, CheckpointConfig, ClusterConfig, IA3Config,  # noqa: F401,E402
+                           LoraConfig, MethodConfig, PromptConfig, QuantConfig, _Section)
 
 
 # ----------------------------------------------------------------------------- model
@@ -135,6 +135,9 @@ class TrainConfig(_Section):
     offload_activations: Union[bool, int, Literal["auto"]] = Field(
         "auto", description="Checkpointed layer inputs in pinned CPU memory until their backward: true all, N the "
                             "first N. auto: the fewest the planner finds fit the GPU (GPU and host memory).")
+    recompute_attention: bool = Field(
+        True, description="A checkpointed layer runs attention again in the backward (true), or keeps its output (false: "
+                          "hidden_size x 2 bytes a token a layer more, the attention forward once less). Set by hand.")
     compile: Union[bool, Literal["auto"]] = Field(
         "auto", description="torch.compile each decoder layer (full/lora at ZeRO 0-2; the first step compiles ~1 min). "
                             "auto: on for those on CUDA GPUs without liger's kernels (launcher/prepare.py).")
@@ -226,23 +229,7 @@ RESUME_SAFE_KEYS = ("output_dir", "train.max_steps", "train.epochs", "train.eval
                     "train.eval_prompts", "train.eval_max_new_tokens", "train.early_stopping", "train.max_bad_steps",
                     "checkpoint", "logging", "cluster", "distributed.timeout_minutes", "distributed.sequence_parallel",
                     "data.cache_dir", "train.gradient_checkpointing", "train.offload_activations", "train.tiled_mlp",
-                    "train.compile", "model.attn_implementation", "model.kernels")
-
-
-class CheckpointConfig(_Section):
-    every: Optional[int] = Field(None, gt=0, description="Save every N optimizer steps (and always at the end).")
-    keep: int = Field(2, gt=0, description="Complete checkpoints kept (plus the best by eval loss).")
-    resume: str = Field("auto", description="auto (newest complete), never, or a checkpoint path.")
-    overwrite: bool = Field(False, description="With resume: never, allow a run dir that holds checkpoints "
-                                               "(they are replaced as new ones are saved).")
-    save_final: bool = Field(True, description="Write RUN_DIR/final in Hugging Face format at the end.")
-    async_save: bool = Field(True, description="Write checkpoints from a background thread: training waits only "
-                                               "while each rank copies its part to CPU memory (training/checkpoint/async_save.py).")
-    allow_recipe_change: bool = Field(
-        False, description="Resume a run whose checkpoints were trained with a recipe that differs in keys that "
-                           "change the training (model, method, data, batch, optimizer, ...); the earlier recipe is "
-                           "kept as RUN_DIR/recipe.<step>.yaml. Not needed for the run's length (train.max_steps, "
-                           "train.epochs), eval, checkpoint.*, logging.*, cluster.* and the other RESUME_SAFE_KEYS.")
+                    "train.compile", "train.recompute_attention", "model.attn_implementation", "model.kernels")
 
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")

@@ -1,5 +1,5 @@
-"""Recipe sections that stand on their own: the method (which parameters train and how) and the
-cluster (Slurm settings). core/recipe.py assembles them into the Recipe."""
+"""Recipe sections that stand on their own: checkpoints, the method (which parameters train and
+how) and the cluster (Slurm settings). core/recipe.py assembles them into the Recipe."""
 from __future__ import annotations
 
 import re
@@ -13,11 +13,29 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# ----------------------------------------------------------------------------- checkpoint
+class CheckpointConfig(_Section):
+    every: Optional[int] = Field(None, gt=0, description="Save every N optimizer steps (and always at the end).")
+    keep: int = Field(2, gt=0, description="Complete checkpoints kept (plus the best by eval loss).")
+    resume: str = Field("auto", description="auto (newest complete), never, or a checkpoint path.")
+    overwrite: bool = Field(False, description="With resume: never, allow a run dir that holds checkpoints "
+                                               "(they are replaced as new ones are saved).")
+    save_final: bool = Field(True, description="Write RUN_DIR/final in Hugging Face format at the end.")
+    async_save: bool = Field(True, description="Write checkpoints from a background thread: training waits only "
+                                               "while each rank copies its part to CPU memory (training/checkpoint/async_save.py).")
+    allow_recipe_change: bool = Field(
+        False, description="Resume a run whose checkpoints were trained with a recipe that differs in keys that "
+                           "change the training (model, method, data, batch, optimizer, ...); the earlier recipe is "
+                           "kept as RUN_DIR/recipe.<step>.yaml. Not needed for the run's length (train.max_steps, "
+                           "train.epochs), eval, checkpoint.*, logging.*, cluster.* and the other RESUME_SAFE_KEYS.")
+
+
 # ----------------------------------------------------------------------------- method
 class LoraConfig(_Section):
     r: int = Field(16, gt=0, description="LoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r, or / sqrt(r) with rslora).")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input (above 0 each adapted linear "
+                                                         "keeps its own dropped-out copy of its input for the backward).")
     target_modules: Union[Literal["all-linear"], list[str]] = Field(
         "all-linear", description="'all-linear' or a list of module names (q_proj, v_proj, ...). A mixture of "
                                   "experts (Mixtral, Qwen-MoE, OLMoE): all-linear adapts the linear layers outside "

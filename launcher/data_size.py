@@ -136,6 +136,24 @@ class DataLengths:
         return [first, second]
 
 
+def cached_lengths(recipe: Recipe) -> tuple[Optional[DataLengths], str]:
+    """`zerotune plan`: the training data's real lengths when its tokenized cache is already there
+    (`zerotune data prepare` or an earlier `zerotune train` wrote it; nothing is tokenized here), so
+    that the plan is the one train makes; else None and why not."""
+    tokenizer_path = Path(recipe.model.tokenizer or recipe.model.path)
+    if not tokenizer_path.is_dir() or not all(Path(s.path).exists() for s in [*recipe.data.train, *recipe.data.eval]):
+        return None, "the tokenizer or the data are not local files here"
+    from zerotune.training.data.build import load_tokenizer
+    from zerotune.training.data.prepare import cached_data
+    try:
+        bundle = cached_data(recipe, load_tokenizer(recipe))
+    except Exception as e:   # a bad file or tokenizer: train says it in its own words; the plan falls back
+        return None, f"the tokenized cache could not be looked up ({type(e).__name__}: {str(e)[:200]})"
+    if bundle is None:
+        return None, "no tokenized cache yet (`zerotune data prepare RECIPE` writes it, as `zerotune train` does)"
+    return DataLengths.of(bundle, recipe), ""
+
+
 def with_max_len(recipe: Recipe, max_len: int) -> Recipe:
     if recipe.data.max_len == max_len:
         return recipe

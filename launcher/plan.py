@@ -21,7 +21,7 @@ from zerotune.core.speed import FUSED_LOSS_SPEED
 from zerotune.core.recipe import Recipe, RecipeError
 from zerotune.core.recipe_load import load_recipe, validate_recipe
 
-from .data_size import estimate_train_tokens
+from .data_size import cached_lengths, estimate_train_tokens, with_max_len
 from .plan_layers import (ALL_LEVERS, Levers, estimate, fit_layers, fits_memory, longest_sequence,  # noqa: F401
                           planned_cpu_memory, sequence_problem)
 
@@ -33,6 +33,8 @@ Estimate per-GPU memory (parameters, gradients, optimizer states, activations, l
 temporary buffers), CPU memory for offload, tokens/s, wall time, GPU-hours and cost for each
 strategy (ZeRO-1/2/3, optimizer/parameter offload, LoRA, QLoRA, gradient checkpointing on/off)
 and recommend the fastest that fits. `distributed.zero: auto` in a recipe uses this choice.
+Micro-batches are planned for the data's longest row when its tokenized cache is there (`zerotune
+data prepare RECIPE`, or an earlier train, writes it), else for data.max_len.
 
   zerotune plan recipes/demo.yaml --gpus 8 --nodes 2 --gpu-memory 80GB --price 2.5
 """
@@ -302,14 +304,19 @@ def run(args) -> int:
     gpu = planned_gpu_memory(recipe, args.gpu_memory)
     gpu_memory = gpu.bytes
     cpu_memory = planned_cpu_memory(recipe, args.cpu_memory, local=gpu.where == "gpus")
-    recipe = pick_micro_batch(recipe, gpus, nodes, gpu_memory, cpu_memory)   # train.micro_batch_size: auto
+    lengths, why = cached_lengths(recipe)   # the data's real lengths, as `zerotune train` plans (data_size.py)
+    written = recipe
+    recipe = pick_micro_batch(lengths.planning_recipe(recipe) if lengths else recipe, gpus, nodes, gpu_memory, cpu_memory)
+    data_lines = (lengths.lines(with_max_len(recipe, written.data.max_len)) if lengths else
+                  [f"data: planned for micro-batches of {recipe.train.micro_batch_size} x data.max_len "
+                   f"{written.data.max_len:,} tokens: {why}; plan then reads the data's real lengths, as train does"])
     w = workload(recipe, gpus, nodes)
     rows = plan(w, recipe.method.kind, gpu_memory, cpu_memory, args.price, args.gpu_type, levers=Levers.of(recipe.train))
     best = recommend(rows, recipe.method.kind)
     longest = {r.strategy: tuple(longest_sequence(w, r.strategy, gpu_memory, cpu_memory, host)[0]
                                  for host in (False, True)) for r in rows}
     if args.json:
-        print(json.dumps({"workload": {k: v for k, v in asdict(w).items() if k != "model"},
+        print(json.dumps({"workload": {k: v for k, v in asdict(w).items() if k != "model"}, "data": data_lines,
                           "recommended": best.strategy.label if best else None,
                           "rows": [{**asdict(r), "strategy": r.label, **asdict(r.strategy),
                                     "longest_seq_gpu": longest[r.strategy][0],
@@ -317,6 +324,7 @@ def run(args) -> int:
                          indent=1))
     else:
         print(f"GPU memory: {gpu.describe()}")
+        print("\n".join(data_lines))
         print(format_table(rows, w, best, gpu_memory, longest))
         if best is None:
             print(f"long sequences: {sp_hint(w, recipe.method.kind, gpu_memory, cpu_memory, Levers.of(recipe.train))}")

@@ -66,6 +66,45 @@ def test_options_change_no_value(tmp_path, options):
         assert rel < 1e-5, (n, rel)
 
 
+def test_kept_attention_is_not_recomputed_and_changes_no_value(tmp_path):
+    """train.recompute_attention: false: the backward's recompute of a checkpointed layer reuses the
+    attention kernel's output from the forward (selective checkpointing); losses and gradients are
+    those of the plain recompute."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from zerotune.training.model.long_sequence import ATTENTION_OPS
+
+    class CountAttention(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls += func.__name__.split(".")[0] in ATTENTION_OPS
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 512, (2, 256), generator=g)
+    batch = {"input_ids": ids, "labels": ids}   # causal, no mask: sdpa's fused kernel on CPU too
+    runs = {}
+    for recompute in (True, False):
+        model = built(recipe_with(tmp_path, recompute_attention=recompute))
+        with CountAttention() as count:
+            runs[recompute] = (*loss_and_grads(model, batch), count.calls)
+    layers = model.config.num_hidden_layers
+    (ref_loss, ref, ref_calls), (loss, got, calls) = runs[True], runs[False]
+    assert (ref_calls, calls) == (2 * layers, layers)   # forward + recompute, forward only
+    assert loss == pytest.approx(ref_loss, rel=1e-6) and got.keys() == ref.keys()
+    for n in ref:
+        assert ((got[n] - ref[n]).norm() / ref[n].norm().clamp(min=1e-12)).item() < 1e-5, n
+
+
+def test_planner_counts_kept_attention():
+    w = Workload(model=LLAMA3_8B, seq_len=65536, gpus_per_node=4, fused_loss=True)
+    st = Strategy("full", 3, grad_ckpt=True)
+    base, kept = estimate_memory(w, st), estimate_memory(Workload(**{**w.__dict__, "keep_attention": True}), st)
+    # every checkpointed layer: attention's bf16 output (32 heads x 128) and its fp32 statistics, a token
+    assert kept["kept"] - base["kept"] == 32 * (32 * 128 * 2 + 4 * 32) * 65536
+    assert kept["total"] - base["total"] == kept["kept"] - base["kept"]
+
+
 def test_tiled_mlp_recomputes_with_the_dropout_masks_of_its_forward():
     """LoRA dropout inside the MLP: the backward's recompute draws the masks the forward drew
     (same RNG state), so the gradient is the gradient of what the forward computed."""

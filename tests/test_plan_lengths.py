@@ -92,6 +92,35 @@ def test_packing_on_as_written_plans_for_its_packed_rows(tmp_path, capsys):
     assert 3500 < longest <= 4096   # packed rows fill max_len
 
 
+def test_zerotune_plan_plans_for_the_lengths_train_plans_for_once_the_data_is_tokenized(tmp_path, capsys):
+    """`zerotune plan` reads the tokenized cache when it is there (the plan tokenizes nothing), so its
+    table is made for the micro-batches train plans for; before, it plans for micro_batch x
+    data.max_len and says why."""
+    import json
+    from zerotune.launcher.cli import main
+
+    def plan() -> dict:
+        rc = main(["plan", str(path), "--gpus", "1", "--gpu-memory", GPU, "--json"])
+        out = json.loads(capsys.readouterr().out)
+        assert rc == 0, out
+        return out
+
+    path = write_recipe(tmp_path, short_rows(tmp_path))
+    before = plan()
+    assert before["data"] == ["data: planned for micro-batches of 16 x data.max_len 4,096 tokens: no tokenized "
+                              "cache yet (`zerotune data prepare RECIPE` writes it, as `zerotune train` does); plan "
+                              "then reads the data's real lengths, as train does"]
+    assert before["workload"]["seq_len"] == 4096
+    rc, err = launch(capsys, path)   # tokenizes into the cache and plans from its lengths
+    assert rc == 0, err
+    after = plan()
+    assert after["data"][0] in err and after["data"][1] in err   # the lines train printed, word for word
+    longest = int(after["data"][0].split(" x ")[1].split()[0].replace(",", ""))
+    assert after["workload"]["seq_len"] == longest < 4096
+
+    assert after["workload"]["micro_batch_size"] == before["workload"]["micro_batch_size"] == 16
+
+
 def test_padding_fraction_by_hand():
     from zerotune.launcher.data_size import padding_fraction
     assert padding_fraction([5, 7, 9, 11], 1) == 0.0               # one row a batch: never padded

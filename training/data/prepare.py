@@ -15,6 +15,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 from collections import deque
+from pathlib import Path
 
 from . import cache
 from .build import DataBundle, build_cached, make_bundle, prepare_tokenizer
@@ -71,11 +72,22 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def cache_folder(recipe, tokenizer) -> tuple[Path, str | None, list[str]]:
+    """(the folder of `recipe`'s tokenized cache, the chat template, the tokens it added)."""
+    template, added = prepare_tokenizer(recipe, tokenizer)
+    return cache.cache_root(recipe) / cache.cache_key(recipe, tokenizer, template), template, added
+
+
+def cached_data(recipe, tokenizer) -> DataBundle | None:
+    """The tokenized cache of `recipe` when it is already there (nothing is tokenized), else None."""
+    folder, _, added = cache_folder(recipe, tokenizer)
+    return make_bundle(*cache.load(folder), added_tokens=added) if folder.is_dir() else None
+
+
 def prepare_data(recipe, tokenizer, workers: int | None = None) -> DataBundle:
     """Fill the tokenized cache of `recipe` (the folder build_data reads) with `workers` processes;
     a cache already there is only loaded."""
-    template, added = prepare_tokenizer(recipe, tokenizer)
-    folder = cache.cache_root(recipe) / cache.cache_key(recipe, tokenizer, template)
+    folder, template, added = cache_folder(recipe, tokenizer)
     if folder.is_dir():
         return make_bundle(*cache.load(folder), added_tokens=added)
     workers = workers or default_workers()

@@ -133,7 +133,7 @@ def build_model(recipe, ds_config: dict):
     )
     moe.prepare(model, stage)   # ZeRO-3 leaf modules, the router's aux loss (training/model/moe.py)
     liger = kernels.apply(model, recipe)   # model.kernels: fused norms, SwiGLU, RoPE (training/model/kernels.py)
-    gc_kwargs = {"use_reentrant": False}   # non-reentrant: per-layer choice and offloaded inputs need it
+    gc_kwargs = long_sequence.checkpoint_kwargs(recipe.train)   # non-reentrant; attention kept or recomputed
     ckpt = bool(recipe.train.gradient_checkpointing)   # true, auto (unresolved: all) or N > 0 layers
     if quant is not None:
         keep_4bit_cpu_layout(model)

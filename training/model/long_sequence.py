@@ -24,6 +24,11 @@ train.offload_activations: N (HostCheckpoints): a checkpointed layer keeps only 
     through the forward's own graph (non-reentrant checkpointing), so the copies carry none. On
     a CPU the same code runs with plain copies and no streams.
 
+train.recompute_attention: false (attention_kept): a checkpointed layer keeps the attention kernel's
+    outputs (its output, n x hidden_size, and the softmax statistics) through PyTorch's selective
+    activation checkpointing, so the backward's recompute runs the layer without attention, which at
+    long sequences is most of its time; every other op is recomputed as before.
+
     checkpoint_first(model, recipe)   # in build_model, after the model's checkpointing is on
     enable(model, recipe)             # after build_model; before the DeepSpeed engine
 """
@@ -53,6 +58,29 @@ def decoder_layers(model):
 
 
 options = layer_options   # what the log says and compile leaves alone (core/long_context.py)
+
+
+# the fused attention kernels sdpa dispatches to (and flash-attn's registered op): what attention_kept keeps
+ATTENTION_OPS = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                 "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+                 "_flash_attn_forward", "_flash_attn_varlen_forward")
+
+
+def checkpoint_kwargs(train) -> dict:
+    """torch.utils.checkpoint's arguments for the model's checkpointed layers: non-reentrant (the
+    per-layer choice and offloaded inputs need it), with attention_kept unless train.recompute_attention."""
+    return {"use_reentrant": False, **({} if train.recompute_attention else {"context_fn": attention_kept})}
+
+
+def attention_kept():
+    """A checkpoint's context_fn (torch.utils.checkpoint, non-reentrant): the attention kernels'
+    outputs are saved in the forward, everything else is recomputed in the backward."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    def policy(ctx, op, *args, **kwargs):
+        name = getattr(op, "__name__", str(op)).split(".")[0]
+        return CheckpointPolicy.MUST_SAVE if name in ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    return create_selective_checkpoint_contexts(policy)
 
 
 def checkpoint_first(model, recipe) -> int:
