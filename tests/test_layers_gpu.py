@@ -71,3 +71,36 @@ def test_k_of_n_checkpointed_and_offloaded_layers_on_gpu(tmp_path):
         assert losses == pytest.approx(every, rel=2e-3), (losses, every)
     assert every_peak < half_peak < none_peak, (every_peak, half_peak, none_peak)
     assert off_peak < every_peak, (off_peak, every_peak)
+
+
+def test_kept_attention_on_gpu_skips_the_recompute_of_attention(tmp_path):
+    """train.recompute_attention: false on CUDA: the attention kernel sdpa picks here (cuDNN or flash)
+    is one of long_sequence.ATTENTION_OPS, so it runs once a layer per step instead of twice; the
+    losses are those of the plain recompute; the kept outputs cost memory (8 layers x 16k x 1024 x 2
+    bytes = 256 MiB)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from zerotune.training.model.long_sequence import ATTENTION_OPS
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+
+    class CountAttention(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls += func.__name__.split(".")[0] in ATTENTION_OPS
+            return func(*args, **(kwargs or {}))
+
+    path = _model_dir(tmp_path)
+    every, every_peak = _run(path, tmp_path, gradient_checkpointing=True, offload_activations=False)
+    kept, kept_peak = _run(path, tmp_path, gradient_checkpointing=True, offload_activations=False,
+                           recompute_attention=False)
+    assert kept == pytest.approx(every, rel=2e-3), (kept, every)
+    assert kept_peak > every_peak, (kept_peak, every_peak)
+    calls = {}
+    for recompute in (True, False):
+        with CountAttention() as count:
+            _run(path, tmp_path, steps=1, gradient_checkpointing=True, offload_activations=False,
+                 recompute_attention=recompute)
+        calls[recompute] = count.calls
+    assert calls == {True: 2 * LAYERS, False: LAYERS}, calls
