@@ -18,7 +18,7 @@ from zerotune.core.layout import LAUNCHER_LOG, LOGS_DIR, RECIPE_FILE, USER_ERROR
 COMMANDS = {
     "train": "zerotune.launcher.train",
     "launch": "zerotune.launcher.launch",
-    "plan": "zerotune.launcher.plan",
+    "plan": "zerotune.launcher.plan_cli",
     "status": "zerotune.launcher.status",
     "report": "zerotune.launcher.report",
     "data": "zerotune.training.data.preview",

@@ -119,6 +119,12 @@ def test_zerotune_plan_plans_for_the_lengths_train_plans_for_once_the_data_is_to
     assert after["workload"]["seq_len"] == longest < 4096
 
     assert after["workload"]["micro_batch_size"] == before["workload"]["micro_batch_size"] == 16
+    # its `auto:` line is what train resolved (the table's "recommended" ignores what the recipe fixes)
+    train = saved(tmp_path)["train"]
+    ckpt = train["gradient_checkpointing"]
+    label = {True: "ckpt on", False: "ckpt off"}[ckpt] if type(ckpt) is bool else f"ckpt {ckpt}/5"
+    loss = "the chunked loss" if train["fused_loss"] else "the plain loss"
+    assert after["auto"].startswith(f"auto: this recipe as written trains with full ZeRO-0, {label}, {loss} (")
 
 
 def test_padding_fraction_by_hand():
