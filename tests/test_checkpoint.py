@@ -193,7 +193,10 @@ def test_resume_on_another_replica_count_trains_each_sample_once(tmp_path, data2
     """One sample per process per step (no accumulation), so the global batch is the process
     count and a checkpoint falls where the new count does not divide the samples consumed
     (2 -> 3: 4 samples; 3 -> 2: 3): the resumed run trains exactly the uninterrupted order's next
-    samples, none twice, none skipped."""
+    samples, none twice, none skipped. The killed run's disk is slow (ZEROTUNE_TEST_SLOW_DISK), so
+    the save due at the crash step waits for the previous one's write and is taken a step or more
+    later (training/run/saves.py), where the injected crash lands: the checkpoint it resumes from is
+    still the one of step `every`, however the steps and the writes interleave."""
     def r(name, **kw):
         return recipe(tmp_path, name, 3, data24, micro_batch_size=1, grad_accum=1, **kw)
     ref = tmp_path / "ref.jsonl"
@@ -202,7 +205,7 @@ def test_resume_on_another_replica_count_trains_each_sample_once(tmp_path, data2
     assert len(order) == len(set(order)) == 16
     got = tmp_path / "got.jsonl"
     resumed = r("rs", every=every)
-    crash_at_save(resumed, first, 2 * every, ZEROTUNE_TEST_SAMPLES=str(got))
+    crash_at_save(resumed, first, 2 * every, ZEROTUNE_TEST_SAMPLES=str(got), ZEROTUNE_TEST_SLOW_DISK="1")
     consumed = every * first
     assert consumed % second   # the case the old rule (consumed // replicas) got wrong
     zerotune("train", str(resumed), "--nproc", str(second), env={"ZEROTUNE_TEST_SAMPLES": str(got)})

@@ -10,7 +10,9 @@ these variables.
                                                     NaN gradients, as a diverging run does)
   ZEROTUNE_TEST_OOM_STEP="3"                        step 3 raises torch.OutOfMemoryError before
                                                     its forward
-  ZEROTUNE_TEST_CRASH="<point>:<step>[:<rank>]"     SIGKILL inside the save of <step>, at point
+  ZEROTUNE_TEST_CRASH="<point>:<step>[:<rank>]"     SIGKILL inside the save of <step> (or the first
+                                                    after it: a save due while the previous one is
+                                                    still written is taken a step later), at point
                                                     start (before the shards), shards (after this
                                                     rank's shards), marker (before COMPLETE) or
                                                     swap (a save that replaces a complete
@@ -18,7 +20,7 @@ these variables.
   ZEROTUNE_TEST_STEP_SLEEP="0.5"                    every optimizer step takes that many seconds
                                                     longer (a slow run, so a test's signal lands
                                                     mid-run)
-  ZEROTUNE_TEST_ENOSPC="<step>[:<rank>]"            the save of <step> fails with OSError ENOSPC
+  ZEROTUNE_TEST_ENOSPC="<step>[:<rank>]"            the save of <step> (or the first after) fails with ENOSPC
                                                     after this rank's shards are written (a disk
                                                     that fills up mid-save)
   ZEROTUNE_TEST_SLOW_DISK="<seconds>[:<rank>]"      a background save's writing (checkpoint.async_save)
@@ -118,10 +120,13 @@ def _slow_steps(seconds: float) -> None:
 def _disk_full_in_save(at_step: int, rank: int | None) -> None:
     from zerotune.training.checkpoint import save as checkpoint
 
+    fired = []
+
     def make(original):
         def write_shards(engine, path, *, step: int, **kwargs):
             out = original(engine, path, step=step, **kwargs)
-            if step == at_step and (rank is None or _rank() == rank):
+            if step >= at_step and not fired and (rank is None or _rank() == rank):
+                fired.append(step)
                 raise OSError(errno.ENOSPC, "No space left on device (injected by ZEROTUNE_TEST_ENOSPC)", str(path))
             return out
         return write_shards
@@ -153,10 +158,10 @@ def _crash_in_save(point: str, at_step: int, rank: int | None) -> None:
 
     def make(original):
         def phase_fn(*args, step: int, **kwargs):   # the save phases take step= by keyword
-            if when == "before" and step == at_step:
+            if when == "before" and step >= at_step:
                 kill()
             out = original(*args, step=step, **kwargs)
-            if when == "after" and step == at_step:
+            if when == "after" and step >= at_step:
                 kill()
             return out
         return phase_fn
