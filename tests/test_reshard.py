@@ -54,9 +54,15 @@ def make_checkpoint(tmp: Path, stage: int) -> Path:
                                  num_attention_heads=3, num_key_value_heads=3, head_dim=10, max_position_embeddings=64,
                                  bos_token_id=1, eos_token_id=2)).save_pretrained(tmp / "model")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           __file__, str(tmp / "model"), str(tmp / "checkpoints"), str(stage)],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    for attempt in range(3):   # gloo's own threads at times abort a rank natively (below): the fixture, not the test
+        shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               __file__, str(tmp / "model"), str(tmp / "checkpoints"), str(stage)],
+                              capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+        # "terminate called without an active exception" (SIGABRT in a gloo thread, CI 2026-12-06 even
+        # with the barrier below): the only failure retried; any other fails at once
+        if proc.returncode == 0 or "terminate called without an active exception" not in proc.stderr:
+            break
     assert proc.returncode == 0, proc.stderr[-6000:]
     path = tmp / "checkpoints" / TAG
     (path / "zerotune_state.json").write_text('{"step": 1, "world_size": 2}')
