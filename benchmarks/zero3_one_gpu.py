@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import os
 import statistics
 import subprocess
@@ -91,6 +92,8 @@ def save_blocking(recs: list[dict], ckpts: list[dict], every: int, plain_step_s:
     waited for the previous one's write (due_step: training/run/saves.py periodic_save) is taken
     later than every x steps: the time between counts from the save before it all the same."""
     at = {r["step"]: r["time"] for r in recs}
+    if recs and recs[0].get("time/step_s") is not None:   # the first save counts from the start of step 1
+        at.setdefault(recs[0]["step"] - 1, recs[0]["time"] - recs[0]["time/step_s"])
     periodic = sorted((c for c in ckpts if c["step"] in at and c["step"] < max(at)), key=lambda c: c["step"])
     per = []
     for i, c in enumerate(periodic):
@@ -156,6 +159,7 @@ def main() -> int:
             record({"check": "zero3_one_gpu_run", "run": name, **r})
             continue
         recs, ckpts = events(metrics)
+        shutil.rmtree(metrics.parent / "checkpoints", ignore_errors=True)   # 17 GB each at 1B: four fill the disk
         got[name] = {"recs": recs, "ckpts": ckpts, "summary": parse_metrics(metrics, a.warmup)}
         record({"check": "zero3_one_gpu_run", "run": name, "zero": zero, "every": every, **r, **got[name]["summary"]})
         record(step_rows(name, recs, ckpts))

@@ -31,6 +31,7 @@ class Estimate:
     ckpt_layers: int = 0        # of them checkpointed (the first ones; launcher/plan.py fit_layers)
     offload_layers: int = 0     # of those, inputs kept in CPU memory (the first ones)
     tiled_mlp: bool = False
+    kept_attention: bool = False   # checkpointed layers keep attention's output (train.recompute_attention: false)
 
     @property
     def label(self) -> str:
@@ -39,16 +40,17 @@ class Estimate:
         if 0 < self.ckpt_layers < self.layers:
             text = text.replace("ckpt on", f"ckpt {self.ckpt_layers}/{self.layers}")
         return text + (f" +offload {self.offload_layers} act" if self.offload_layers else "") + \
-            (" +tiled MLP" if self.tiled_mlp else "")
+            (" +tiled MLP" if self.tiled_mlp else "") + (" +attention kept" if self.kept_attention and self.ckpt_layers else "")
 
     def settings(self) -> dict:
         """The recipe values (train.*) this estimate runs with: gradient_checkpointing true / false / N,
-        offload_activations true / false / N, tiled_mlp."""
+        offload_activations true / false / N, tiled_mlp, recompute_attention."""
         k, o = self.ckpt_layers, self.offload_layers
         return {"gradient_checkpointing": k if 0 < k < self.layers else k > 0,
-                "offload_activations": o if 0 < o < k else o > 0, "tiled_mlp": self.tiled_mlp}
+                "offload_activations": o if 0 < o < k else o > 0, "tiled_mlp": self.tiled_mlp,
+                "recompute_attention": not self.kept_attention}
 
     def overrides(self) -> list[str]:
-        """--set KEY=VALUE of the strategy and settings()."""
+        """--set KEY=VALUE of the strategy and settings() (recompute_attention only when false)."""
         return [o for o in self.strategy.overrides() if not o.startswith("train.gradient_checkpointing=")] + \
-            [f"train.{k}={str(v).lower()}" for k, v in self.settings().items()]
+            [f"train.{k}={str(v).lower()}" for k, v in self.settings().items() if k != "recompute_attention" or not v]

@@ -104,6 +104,19 @@ def flops_per_token(cfg: dict, seq_len: int, frozen_base: bool = False, trainabl
     return float(6 * matmul + attention)
 
 
+def attention_forward_share(cfg: dict, seq_len: int, frozen_base: bool = False) -> float:
+    """The share of a checkpointed decoder layer's executed FLOPs (forward, recompute, backward) that
+    its attention forward takes: what train.recompute_attention: false saves on it. Per token,
+    a layer's n matmul weights cost 2n forward, 2n recomputed, 4n backward (2n for a frozen base);
+    causal attention 2 x s x h forward (h = heads x head_dim), as much recomputed, twice that backward:
+        share = 2sh / ((6 or 8) x n + 8sh)"""
+    s = shape(cfg)
+    lp = layer_params(s)
+    n = lp["attn"] + lp["mlp"] * s["active_experts"]
+    attention = 2 * seq_len * s["heads"] * s["head_dim"]
+    return attention / ((6 if frozen_base else 8) * n + 4 * attention)
+
+
 # Dense bf16 peak TFLOP/s of one GPU (datasheets): the planner's --gpu-type choices, and the MFU
 # denominator of zerotune's metrics and of the peer (benchmarks/peer_hf.py): one table for all.
 PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "l40s": 362.0, "a10g": 125.0}

@@ -7,7 +7,7 @@ from dataclasses import replace
 from typing import Optional
 
 from .memory import Strategy
-from .speed import OFFLOAD_ACTIVATIONS_SPEED, TILED_MLP_SPEED, efficiency
+from .speed import KEPT_ATTENTION_SPEED, OFFLOAD_ACTIVATIONS_SPEED, TILED_MLP_SPEED, efficiency
 
 
 def checkpointed_layers(train, layers: int) -> int:
@@ -24,16 +24,21 @@ def offloaded_layers(train, layers: int) -> int:
 
 
 def layer_efficiency(st: Strategy, world: int, layers: int, ckpt_layers: int, offload_layers: int = 0,
-                     tiled: bool = False) -> tuple[float, str]:
+                     tiled: bool = False, kept_attention: float = 0.0) -> tuple[float, str]:
     """MFU with `ckpt_layers` of `layers` recomputed: a token's time is the checkpointed layers' share
     at the checkpointed MFU plus the rest's at the uncheckpointed one; offloaded layers and the tiled
-    MLP cost their assumed factors (OFFLOAD_ACTIVATIONS_SPEED for all layers, TILED_MLP_SPEED)."""
+    MLP cost their assumed factors (OFFLOAD_ACTIVATIONS_SPEED for all layers, TILED_MLP_SPEED).
+    kept_attention (train.recompute_attention: false): the share of a checkpointed layer's work its
+    attention forward is (core/flops.py attention_forward_share), saved on each checkpointed layer,
+    at KEPT_ATTENTION_SPEED's cost."""
     on, source = efficiency(replace(st, grad_ckpt=True), world)
     off, source_off = efficiency(replace(st, grad_ckpt=False), world)
     f = ckpt_layers / layers if st.grad_ckpt else 0.0
     mfu = 1 / (f / on + (1 - f) / off)
     mfu *= 1 - (1 - OFFLOAD_ACTIVATIONS_SPEED) * offload_layers / layers
     mfu *= TILED_MLP_SPEED if tiled else 1.0
+    if kept_attention and f:
+        mfu *= KEPT_ATTENTION_SPEED / (1 - f * kept_attention)
     return mfu, source if f == 1 else (source_off if f == 0 else f"{source}; {source_off}: by the layer")
 
 

@@ -127,7 +127,7 @@ def layer_options(recipe) -> list[str]:
     o = t.offload_activations
     return ([f"sequence parallel {sp}"] if sp > 1 else []) + \
         (["tiled MLP"] if recipe.uses_tiled_mlp() else []) + \
-        (["attention kept, not recomputed"] if not t.recompute_attention and t.gradient_checkpointing not in (False, 0)
+        (["attention kept, not recomputed"] if t.recompute_attention is False and t.gradient_checkpointing not in (False, 0)
          else []) + \
         ([f"checkpointed activations on CPU{'' if o is True else f' (first {o} layers)'}"]
          if o is True or (type(o) is int and o > 0 and t.gradient_checkpointing not in (False, 0)) else [])

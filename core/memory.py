@@ -317,6 +317,6 @@ def workload_of(recipe, gpus_per_node: int, nodes: int = 1, train_tokens: Option
                     tiled_mlp=t.tiled_mlp is True,   # auto: the planner decides (launcher/plan.py)
                     offload_activations=False if t.offload_activations == "auto" else t.offload_activations,
                     ckpt_layers=t.gradient_checkpointing if type(t.gradient_checkpointing) is int else None,
-                    keep_attention=not t.recompute_attention,
+                    keep_attention=t.recompute_attention is False,   # auto: the planner decides (launcher/plan.py)
                     async_save=recipe.checkpoint.async_save,
                     attn="sdpa" if attn == "auto" else attn, kernels=recipe.model.kernels)

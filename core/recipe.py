@@ -135,9 +135,11 @@ class TrainConfig(_Section):
     offload_activations: Union[bool, int, Literal["auto"]] = Field(
         "auto", description="Checkpointed layer inputs in pinned CPU memory until their backward: true all, N the "
                             "first N. auto: the fewest the planner finds fit the GPU (GPU and host memory).")
-    recompute_attention: bool = Field(
-        True, description="A checkpointed layer runs attention again in the backward (true), or keeps its output (false: "
-                          "hidden_size x 2 bytes a token a layer more, the attention forward once less). Set by hand.")
+    recompute_attention: Union[bool, Literal["auto"]] = Field(
+        "auto", description="A checkpointed layer runs attention again in the backward (true), or keeps its output (false: "
+                            "hidden_size x 2 bytes a token a layer more, the attention forward once less). auto: kept "
+                            "where the planner finds it faster and it fits (LoRA with liger's kernels or compile off, "
+                            "long sequences: launcher/plan.py kept_attention_lever), else recomputed.")
     compile: Union[bool, Literal["auto"]] = Field(
         "auto", description="torch.compile each decoder layer (full/lora at ZeRO 0-2; the first step compiles ~1 min). "
                             "auto: on for those on CUDA GPUs without liger's kernels (launcher/prepare.py).")

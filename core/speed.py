@@ -9,6 +9,12 @@ from __future__ import annotations
 
 FUSED_LOSS_SPEED = 0.96            # its tokens/s relative to the plain loss (measured 0.94-0.97, H200)
 OFFLOAD_ACTIVATIONS_SPEED = 0.9    # train.offload_activations, every layer: ASSUMED (not measured), a copy each way
+# train.recompute_attention: false: selective checkpointing's dispatch per op in the forward and the
+# recompute, beside the attention forward it saves (core/flops.py attention_forward_share). Calibrated
+# on LoRA 8B at 32k tokens, liger's kernels, one H100, 2026-12-06 (benchmarks/results/raw/2026-12-06-h100-callC/):
+# 27 of 32 layers checkpointed keeping attention vs 26 recomputing it, by this model 1.096x, measured
+# 6,710 / 6,260 tok/s = 1.072x.
+KEPT_ATTENTION_SPEED = 0.98
 TILED_MLP_SPEED = 0.97             # train.tiled_mlp: ASSUMED (not measured), the MLP's forward once more a layer
 # MFU per strategy on one GPU, zerotune's own path through `zerotune train` (benchmarks/bench.py,
 # one H200, 2026-11-27, 1B mbs 8 / 8B mbs 4, seq 2048, chunked loss), gradient checkpointing on

@@ -85,16 +85,29 @@ def candidates(recipe: Recipe, w: Workload, gpu_memory: float, cpu_memory: float
         sts = [Strategy(method, d.zero, d.offload_optimizer, d.offload_params, gc) for gc in gcs]
     rows = []
     for fused in fused_choices:
-        for r in plan(replace(w, fused_loss=fused), method, gpu_memory, cpu_memory, only=sts, levers=Levers.of(t)):
+        for r in plan(replace(w, fused_loss=fused), method, gpu_memory, cpu_memory, only=sts,
+                      levers=replace(Levers.of(t), keep_attention=kept_attention_lever(recipe))):
             r.fused_loss = fused
             r.tokens_per_s *= FUSED_LOSS_SPEED if fused else 1.0
             rows.append(r)
     return rows
 
 
+def kept_attention_lever(recipe: Recipe) -> bool:
+    """Whether train.recompute_attention: auto is the planner's to choose (launcher/plan_layers.py
+    estimate: kept where the speed model says it pays): only where it was measured, LoRA without
+    sequence parallelism, and where no layer would lose torch.compile for it (a layer that keeps
+    attention is not compiled: prepare.py compile_choice), that is with liger's kernels or compile off.
+    Elsewhere auto recomputes."""
+    t = recipe.train
+    return (t.recompute_attention == "auto" and recipe.method.kind == "lora" and recipe.distributed.sequence_parallel == 1
+            and (t.compile is False or recipe.model.kernels == "liger"))
+
+
 def choose(recipe: Recipe, gpus_per_node: int, nodes: int = 1, gpu_memory: float = DEFAULT_GPU_MEMORY,
            cpu_memory: float = DEFAULT_CPU_MEMORY) -> Estimate:
-    """What `auto` runs (distributed.zero, train.gradient_checkpointing, train.fused_loss): the
+    """What `auto` runs (distributed.zero, train.gradient_checkpointing, train.fused_loss,
+    train.recompute_attention): the
     fastest fitting estimate among candidates(); .strategy and .fused_loss say what it is.
     One-line error when none fits."""
     w = workload(recipe, gpus_per_node, nodes)

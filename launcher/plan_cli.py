@@ -12,10 +12,10 @@ from zerotune.core.flops import PEAK_TFLOPS, num_params, shape
 from zerotune.core.io import GIB
 from zerotune.core.memory import RESERVED, Estimate, Strategy, Workload
 from zerotune.core.recipe import RecipeError
-from zerotune.core.recipe_load import load_recipe, validate_recipe
+from zerotune.core.recipe_load import load_recipe
 
 from .data_size import cached_lengths, with_max_len
-from .plan import choose, pick_micro_batch, plan, recommend, sp_hint, workload
+from .plan import pick_micro_batch, plan, recommend, sp_hint, workload
 from .plan_layers import Levers, longest_sequence, planned_cpu_memory
 
 HELP = "estimate memory, speed and cost of each strategy and recommend the fastest that fits"
@@ -118,19 +118,16 @@ def checkpoint_line(w: Workload, st: Strategy) -> str:
 
 
 def auto_line(recipe, gpus: int, nodes: int, gpu, cpu_memory: float) -> Optional[str]:
-    """What `zerotune train` resolves the recipe's `auto` keys to on this GPU (liger's kernels as it
-    picks them, then launcher/plan.py choose: the keys the recipe fixes stay), or its refusal. The
-    table's "recommended" is the fastest row of all, whatever the recipe fixes."""
-    from .gpus import kernels_for
-    t, d = recipe.train, recipe.distributed
-    if "auto" not in (d.zero, t.gradient_checkpointing, t.fused_loss, t.offload_activations, t.tiled_mlp):
-        return None
+    """What `zerotune train` resolves the recipe's `auto` keys to on this GPU (launcher/prepare.py
+    plan_auto, as train plans them: the keys the recipe fixes stay), or its refusal. The table's
+    "recommended" is the fastest row of all, whatever the recipe fixes."""
+    from .prepare import plan_auto
     try:
-        data = recipe.model_dump(mode="json")
-        data["model"]["kernels"] = kernels_for(recipe, gpu)
-        pick = choose(validate_recipe(data, source="resolved recipe"), gpus, nodes, gpu.bytes, cpu_memory)
+        _, pick = plan_auto(recipe, gpus, nodes, gpu, cpu_memory)
     except RecipeError as e:
         return f"auto: {e}"
+    if pick is None:
+        return None
     return (f"auto: this recipe as written trains with {pick.label}, {'the chunked' if pick.fused_loss else 'the plain'} "
             f"loss ({pick.tokens_per_s:,.0f} tokens/s/GPU, {_gib(pick.total)} GiB per GPU): what `zerotune train` resolves")
 
@@ -145,12 +142,13 @@ def run(args) -> int:
     cpu_memory = planned_cpu_memory(recipe, args.cpu_memory, local=gpu.where == "gpus")
     lengths, why = cached_lengths(recipe)   # the data's real lengths, as `zerotune train` plans (data_size.py)
     written = recipe
-    recipe = pick_micro_batch(lengths.planning_recipe(recipe) if lengths else recipe, gpus, nodes, gpu_memory, cpu_memory)
+    planning = lengths.planning_recipe(recipe) if lengths else recipe
+    recipe = pick_micro_batch(planning, gpus, nodes, gpu_memory, cpu_memory)
     data_lines = (lengths.lines(with_max_len(recipe, written.data.max_len)) if lengths else
                   [f"data: planned for micro-batches of {recipe.train.micro_batch_size} x data.max_len "
                    f"{written.data.max_len:,} tokens: {why}; plan then reads the data's real lengths, as train does"])
     w = workload(recipe, gpus, nodes)
-    auto = auto_line(recipe, gpus, nodes, gpu, cpu_memory)
+    auto = auto_line(planning, gpus, nodes, gpu, cpu_memory)
     rows = plan(w, recipe.method.kind, gpu_memory, cpu_memory, args.price, args.gpu_type, levers=Levers.of(recipe.train))
     best = recommend(rows, recipe.method.kind)
     longest = {r.strategy: tuple(longest_sequence(w, r.strategy, gpu_memory, cpu_memory, host)[0]

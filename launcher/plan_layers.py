@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from zerotune.core.flops import PEAK_TFLOPS, flops_per_token, shape
+from zerotune.core.flops import PEAK_TFLOPS, attention_forward_share, flops_per_token, shape
 from zerotune.core.io import GIB, parse_size
 from zerotune.core.layers import host_memory, layer_efficiency
 from zerotune.core.long_context import gpu_memory_of
@@ -21,10 +21,13 @@ class Levers:
     """What the planner chooses per strategy, the recipe's `auto`s (core/memory.py's docstring): how
     many layers to checkpoint (train.gradient_checkpointing: the fewest that fit), whether to tile
     the MLP (train.tiled_mlp: only when nothing fits untiled), how many checkpointed layers to
-    offload to CPU memory (train.offload_activations: only when nothing fits on the GPU, the fewest)."""
+    offload to CPU memory (train.offload_activations: only when nothing fits on the GPU, the fewest),
+    whether checkpointed layers keep attention's output (train.recompute_attention: where the speed
+    model says it pays, set by plan.py kept_attention_lever)."""
     ckpt_layers: bool = False
     tiling: bool = False
     offload: bool = False
+    keep_attention: bool = False
 
     @staticmethod
     def of(train) -> "Levers":
@@ -78,11 +81,25 @@ def fit_layers(w: Workload, st: Strategy, levers: Levers, gpu_memory: float, cpu
 
 def estimate(w: Workload, st: Strategy, gpu_memory: float, cpu_memory: float, price: Optional[float] = None,
              gpu_type: str = "h100", levers: Levers = Levers()) -> Estimate:
-    """The estimate of `st` with the levers chosen (fit_layers)."""
+    """The estimate of `st` with the levers chosen (fit_layers). The keep_attention lever (ZeRO 0-2,
+    checkpointing on): the faster of the layers fitted with attention recomputed and with it kept,
+    kept only as measured (no input offloaded, the MLP untiled: benchmarks/results/raw/2026-12-06-h100-callC/);
+    recomputed on a tie or when keeping it does not fit."""
+    if levers.keep_attention and st.grad_ckpt and st.zero < 3:
+        plain, kept = (_estimate(replace(w, keep_attention=k), st, gpu_memory, cpu_memory, price, gpu_type, levers)
+                       for k in (False, True))
+        measured = kept.ckpt_layers and not kept.offload_layers and not kept.tiled_mlp
+        return kept if kept.fits and measured and kept.tokens_per_s > plain.tokens_per_s else plain
+    return _estimate(w, st, gpu_memory, cpu_memory, price, gpu_type, levers)
+
+
+def _estimate(w: Workload, st: Strategy, gpu_memory: float, cpu_memory: float, price: Optional[float],
+              gpu_type: str, levers: Levers) -> Estimate:
     w = fit_layers(w, st, levers, gpu_memory, cpu_memory)
     m = gpu_memory_of(w, st)
     layers = shape(w.model)["layers"]
-    mfu, source = layer_efficiency(st, w.world, layers, m["ckpt_layers"], m["offload_layers"], w.tiled_mlp)
+    kept = attention_forward_share(w.model, w.seq_len, frozen_base=st.method != "full") if w.keep_attention else 0.0
+    mfu, source = layer_efficiency(st, w.world, layers, m["ckpt_layers"], m["offload_layers"], w.tiled_mlp, kept)
     tps = mfu * PEAK_TFLOPS[gpu_type] * 1e12 / flops_per_token(w.model, w.seq_len)
     why = []
     if m["total"] > gpu_memory - RESERVED:
@@ -92,7 +109,7 @@ def estimate(w: Workload, st: Strategy, gpu_memory: float, cpu_memory: float, pr
     e = Estimate(st, m["params"], m["grads"], m["optimizer"], m["activations"], m["logits"], m["temporary"],
                  m["total"], m["cpu_per_node"], not why, tps, mfu, source, why_not="; ".join(why),
                  offload_activations=m["offload_layers"] > 0, layers=layers, ckpt_layers=m["ckpt_layers"],
-                 offload_layers=m["offload_layers"], tiled_mlp=w.tiled_mlp)
+                 offload_layers=m["offload_layers"], tiled_mlp=w.tiled_mlp, kept_attention=w.keep_attention)
     if w.train_tokens:
         e.hours = w.train_tokens / (tps * w.world) / 3600
         e.gpu_hours = e.hours * w.world

@@ -20,7 +20,7 @@ from zerotune.core import quiet, runlock
 from zerotune.core.layout import DS_CONFIG_FILE, LAUNCHER_LOG, LOGS_DIR, RECIPE_FILE, check_fresh_start, latest_complete, read_state, step_of
 from zerotune.core.long_context import check_sequence_parallel, layer_options
 from zerotune.core.recipe import RESUME_SAFE_KEYS, Recipe, RecipeError
-from zerotune.core.memory import DEFAULT_GPU_MEMORY
+from zerotune.core.memory import DEFAULT_GPU_MEMORY, Estimate
 from zerotune.core.recipe_load import load_recipe, load_run_recipe, validate_recipe
 
 from . import ds_config, preflight
@@ -33,30 +33,43 @@ _NONE = object()
 
 def resolve(recipe: Recipe, world_size: int, nodes: int = 1, gpu: Optional[GpuMemory] = None) -> Recipe:
     """Fill choices left to zerotune so RUN_DIR/recipe.yaml says what ran, planned for `gpu` (the
-    memory of one GPU, launcher/gpus.py; default: 80 GiB assumed): train.micro_batch_size: auto
-    becomes the largest that fits (gradient accumulation keeps global_batch_size), and `auto` in
-    distributed.zero, train.gradient_checkpointing (the number of layers, core/memory.py),
-    train.tiled_mlp, train.offload_activations (layers, against this machine's host memory for a run
-    here, launcher/plan.py planned_cpu_memory) and train.fused_loss the planner's fastest choice that
-    fits (launcher/plan.py), offload flags included; model.kernels as launcher/gpus.py kernels_for
-    says; train.compile as compile_choice says. cluster.gpu_memory records the size planned for."""
-    from .plan import choose, pick_micro_batch, planned_cpu_memory
+    memory of one GPU, launcher/gpus.py; default: 80 GiB assumed): plan_auto's micro-batch, kernels
+    and choice for the `auto` keys, offload flags included; train.compile as compile_choice says.
+    cluster.gpu_memory records the size planned for."""
     gpu = gpu or GpuMemory(DEFAULT_GPU_MEMORY, "assumed")
-    cpu = planned_cpu_memory(recipe, local=gpu.where == "gpus")
     per_node = max(1, world_size // max(1, nodes))
+    recipe, best = plan_auto(recipe, per_node, nodes, gpu)
     data = recipe.model_dump(mode="json")
-    data["model"]["kernels"] = kernels_for(recipe, gpu)   # before the plan: liger's savings are counted
-    recipe = pick_micro_batch(validate_recipe(data, source="resolved recipe"), per_node, nodes, gpu.bytes, cpu)
-    data = recipe.model_dump(mode="json")
-    t = recipe.train
-    if "auto" in (recipe.distributed.zero, t.gradient_checkpointing, t.fused_loss, t.offload_activations, t.tiled_mlp):
-        best = choose(recipe, gpus_per_node=per_node, nodes=nodes, gpu_memory=gpu.bytes, cpu_memory=cpu)
+    if best is not None:
         st = best.strategy
         data["distributed"].update(zero=st.zero, offload_optimizer=st.offload_optimizer, offload_params=st.offload_params)
         data["train"].update(fused_loss=best.fused_loss, **best.settings())
     data["train"]["compile"] = compile_choice(validate_recipe(data, source="resolved recipe"), gpu)
     data["cluster"]["gpu_memory"] = gpu.recorded()
     return validate_recipe(data, source="resolved recipe")
+
+
+def plan_auto(recipe: Recipe, per_node: int, nodes: int, gpu: GpuMemory,
+              cpu_memory: Optional[float] = None) -> tuple[Recipe, Optional[Estimate]]:
+    """What `zerotune train` plans (resolve) and `zerotune plan` says (its `auto:` line): model.kernels
+    as launcher/gpus.py kernels_for says (before the plan: liger's savings are counted); then
+    train.micro_batch_size: auto, the largest that fits (gradient accumulation keeps
+    global_batch_size); then, when distributed.zero, train.gradient_checkpointing (the number of
+    layers, core/memory.py), train.tiled_mlp, train.offload_activations (layers, against this
+    machine's host memory for a run here, launcher/plan.py planned_cpu_memory),
+    train.recompute_attention or train.fused_loss is auto, the planner's fastest choice that fits
+    (launcher/plan.py choose). Returns (the recipe with kernels and micro-batch resolved, the choice
+    or None when no key is auto). cpu_memory: a node's, as `zerotune plan --cpu-memory` gives it."""
+    from .plan import choose, pick_micro_batch, planned_cpu_memory
+    cpu = cpu_memory or planned_cpu_memory(recipe, local=gpu.where == "gpus")
+    data = recipe.model_dump(mode="json")
+    data["model"]["kernels"] = kernels_for(recipe, gpu)
+    recipe = pick_micro_batch(validate_recipe(data, source="resolved recipe"), per_node, nodes, gpu.bytes, cpu)
+    t = recipe.train
+    if "auto" not in (recipe.distributed.zero, t.gradient_checkpointing, t.fused_loss, t.offload_activations, t.tiled_mlp,
+                      t.recompute_attention):
+        return recipe, None
+    return recipe, choose(recipe, gpus_per_node=per_node, nodes=nodes, gpu_memory=gpu.bytes, cpu_memory=cpu)
 
 
 def compile_choice(recipe: Recipe, gpu: GpuMemory) -> bool:
@@ -82,6 +95,7 @@ def say_plan(recipe: Recipe, gpu: GpuMemory, precision_why: str = "") -> None:
           f"kernels {m.kernels}{ranks if m.kernels == 'auto' else ''}, "
           f"gradient_checkpointing {str(t.gradient_checkpointing).lower()}, fused_loss {str(t.fused_loss).lower()}, "
           f"tiled_mlp {str(t.tiled_mlp).lower()}, offload_activations {str(t.offload_activations).lower()}, "
+          f"recompute_attention {str(t.recompute_attention).lower()}, "
           f"compile {str(t.compile).lower()}, "
           f"precision {matmul_precision(t.precision, m.dtype)}" + (f" ({precision_why})" if precision_why else ""),
           file=sys.stderr, flush=True)

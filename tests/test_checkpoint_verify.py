@@ -163,3 +163,29 @@ def test_full_disk_mid_save_is_one_line_and_never_counts(tmp_path, data24):
     finally:
         if mounted:
             subprocess.run(["umount", str(ckpts)])
+
+
+def test_a_write_cut_short_is_a_full_disk_only_when_the_checkpoint_cannot_fit(tmp_path, monkeypatch, capsys):
+    """torch's zip writer reports a failed write as "unexpected pos A vs B", errno lost (the GPU machine,
+    2026-12-06): as_said says the one full-disk line and removes the partial save when less is free
+    than the checkpoint needs, and passes any other error, or the same one with room left, on as it is."""
+    import torch
+    from zerotune.training.checkpoint import disk_space
+
+    class Engine:
+        module = torch.nn.Linear(1000, 1000, bias=False)   # needs 1e6 x (4 + 12) bytes: 15.3 MiB
+
+    run = tmp_path / "run"
+    partial = run / "checkpoints" / "step-000006"
+    partial.mkdir(parents=True)
+    (partial / "mp_rank_00_model_states.pt").write_bytes(b"x" * 2708)
+    cut = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2816 vs 2708")
+    monkeypatch.setattr(disk_space, "_free", lambda folder: 1 << 30)
+    assert disk_space.as_said(cut, run, partial, Engine()) is cut and partial.is_dir()
+    monkeypatch.setattr(disk_space, "_free", lambda folder: 10 << 20)
+    other = RuntimeError("CUDA error: an illegal memory access was encountered")
+    assert disk_space.as_said(other, run, partial, Engine()) is other and partial.is_dir()
+    said = disk_space.as_said(cut, run, partial, Engine())
+    assert isinstance(said, CheckpointError) and not partial.exists()
+    assert str(said).startswith(f"no space left on the device of {run / 'checkpoints'}: a checkpoint needs ~15.3 MiB")
+    assert capsys.readouterr().err.count("zerotune: error: no space left on the device") == 1

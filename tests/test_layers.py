@@ -25,9 +25,10 @@ def llama8b(tmp_path, **sections):
     model = tmp_path / "llama3-8b"
     model.mkdir(exist_ok=True)
     (model / "config.json").write_text(json.dumps({**LLAMA3_8B, "architectures": ["LlamaForCausalLM"]}))
-    r = base_recipe(tmp_path, model={"path": str(model), "dtype": "bf16"}, method={"kind": "lora"},
-                    distributed={"zero": 0}, **sections)
-    r["train"].pop("gradient_checkpointing")   # auto, as a user writes it
+    r = base_recipe(tmp_path, model={"path": str(model), "dtype": "bf16", **sections.pop("model", {})},
+                    method={"kind": "lora"}, distributed={"zero": 0}, **sections)
+    if "gradient_checkpointing" not in sections.get("train", {}):
+        r["train"].pop("gradient_checkpointing")   # auto, as a user writes it
     return validate_recipe(r)
 
 
@@ -92,6 +93,40 @@ def test_tiled_mlp_only_when_untiled_does_not_fit_and_compile_is_resolved(tmp_pa
     assert liger.model.kernels == "liger" and liger.train.compile is False
     slurm = resolve(validate_recipe(data), 1, 1, GpuMemory(140 * GIB, "cluster.gpu_memory", "slurm"))
     assert slurm.model.kernels == "auto" and slurm.train.compile == "auto"   # the ranks choose both
+
+
+def test_attention_is_kept_where_the_planner_finds_it_faster_and_recipe_yaml_records_it(tmp_path, monkeypatch):
+    """train.recompute_attention: auto (LoRA with liger's kernels, as a user on a GPU gets it): at 32k
+    tokens on an 80 GB GPU the checkpointed layers keep attention's output (measured 1.07x on an H100,
+    core/speed.py KEPT_ATTENTION_SPEED); at 2k tokens, where its share is ~1%, and where compile would
+    lose the kept layers (no liger), attention is recomputed; a fixed value stays as written."""
+    import importlib.util
+    from zerotune.launcher.plan import choose
+    from zerotune.launcher.prepare import resolve
+    real = importlib.util.find_spec   # liger-kernel installed: model.kernels auto resolves to liger on a GPU
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "liger_kernel" else real(n, *a))
+    h100 = GpuMemory(79.6 * GIB, "nvidia-smi", "gpus")
+
+    def run(**sections):
+        return resolve(llama8b(tmp_path, **sections), 1, 1, h100)
+    long = run(data={"max_len": 32768}, train={"micro_batch_size": 1})
+    assert long.model.kernels == "liger" and long.train.compile is False
+    assert long.train.recompute_attention is False and 0 < long.train.gradient_checkpointing < 32
+    assert yaml.safe_load(long.to_yaml())["train"]["recompute_attention"] is False   # RUN_DIR/recipe.yaml
+    kept = choose(long.model_copy(update={"train": long.train.model_copy(update={
+        "recompute_attention": "auto", "gradient_checkpointing": "auto"})}), 1, 1, h100.bytes)
+    plain = choose(long.model_copy(update={"train": long.train.model_copy(update={
+        "recompute_attention": True, "gradient_checkpointing": "auto"})}), 1, 1, h100.bytes)
+    assert kept.kept_attention and kept.label.endswith("+attention kept") and "train.recompute_attention=false" in kept.overrides()
+    assert not plain.kept_attention and kept.tokens_per_s > plain.tokens_per_s
+    assert kept.settings()["gradient_checkpointing"] == long.train.gradient_checkpointing
+    short = run(data={"max_len": 2048}, train={"micro_batch_size": 4, "gradient_checkpointing": True})
+    assert short.train.recompute_attention is True   # the attention forward is ~1% of a layer's work at 2k
+    fixed = run(data={"max_len": 32768}, train={"micro_batch_size": 1, "recompute_attention": True})
+    assert fixed.train.recompute_attention is True
+    no_liger = resolve(llama8b(tmp_path, data={"max_len": 32768}, train={"micro_batch_size": 1},
+                               model={"kernels": "none"}), 1, 1, h100)
+    assert no_liger.train.compile is True and no_liger.train.recompute_attention is True   # compiled layers stay
 
 
 def test_longest_sequence_per_strategy_and_the_refusal(tmp_path):

@@ -68,8 +68,9 @@ ATTENTION_OPS = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_eff
 
 def checkpoint_kwargs(train) -> dict:
     """torch.utils.checkpoint's arguments for the model's checkpointed layers: non-reentrant (the
-    per-layer choice and offloaded inputs need it), with attention_kept unless train.recompute_attention."""
-    return {"use_reentrant": False, **({} if train.recompute_attention else {"context_fn": attention_kept})}
+    per-layer choice and offloaded inputs need it), with attention_kept when train.recompute_attention is
+    false (auto, in a recipe the launcher did not resolve: recomputed)."""
+    return {"use_reentrant": False, **({"context_fn": attention_kept} if train.recompute_attention is False else {})}
 
 
 def attention_kept():
