@@ -85,7 +85,8 @@ class Writer:
         ce.save = self.snapshot
         self.jobs: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
-        self.blocked = 0.0                 # seconds the training thread spent snapshotting, last save
+        self.blocked = 0.0                 # seconds the training thread spent snapshotting, this save
+        self.waited = 0.0                  # seconds this save waited for the previous one's write (save.py)
         self.pinned: dict[str, PinnedPool] | None = {} if torch.cuda.is_available() else None  # file name -> pool
         threading.Thread(target=self._run, name="zerotune-checkpoint-writer", daemon=True).start()
 
@@ -131,3 +132,14 @@ class Writer:
     def wait(self) -> None:
         self.jobs.join()
         self.raise_error()
+
+    def start_save(self) -> None:
+        """A save begins (save.py): it waits for the write in flight, then counts its own snapshot."""
+        t0 = time.perf_counter()
+        self.wait()
+        self.waited, self.blocked = time.perf_counter() - t0, 0.0
+
+    def parts(self) -> dict:
+        """Where the last save's blocking time went, for its checkpoint event: waiting for the previous
+        write, and the device-to-host snapshot (the rest is DeepSpeed gathering its state)."""
+        return {"wait_s": round(self.waited, 4), "snapshot_s": round(self.blocked, 4)}

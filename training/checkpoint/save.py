@@ -66,7 +66,7 @@ def save(engine, run_dir: Path, step: int, state: dict, sampler_state: dict, *, 
     root = checkpoints_dir(run_dir)
     final = root / tag(step)
     if writer is not None:
-        writer.wait()  # one save in flight at a time
+        writer.start_save()  # one save in flight at a time
     where = [None]
     if rank == 0:
         finish_swaps(run_dir)

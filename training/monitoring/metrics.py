@@ -215,15 +215,16 @@ class Metrics:
             self.say(f"step {step} | sample | {p[:60]!r} -> {c[:200]!r}")
 
     def saved(self, step: int, path: Path, seconds: float | None = None, background: bool = False,
-              due: int | None = None) -> None:
-        """A checkpoint saved (`due`: the step it was due at, when it waited for the previous write)."""
+              due: int | None = None, parts: dict | None = None) -> None:
+        """A checkpoint saved (`due`: the step it was due at, when it waited for the previous write;
+        `parts`: where a background save's blocked seconds went, async_save.Writer.parts)."""
         if self.rank != 0:
             return
         took = (f" in {seconds:.1f}s" if seconds is not None else "") + (" (written in the background)" if background else "")
         if due is not None:
             took += f" (due at step {due}, after the previous save was written)"
         self._record({"step": step, "event": "checkpoint", "path": str(path), "blocked_s": seconds,
-                      "background": background, **({"due_step": due} if due is not None else {})})
+                      "background": background, **({"due_step": due} if due is not None else {}), **(parts or {})})
         self.say(self.console.summary(step, f"saved {Path(path).name}{took}", self.last_train))
         self._flush()
 

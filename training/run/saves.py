@@ -38,6 +38,7 @@ def save_checkpoint(run, step: int, due: int | None = None) -> None:
                            keep=run.recipe.checkpoint.keep, rank=run.rank, world=run.world, eval_loss=run.last_eval,
                            recipe_digest=run.recipe.digest(), frozen_params=run.frozen, writer=run.writer)
     run.last_saved = step
-    run.log.saved(step, path, time.perf_counter() - t0, background=run.writer is not None, due=due)
+    run.log.saved(step, path, time.perf_counter() - t0, background=run.writer is not None, due=due,
+                  parts=run.writer.parts() if run.writer is not None else None)
     if run.beat:
         run.beat.write(RUNNING)  # status sees the step of the newest checkpoint without waiting for a beat
