@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Device call C (written 2026-12-06 for the next session with device time; call B's measurements are in
+# Device call C (ran 2026-12-06 on one H100: benchmarks/results/raw/2026-12-06-h100-callC/; call B's measurements are in
 # benchmarks/results/raw/2026-12-06-h100-callB/). One GPU, ~26 minutes. Stages in the order the issues
 # need them (each has its own limit; the driver starts none after DEADLINE seconds):
 #   testgpu    make test-gpu in one process (issue 27 item 6; GPU_PYTHON's site-packages now reach the nested venv)
@@ -13,7 +13,7 @@
 #   lora8b / full1b / chat   issue 26 on an H200 (call B ran on an H100), while time is left
 # 512k (one step is ~12 minutes by the planner) has its own call: benchmarks/calls/next-h200-512k.sh.
 # Lead's commands (kind nvidia-h200, carry [".whl"] from ../shared/device/wheels.sh), each within 30 s of the last:
-#   1. python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1; (setsid nohup bash benchmarks/calls/next-h200-callC.sh > /tmp/callC-driver.log 2>&1 < /dev/null &); sleep 2; bash benchmarks/detached.sh wait /tmp/callC 570
+#   1. python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1; (setsid nohup bash benchmarks/calls/2026-12-06-h100-callC.sh > /tmp/callC-driver.log 2>&1 < /dev/null &); sleep 2; bash benchmarks/detached.sh wait /tmp/callC 570
 #   2. bash benchmarks/detached.sh wait /tmp/callC 570
 #   3. bash benchmarks/detached.sh wait /tmp/callC 480   (only if 2 printed no "done")
 set -u
