@@ -56,18 +56,23 @@ def run(run_dir: Path, rank: int) -> int:
 
 
 def leave(code) -> None:
-    """Exit with `code`. A rank that ends on an error (or the OOM guard's exit) still holds its
-    process group, and the interpreter's teardown of it can abort inside torch ("terminate called
-    without an active exception": SIGABRT, exit 134 instead of 2); such a rank leaves at once
-    instead, its output flushed (the loop has closed the trackers). A run that ended normally
-    has destroyed its group (loop.close) and exits the usual way."""
+    """Exit with `code`. A rank of a multi-rank run leaves without the interpreter's native
+    teardown: with gloo's threads or a process group still about (an error path, the OOM guard's
+    exit, and now and then after a run that ended normally and destroyed its group) that teardown
+    can abort inside torch ("terminate called without an active exception": SIGABRT, and a run
+    that finished exits non-zero). Such a rank runs Python's exit handlers, flushes its output
+    (the loop has closed the trackers and the checkpoint writer) and leaves at once. A single
+    process exits the usual way."""
     if code is None:                 # SystemExit()
         code = 0
     elif not isinstance(code, int):  # SystemExit("message")
         print(code, file=sys.stderr)
         code = 1
     dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
+    grouped = dist is not None and dist.is_available() and dist.is_initialized()
+    if grouped or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import atexit
+        atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
