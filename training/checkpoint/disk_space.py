@@ -34,10 +34,9 @@ def full_disk_said(run_dir: Path, path: Path, engine):
 def as_said(e: BaseException, run_dir: Path, path: Path, engine) -> BaseException:
     """The error a failed save of `path` ends with: out_of_space()'s when the disk is full, else `e`
     (also the background writer's error hook)."""
-    if disk_full(e, path.parent):
+    cut_short_for_room = short_write(e) and _free(path.parent) < needed_bytes(run_dir, engine) - _bytes_in(path)
+    if disk_full(e, path.parent) or cut_short_for_room:
         return out_of_space(run_dir, path, engine)
-    if short_write(e) and _free(path.parent) < needed_bytes(run_dir, engine) - _bytes_in(path):
-        return out_of_space(run_dir, path, engine)   # a write cut short where the checkpoint could not fit
     return e
 
 
