@@ -132,21 +132,47 @@ def test_a_save_due_while_the_previous_one_is_written_waits_and_training_does_no
     assert "(due at step " in out
 
 
+def test_a_gpu_copy_is_staged_only_where_it_fits_beside_trainings_peak_decided_once_per_file(monkeypatch):
+    """DeviceRoom's arithmetic with the GPU's numbers given: 80 GiB, 10 GiB held by another
+    process, training's peak 40 GiB; the margin is 5% of the GPU (4 GiB)."""
+    GiB = 2 ** 30
+    peak = [40 * GiB]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (30 * GiB, 80 * GiB))   # 40 GiB reserved by us
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 40 * GiB)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: peak[0])
+    room = async_save.DeviceRoom()
+    assert room.fits("optim.pt", 20 * GiB, pending=0)            # 40 + 20 + 4 <= 70
+    assert not room.fits("model.pt", 20 * GiB, pending=10 * GiB)  # 40 + 10 + 20 + 4 > 70
+    assert room.fits("small.pt", 1 * GiB, pending=10 * GiB)
+    peak[0] = 60 * GiB        # the staged copy itself raised the peak: the next save still stages
+    assert room.fits("optim.pt", 20 * GiB, pending=0) and not room.fits("model.pt", 1 * GiB, pending=0)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_snapshot_is_pinned_reused_and_a_true_copy(tmp_path):
+@pytest.mark.parametrize("where", ["staged", "host"])
+def test_gpu_snapshot_is_pinned_reused_and_a_true_copy(tmp_path, monkeypatch, where):
     """On a GPU the snapshot goes to page-locked buffers kept for the next save of the same file
     (page-locking gigabytes at every save would stall training for seconds), and it is still a
-    copy that later training does not change."""
+    copy that later training does not change. With room on the GPU it is first a device copy
+    (staged), which the writer offloads on its own stream and frees; without room (a margin
+    larger than the GPU), straight to the pinned buffers."""
+    if where == "host":
+        monkeypatch.setattr(async_save.DeviceRoom, "MARGIN_MIN", 2 ** 50)
     ce = FakeCheckpointEngine()
     writer = async_save.Writer(SimpleNamespace(checkpoint_engine=ce))
     w = torch.full((1024, 1024), 3.0, device="cuda")
+    base = torch.cuda.memory_allocated()
     buffers = []
     for step in (1, 2):
         (tmp_path / f"step-{step}").mkdir()
+        writer.start_save()
         ce.save({"optimizer": {"state": [w]}}, str(tmp_path / f"step-{step}" / "optim.pt"))
+        staged = writer.parts()["staged_gib"]
+        assert staged == (round(4 / 1024, 3) if where == "staged" else 0), writer.parts()
         w.add_(100)                                   # the next step's update: not in the snapshot
         writer.wait()
+        assert torch.cuda.memory_allocated() == base  # the staged copy is freed once written
         saved = torch.load(tmp_path / f"step-{step}" / "optim.pt")["optimizer"]["state"][0]
         assert saved.device.type == "cpu" and torch.equal(saved, torch.full((1024, 1024), 3.0 + 100 * (step - 1)))
         buffers.append(list(writer.pinned["optim.pt"].buffers))

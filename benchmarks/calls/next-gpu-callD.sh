@@ -10,6 +10,9 @@
 #            it (call C: four 17 GB checkpoints filled the disk and the profiled run failed); every save's
 #            event now splits blocked_s into wait_s (the previous write) and snapshot_s (the device-to-host
 #            copy): call C's first save blocked 6.2 s, which part is the pinning of ~17 GB of host buffers?
+#            Since 2026-12-07 a snapshot with room on the GPU is staged there (a device copy; the writer
+#            moves it to the pinned buffers on its own stream): staged_gib > 0 in each event, and
+#            test-gpu's test_gpu_snapshot_is_pinned_reused_and_a_true_copy[staged|host] covers both paths
 #   lora32k  issues 26/28: LoRA 8B at 32k as written (train.recompute_attention: auto keeps attention there
 #            now) against recompute-attn (the recipe before) and the peer's best, same call
 #   qlora8b  issue 26: QLoRA 8B as written vs the peer's best
