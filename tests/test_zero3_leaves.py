@@ -68,6 +68,8 @@ def test_partitioned_parameters_or_zero_below_3_keep_per_module_gathering():
     assert whole_layers_as_zero3_leaves(tiny(), {"stage": 3, "stage3_param_persistence_threshold": 320}) == 0
     assert whole_layers_as_zero3_leaves(tiny(), {"stage": 2}) == 0
     assert whole_layers_as_zero3_leaves(tiny(), {"stage": 3, "stage3_param_persistence_threshold": "auto"}) == 0
+    # LoRA: its adapters come into the layers later (tests/test_sp_train.py's one-process LoRA run covers it)
+    assert whole_layers_as_zero3_leaves(tiny(), {"stage": 3, "stage3_param_persistence_threshold": WHOLE}, "lora") == 0
     model = tiny()
     assert whole_layers_as_zero3_leaves(model, {"stage": 3, "stage3_param_persistence_threshold": WHOLE}) == 3
     from deepspeed.utils import z3_leaf_module

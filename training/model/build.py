@@ -130,7 +130,7 @@ def build_model(recipe, ds_config: dict):
         **extra,
     )
     moe.prepare(model, stage)   # ZeRO-3 leaf modules, the router's aux loss (training/model/moe.py)
-    whole_layers_as_zero3_leaves(model, ds_config.get("zero_optimization", {}))
+    whole_layers_as_zero3_leaves(model, ds_config.get("zero_optimization", {}), kind)
     liger = kernels.apply(model, recipe)   # model.kernels: fused norms, SwiGLU, RoPE (training/model/kernels.py)
     gc_kwargs = long_sequence.checkpoint_kwargs(recipe.train)   # non-reentrant; attention kept or recomputed
     ckpt = bool(recipe.train.gradient_checkpointing)   # true, auto (unresolved: all) or N > 0 layers
@@ -160,7 +160,7 @@ def build_model(recipe, ds_config: dict):
     return fp8.apply(apply_method(model, recipe), recipe, stage)   # train.precision: FP8 linears (model/fp8.py)
 
 
-def whole_layers_as_zero3_leaves(model, zero: dict) -> int:
+def whole_layers_as_zero3_leaves(model, zero: dict, kind: str = "full") -> int:
     """ZeRO-3 that never partitions a parameter away (one process: launcher/ds_config.py keeps
     every parameter whole) makes each decoder layer one ZeRO-3 leaf module: DeepSpeed's
     fetch/release hooks then run once per layer instead of once per linear, norm and block (13
@@ -168,10 +168,12 @@ def whole_layers_as_zero3_leaves(model, zero: dict) -> int:
     gloo, one process, a 16-layer tiny Llama, the step being the host's bookkeeping) ZeRO-3's step
     went from 117 ms to 73 ms (ZeRO-0: 37 ms); with checkpointing 232 -> 127 ms (70). With
     partitioned parameters a leaf gathers its whole layer at once, which costs GPU memory the
-    planner does not count yet: not done there. Returns how many layers are leaves."""
+    planner does not count yet: not done there. Full fine-tunes only: LoRA's adapters, added
+    inside the layers after this, reached the backward partitioned away (a 0-sized lora_A in
+    tests/test_sp_train.py's one-process LoRA run, CI 2026-12-07). Returns how many layers are leaves."""
     threshold = zero.get("stage3_param_persistence_threshold")
     layers = getattr(getattr(model, "model", None), "layers", None)
-    if zero.get("stage") != 3 or not isinstance(threshold, int) or not layers:
+    if kind != "full" or zero.get("stage") != 3 or not isinstance(threshold, int) or not layers:
         return 0
     if any(getattr(p, "ds_numel", p.numel()) > threshold for p in model.parameters()):
         return 0   # some parameter is partitioned: DeepSpeed's per-module gathering stays
