@@ -26,14 +26,6 @@ from zerotune.core.layout import HEARTBEAT_FILE, LOCK_FILE, latest_complete
 from zerotune.training.checkpoint import manifest
 
 
-def still(pid: int, cmdline: bytes) -> bool:
-    """Whether process `pid` still runs with that command line."""
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes() == cmdline
-    except OSError:
-        return False
-
-
 def train_cmd(r, nproc=2):
     return [sys.executable, "-m", "zerotune.launcher.cli", "train", str(r), "--nproc", str(nproc)]
 
@@ -46,7 +38,7 @@ def test_sigkill_to_the_launcher_group_takes_the_ranks_and_the_next_run_takes_ov
     job.wait_for_step(run / "metrics.jsonl", 5)   # step-000004 saved (every 2)
     # the two ranks; not a child a rank forked for a moment (py-cpuinfo's probe carries the rank's
     # command line until it execs: sampled once in CI 2026-12-07), gone or changed by now
-    ranks = [pid for pid, cmd in job.seen.items() if b"\0-m\0zerotune.training\0" in cmd and still(pid, cmd)]
+    ranks = [p for p in job.survivors() if " -m zerotune.training " in p]
     assert len(ranks) == 2, job.seen
     os.killpg(job.proc.pid, signal.SIGKILL)        # the launcher's group: the ranks run in their own session
     job.proc.wait(30)
