@@ -35,7 +35,8 @@ class Started:
     def sample(self) -> None:
         for pid in descendants(self.proc.pid):
             try:
-                self.seen.setdefault(pid, Path(f"/proc/{pid}/cmdline").read_bytes())
+                # the latest: a child sampled between fork and exec still carries its parent's line
+                self.seen[pid] = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:
                 pass
 
@@ -60,6 +61,22 @@ class Started:
 
     def text(self) -> str:
         return self.out.read_text(errors="replace")
+
+    def ranks(self) -> list[int]:
+        """The training processes running now: `-m zerotune.training` on the command line, under a
+        parent that is not one (a child a rank forks carries the rank's line until it execs)."""
+        def line(pid) -> bytes:
+            try:
+                return Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                return b""
+        def parent(pid) -> int:
+            try:
+                return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                return 0
+        rank = lambda pid: b"\0-m\0zerotune.training\0" in line(pid)
+        return [pid for pid in descendants(self.proc.pid) if rank(pid) and not rank(parent(pid))]
 
     def survivors(self) -> list[str]:
         """Processes seen below the command that still run (the same pid with the same command line)."""
