@@ -140,6 +140,26 @@ def test_offload_needs_checkpointing_and_compile_stays_off(tmp_path):
         base_recipe(tmp_path, data={"max_len": 65536}, distributed={"sequence_parallel": 8})).uses_tiled_mlp()
 
 
+def test_a_model_without_decoder_layers_is_refused_naming_the_setting_that_needs_them(tmp_path):
+    """One finder of the layers (through a PEFT wrapper); each setting that needs them names itself."""
+    from peft import LoraConfig, get_peft_model
+    from zerotune.training.model.build import compile_layers, whole_layers_as_zero3_leaves
+    from zerotune.training.model.long_sequence import checkpoint_first, decoder_layers, enable
+    model = built(recipe_with(tmp_path))
+    assert decoder_layers(get_peft_model(model, LoraConfig(target_modules=["q_proj"]))) is model.model.layers
+    flat = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    assert decoder_layers(flat) is None and whole_layers_as_zero3_leaves(
+        flat, {"stage": 3, "stage3_param_persistence_threshold": 10 ** 9}) == 0
+    for setting, call in [
+        ("train.tiled_mlp", lambda: enable(flat, recipe_with(tmp_path, tiled_mlp=True))),
+        ("train.offload_activations", lambda: enable(flat, recipe_with(tmp_path, offload_activations=1))),
+        ("train.gradient_checkpointing: 1", lambda: checkpoint_first(flat, recipe_with(tmp_path, gradient_checkpointing=1))),
+        ("train.compile", lambda: compile_layers(flat, "full", 0)),
+    ]:
+        with pytest.raises(RecipeError, match=f"^{setting}: Sequential has no model.layers"):
+            call()
+
+
 # ----------------------------------------------------------------------------- the planner
 def test_planner_counts_what_each_option_saves():
     w = Workload(model=LLAMA3_8B, seq_len=65536, gpus_per_node=4, fused_loss=True)

@@ -172,7 +172,7 @@ def whole_layers_as_zero3_leaves(model, zero: dict, kind: str = "full") -> int:
     inside the layers after this, reached the backward partitioned away (a 0-sized lora_A in
     tests/test_sp_train.py's one-process LoRA run, CI 2026-12-07). Returns how many layers are leaves."""
     threshold = zero.get("stage3_param_persistence_threshold")
-    layers = getattr(getattr(model, "model", None), "layers", None)
+    layers = long_sequence.decoder_layers(model)
     if kind != "full" or zero.get("stage") != 3 or not isinstance(threshold, int) or not layers:
         return 0
     if any(getattr(p, "ds_numel", p.numel()) > threshold for p in model.parameters()):
@@ -217,10 +217,7 @@ def compile_layers(model, kind: str, stage: int) -> None:
     if stage == 3 or kind not in ("full", "lora"):
         raise RecipeError(f"train.compile: true works with method.kind full or lora at distributed.zero 0-2 "
                           f"(this run: {kind}, ZeRO-{stage})")
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None:
-        raise RecipeError(f"train.compile: {type(model).__name__} has no model.layers to compile")
-    for layer in layers:
+    for layer in long_sequence.decoder_layers(model, "train.compile"):
         layer.compile()
 
 

@@ -49,11 +49,14 @@ def tiles_for(recipe, hidden_size: int) -> int:
     return max(1, math.ceil(recipe.tokens_per_gpu() / hidden_size))
 
 
-def decoder_layers(model):
+def decoder_layers(model, setting: str | None = None):
+    """The model's decoder layers (model.model.layers, through a PEFT wrapper). A family without
+    them: None, or, where `setting` needs them, a RecipeError naming that setting."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = getattr(getattr(lm, "model", None), "layers", None)
-    if layers is None:
-        raise RecipeError(f"train.tiled_mlp / train.offload_activations: {type(lm).__name__} has no model.layers")
+    if layers is None and setting:
+        raise RecipeError(f"{setting}: {type(lm).__name__} has no model.layers (a family zerotune does not "
+                          "know the layers of)")
     return layers
 
 
@@ -91,7 +94,7 @@ def checkpoint_first(model, recipe) -> int:
     g = recipe.train.gradient_checkpointing
     if type(g) is not int:
         return -1 if g else 0
-    layers = decoder_layers(model)
+    layers = decoder_layers(model, f"train.gradient_checkpointing: {g}")
     for i, layer in enumerate(layers):
         if not hasattr(layer, "gradient_checkpointing"):
             raise RecipeError(f"train.gradient_checkpointing: {g}: layer {i} of {type(model).__name__} has no "
@@ -104,7 +107,7 @@ def enable(model, recipe) -> list[str]:
     """Apply the recipe's long-sequence options to `model`; returns what was turned on."""
     on = []
     if recipe.uses_tiled_mlp():
-        layers = decoder_layers(model)
+        layers = decoder_layers(model, "train.tiled_mlp")
         tiles = tiles_for(recipe, model.config.get_text_config().hidden_size)
         for i, layer in enumerate(layers):
             if not isinstance(getattr(layer, "mlp", None), torch.nn.Module):
@@ -112,7 +115,7 @@ def enable(model, recipe) -> list[str]:
             tile_mlp(layer.mlp, tiles)
         on.append(f"tiled MLP ({tiles} tiles)")
     if recipe.train.offload_activations not in (False, 0, "auto"):
-        layers = decoder_layers(model)
+        layers = decoder_layers(model, "train.offload_activations")
         count = offloaded_layers(recipe.train, len(layers))
         for layer in layers[:count]:
             if not getattr(layer, "gradient_checkpointing", False) or not hasattr(layer, "_gradient_checkpointing_func"):
