@@ -148,16 +148,16 @@ class Writer:
             ready = torch.cuda.Event()
             ready.record()
             self.staged += need
-            self.blocked += time.perf_counter() - t0
-            self.jobs.put((lambda: self.write_file(self.unstage(staged, ready, pool), path), None))
-            return
-        if pool is not None:
-            pool.next = 0
-        copy = to_cpu(state_dict, pool)
-        if pool is not None and pool.next:
-            torch.cuda.current_stream().synchronize()   # the copies are in host memory: one wait per file
+            job = lambda: self.write_file(self.unstage(staged, ready, pool), path)
+        else:
+            if pool is not None:
+                pool.next = 0
+            copy = to_cpu(state_dict, pool)
+            if pool is not None and pool.next:
+                torch.cuda.current_stream().synchronize()   # the copies are in host memory: one wait per file
+            job = lambda: self.write_file(copy, path)
         self.blocked += time.perf_counter() - t0
-        self.jobs.put((lambda: self.write_file(copy, path), None))
+        self.jobs.put((job, None))
 
     def unstage(self, staged: list, ready, pool: "PinnedPool"):
         """In the writer thread: the staged device copy into the pinned buffers on the writer's
