@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,24 +23,34 @@ PADDING_WORTH_PACKING = 0.10   # the plan line suggests data.packing: true above
 
 
 def _count_local_rows(path: Path) -> Optional[tuple[int, int]]:
-    """(rows, characters of text) of a local .json/.jsonl file, None for other sources."""
+    """(rows, characters of text) of a local .json/.jsonl file or folder of them, None for other
+    sources. Each file is read once per process while it stays unchanged (`zerotune plan` asks
+    for the table and again for the auto line)."""
     files = sorted(path.glob("*.json*")) if path.is_dir() else [path]
     rows = chars = 0
     for f in files:
         if f.suffix not in (".json", ".jsonl") or not f.is_file():
             return None
-        text = f.read_text(errors="replace")
-        if f.suffix == ".jsonl":
-            lines = [ln for ln in text.splitlines() if ln.strip()]
-            rows += len(lines)
-        else:
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError:
-                return None
-            rows += len(data) if isinstance(data, list) else 1
-        chars += len(text)
+        st = f.stat()
+        counted = _count_file(str(f.resolve()), f.suffix, st.st_size, st.st_mtime_ns)
+        if counted is None:
+            return None
+        rows += counted[0]
+        chars += counted[1]
     return rows, chars
+
+
+@lru_cache(maxsize=256)
+def _count_file(path: str, suffix: str, size: int, mtime_ns: int) -> Optional[tuple[int, int]]:
+    """(rows, characters) of one file; size and mtime are the cache key (a changed file is read again)."""
+    text = Path(path).read_text(errors="replace")
+    if suffix == ".jsonl":
+        return sum(1 for ln in text.splitlines() if ln.strip()), len(text)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return (len(data) if isinstance(data, list) else 1), len(text)
 
 
 def estimate_train_tokens(recipe: Recipe, world: int) -> tuple[Optional[float], str]:

@@ -136,3 +136,20 @@ def test_padding_fraction_by_hand():
     lengths = np.random.default_rng(1).integers(1, 100, 1000)
     assert padding_fraction(lengths, 16, seed=3) == padding_fraction(lengths, 16, seed=3)   # seeded
     assert 0.3 < padding_fraction(lengths, 16) < 0.7
+
+
+def test_a_data_file_is_counted_once_while_unchanged_and_again_when_it_changes(tmp_path):
+    """`zerotune plan` counts the data for its table and again for its auto line: one read."""
+    from zerotune.launcher.data_size import _count_file, _count_local_rows
+    f = tmp_path / "rows.jsonl"
+    f.write_text('{"text": "a"}\n\n{"text": "bb"}\n')
+    before = _count_file.cache_info()
+    assert _count_local_rows(f) == _count_local_rows(tmp_path) == (2, len(f.read_text()))
+    after = _count_file.cache_info()
+    assert (after.misses - before.misses, after.hits - before.hits) == (1, 1)
+    f.write_text('{"text": "a"}\n{"text": "bb"}\n{"text": "ccc"}\n')
+    assert _count_local_rows(f)[0] == 3   # a new size (or mtime) is a new key
+    (tmp_path / "more.json").write_text('[{"text": "d"}, {"text": "e"}]')
+    assert _count_local_rows(tmp_path)[0] == 5 and _count_local_rows(tmp_path / "more.json")[0] == 2
+    (tmp_path / "broken.json").write_text("[{")
+    assert _count_local_rows(tmp_path) is None   # not JSON: the size is unknown, as before
