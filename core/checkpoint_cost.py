@@ -10,6 +10,7 @@ from __future__ import annotations
 from .memory import Strategy, Workload, dtype_bytes, estimate_memory
 
 WRITE_BYTES_PER_S = 2 ** 30   # per node, assumed (one H200 node measured 1.3-2.2 GB/s)
+SAVE_OVERHEAD_S = 10.0        # barriers, small files and fsyncs, whatever the size
 
 
 def checkpoint_bytes(w: Workload, st: Strategy) -> float:
@@ -20,10 +21,10 @@ def checkpoint_bytes(w: Workload, st: Strategy) -> float:
 
 def save_seconds(w: Workload, st: Strategy, bytes_per_s: float = WRITE_BYTES_PER_S) -> float:
     """Seconds to write one checkpoint (launcher/submit.py grace_seconds, job.sbatch's --signal
-    lead time): its bytes split over the nodes at bytes_per_s per node, plus 10 s for the
-    barriers, small files and fsyncs. An 8B full fine-tune (~112 GB) comes to ~114 s; one H200
+    lead time): its bytes split over the nodes at bytes_per_s per node, plus SAVE_OVERHEAD_S for
+    the barriers, small files and fsyncs. An 8B full fine-tune (~112 GB) comes to ~114 s; one H200
     node measured 50-87 s, so the estimate errs long, as a grace should."""
-    return 10.0 + checkpoint_bytes(w, st) / max(1, w.nodes) / bytes_per_s
+    return SAVE_OVERHEAD_S + checkpoint_bytes(w, st) / max(1, w.nodes) / bytes_per_s
 
 
 def snapshot_bytes_per_node(w: Workload, st: Strategy) -> float:

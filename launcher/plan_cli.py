@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict
 from typing import Optional
 
-from zerotune.core.checkpoint_cost import WRITE_BYTES_PER_S, checkpoint_bytes, save_seconds
+from zerotune.core.checkpoint_cost import SAVE_OVERHEAD_S, WRITE_BYTES_PER_S, checkpoint_bytes, save_seconds
 from zerotune.core.flops import PEAK_TFLOPS, num_params, shape
 from zerotune.core.io import GIB
 from zerotune.core.memory import RESERVED, Estimate, Strategy, Workload
@@ -112,8 +112,9 @@ def checkpoint_line(w: Workload, st: Strategy) -> str:
     """What a save of the recommended strategy costs, and the stop-signal lead time it sets."""
     from .submit import STOP_MARGIN_S
     seconds = save_seconds(w, st)
-    return (f"checkpoint: ~{checkpoint_bytes(w, st) / GIB:,.1f} GiB a save, ~{seconds:,.0f} s to write at "
-            f"{WRITE_BYTES_PER_S / GIB:.0f} GiB/s per node (assumed); a Slurm job gets its stop signal "
+    return (f"checkpoint: ~{checkpoint_bytes(w, st) / GIB:,.1f} GiB a save, ~{seconds:,.0f} s to write (assumed: "
+            f"{WRITE_BYTES_PER_S / GIB:.0f} GiB/s per node plus {SAVE_OVERHEAD_S:.0f} s of barriers and fsyncs); "
+            "a Slurm job gets its stop signal "
             f"{int(STOP_MARGIN_S + seconds)} s before its time limit (that + {STOP_MARGIN_S} s)")
 
 

@@ -216,7 +216,8 @@ def test_plan_command(tmp_path):
     assert "full ZeRO-3 +offload opt+params, ckpt on" in out and "QLoRA ZeRO-0" in out
     assert "recommended: full ZeRO-" in out and "4 steps x 8 samples" in out
     # the save estimate that sets a Slurm job's stop-signal lead time (launcher/submit.py grace_seconds)
-    assert out.strip().splitlines()[-1].startswith("checkpoint: ~0.0 GiB a save, ~10 s to write")
+    assert out.strip().splitlines()[-1].startswith("checkpoint: ~0.0 GiB a save, ~10 s to write (assumed: 1 GiB/s "
+                                                   "per node plus 10 s of barriers and fsyncs)")
     assert "a Slurm job gets its stop signal 70 s before its time limit" in out
     data = json.loads(zerotune("plan", str(recipe), "--json").stdout)
     assert data["recommended"] and all(r["fits"] for r in data["rows"])
