@@ -110,8 +110,7 @@ def build_model(recipe, ds_config: dict):
         raise RecipeError("method.kind prefix_tuning: set train.gradient_checkpointing: false "
                           "(peft's prefix tuning does not support it)")
     _hf_ds_config = HfDeepSpeedConfig(ds_config) if stage == 3 else None
-    # Import the model class before zero.Init patches tensor constructors: importing
-    # modelling code (and torch._dynamo) under the patch fails on recent torch.
+    # the model class imported before zero.Init patches tensor constructors (importing it under the patch fails)
     import torch._dynamo  # noqa: F401
     config = AutoConfig.from_pretrained(recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
     try:
@@ -157,7 +156,9 @@ def build_model(recipe, ds_config: dict):
               f"{'available' if torch.cuda.is_available() else 'not available'})", file=sys.stderr, flush=True)
     if compiled:
         compile_layers(model, kind, stage)
-    return fp8.apply(apply_method(model, recipe), recipe, stage)   # train.precision: FP8 linears (model/fp8.py)
+    model = apply_method(model, recipe)
+    leaf_inputs_need_grad(model)   # ZeRO-3 leaves (layers, MoE blocks): their gradients reduced after their backward
+    return fp8.apply(model, recipe, stage)   # train.precision: FP8 linears (model/fp8.py)
 
 
 def whole_layers_as_zero3_leaves(model, zero: dict, kind: str = "full") -> int:
@@ -166,20 +167,39 @@ def whole_layers_as_zero3_leaves(model, zero: dict, kind: str = "full") -> int:
     fetch/release hooks then run once per layer instead of once per linear, norm and block (13
     modules a Llama layer), and the maths is unchanged. On CPU (benchmarks/zero3_hooks_cpu.py:
     gloo, one process, a 16-layer tiny Llama, the step being the host's bookkeeping) ZeRO-3's step
-    went from 117 ms to 73 ms (ZeRO-0: 37 ms); with checkpointing 232 -> 127 ms (70). With
+    went from 117 ms to 73 ms (ZeRO-0: 37 ms); with checkpointing 232 -> 127 ms (70); LoRA 242 -> 134 (52). With
     partitioned parameters a leaf gathers its whole layer at once, which costs GPU memory the
-    planner does not count yet: not done there. Full fine-tunes only: LoRA's adapters, added
-    inside the layers after this, reached the backward partitioned away (a 0-sized lora_A in
-    tests/test_sp_train.py's one-process LoRA run, CI 2026-12-07). Returns how many layers are leaves."""
+    planner does not count yet: not done there. Full fine-tunes and LoRA (its adapters, added
+    inside the layers later, belong to their layer's leaf: leaf_inputs_need_grad). Returns how
+    many layers are leaves."""
     threshold = zero.get("stage3_param_persistence_threshold")
     layers = long_sequence.decoder_layers(model)
-    if kind != "full" or zero.get("stage") != 3 or not isinstance(threshold, int) or not layers:
+    if kind not in ("full", "lora") or zero.get("stage") != 3 or not isinstance(threshold, int) or not layers:
         return 0
     if any(getattr(p, "ds_numel", p.numel()) > threshold for p in model.parameters()):
         return 0   # some parameter is partitioned: DeepSpeed's per-module gathering stays
     from deepspeed.utils import set_z3_leaf_modules
     set_z3_leaf_modules(model, list({type(layer) for layer in layers}))
     return len(layers)
+
+
+def leaf_inputs_need_grad(model) -> bool:
+    """ZeRO-3 reduces a leaf module's gradients in the module's full backward hook (DeepSpeed's
+    stage3.py create_reduce_and_remove_grad_hooks). Where no input of the module requires grad,
+    PyTorch runs that hook as soon as the module's output gradient arrives, before the module's
+    own backward: the first decoder layer of a LoRA run (frozen embeddings, no checkpointing) had
+    its adapters' gradients reduced before they existed ("The size of tensor a (0) must match the
+    size of tensor b (4)"). So where a leaf holds a trainable parameter and the input embeddings
+    are frozen, the embeddings' output requires grad (transformers' enable_input_require_grads,
+    as checkpointing with PEFT does) and every leaf's hook runs after its backward. It costs the
+    first layer's input gradient. Returns whether it was needed."""
+    from deepspeed.utils import z3_leaf_module
+    if not any(p.requires_grad for m in model.modules() if z3_leaf_module(m) for p in m.parameters()):
+        return False
+    if any(p.requires_grad for p in model.get_input_embeddings().parameters()):
+        return False
+    model.enable_input_require_grads()
+    return True
 
 
 def attention(recipe, config) -> str | None:
