@@ -32,7 +32,7 @@ def _count_local_rows(path: Path) -> Optional[tuple[int, int]]:
         if f.suffix not in (".json", ".jsonl") or not f.is_file():
             return None
         st = f.stat()
-        counted = _count_file(str(f.resolve()), f.suffix, st.st_size, st.st_mtime_ns)
+        counted = _count_file(str(f.absolute()), st.st_size, st.st_mtime_ns)
         if counted is None:
             return None
         rows += counted[0]
@@ -41,10 +41,10 @@ def _count_local_rows(path: Path) -> Optional[tuple[int, int]]:
 
 
 @lru_cache(maxsize=256)
-def _count_file(path: str, suffix: str, size: int, mtime_ns: int) -> Optional[tuple[int, int]]:
+def _count_file(path: str, size: int, mtime_ns: int) -> Optional[tuple[int, int]]:
     """(rows, characters) of one file; size and mtime are the cache key (a changed file is read again)."""
     text = Path(path).read_text(errors="replace")
-    if suffix == ".jsonl":
+    if path.endswith(".jsonl"):
         return sum(1 for ln in text.splitlines() if ln.strip()), len(text)
     try:
         data = json.loads(text)

@@ -16,10 +16,18 @@ import pytest
 from conftest import ROOT, train_losses, zerotune
 from test_checkpoint import data24, recipe, same_curve  # noqa: F401  (data24 is a fixture)
 from zerotune.core.layout import INTERRUPT_EXIT_CODE, PREEMPT_MARKER, complete_checkpoints, read_state
-from zerotune.launcher.agent import descendants
+from zerotune.launcher.agent import children, descendants
 
 pytestmark = pytest.mark.slow
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
+
+
+def cmdline(pid: int) -> bytes:
+    """A process's command line now (NUL-separated), b"" once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 class Started:
@@ -34,11 +42,9 @@ class Started:
 
     def sample(self) -> None:
         for pid in descendants(self.proc.pid):
-            try:
-                # the latest: a child sampled between fork and exec still carries its parent's line
-                self.seen[pid] = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                pass
+            # the latest: a child sampled between fork and exec still carries its parent's line
+            if line := cmdline(pid):
+                self.seen[pid] = line
 
     def wait_for_step(self, metrics: Path, step: int, timeout: float = 400) -> None:
         deadline = time.time() + timeout
@@ -65,29 +71,14 @@ class Started:
     def ranks(self) -> list[int]:
         """The training processes running now: `-m zerotune.training` on the command line, under a
         parent that is not one (a child a rank forks carries the rank's line until it execs)."""
-        def line(pid) -> bytes:
-            try:
-                return Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                return b""
-        def parent(pid) -> int:
-            try:
-                return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                return 0
-        rank = lambda pid: b"\0-m\0zerotune.training\0" in line(pid)
-        return [pid for pid in descendants(self.proc.pid) if rank(pid) and not rank(parent(pid))]
+        parent = {child: ppid for ppid, kids in children(self.proc.pid).items() for child in kids}
+        rank = lambda pid: b"\0-m\0zerotune.training\0" in cmdline(pid)
+        return [pid for pid in descendants(self.proc.pid) if rank(pid) and not rank(parent.get(pid, 0))]
 
     def survivors(self) -> list[str]:
         """Processes seen below the command that still run (the same pid with the same command line)."""
-        alive = []
-        for pid, cmdline in self.seen.items():
-            try:
-                if Path(f"/proc/{pid}/cmdline").read_bytes() == cmdline and cmdline:
-                    alive.append(f"{pid}: " + cmdline.replace(b"\0", b" ").decode())
-            except OSError:
-                pass
-        return alive
+        return [f"{pid}: " + line.replace(b"\0", b" ").decode()
+                for pid, line in self.seen.items() if cmdline(pid) == line]
 
 
 def clean(out: str) -> None:
