@@ -126,7 +126,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--mbs", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--profile", action="store_true", help="also a profiled z3-saves run (a save step and the next)")
-    p.add_argument("--runs", default="z3-saves,z3,z0", help="which runs (the checks need all three)")
+    p.add_argument("--runs", default="z3-saves,z3,z0",
+                   help="which runs, of z3-saves, z3, z0 and z3-profile (the checks need the first three)")
     p.add_argument("--work", type=Path, default=Path("/tmp/zero3-one-gpu"))
     p.add_argument("--out", type=Path, default=None)
     return p.parse_args()
@@ -149,9 +150,8 @@ def main() -> int:
         with open(out, "a") as f:
             f.write(line + "\n")
 
-    plan = {"z3-saves": (3, a.every, None), "z3": (3, None, None), "z0": (0, None, None)}
-    if a.profile:
-        plan["z3-profile"] = (3, a.every, a.every)
+    plan = {"z3-saves": (3, a.every, None), "z3": (3, None, None), "z0": (0, None, None),
+            "z3-profile": (3, a.every, a.every)}
     got = {}
     for name in a.runs.split(",") + (["z3-profile"] if a.profile else []):
         zero, every, profile_at = plan[name]
@@ -161,6 +161,9 @@ def main() -> int:
             record({"check": "zero3_one_gpu_run", "run": name, **r})
             continue
         recs, ckpts = events(metrics)
+        summary = metrics.parent / "profile" / "summary.txt"
+        if summary.is_file():   # the profiled steps' time by category (the trace stays in RUN_DIR/profile)
+            record({"check": "zero3_one_gpu_profile", "run": name, "summary": summary.read_text()})
         shutil.rmtree(metrics.parent / "checkpoints", ignore_errors=True)   # 17 GB each at 1B: four fill the disk
         got[name] = {"recs": recs, "ckpts": ckpts, "summary": parse_metrics(metrics, a.warmup)}
         record({"check": "zero3_one_gpu_run", "run": name, "zero": zero, "every": every, **r, **got[name]["summary"]})
