@@ -83,7 +83,7 @@ def step_rows(name: str, recs: list[dict], ckpts: list[dict]) -> dict:
             "steps": [{"step": r["step"], "time": r["time"], "tok_s": r.get("train/tokens_per_sec"),
                        **{k.split("/")[1]: r.get(k) for k in keys}} for r in recs],
             "checkpoints": [{"step": c["step"], "time": c["time"], "blocked_s": c.get("blocked_s"),
-                             **{k: c.get(k) for k in ("wait_s", "snapshot_s", "staged_gib")},
+                             **{k: c.get(k) for k in ("wait_s", "shards_s", "snapshot_s", "staged_gib")},
                              "background": c.get("background"), "due_step": c.get("due_step")} for c in ckpts]}
 
 
@@ -104,7 +104,7 @@ def save_blocking(recs: list[dict], ckpts: list[dict], every: int, plain_step_s:
             continue
         between = c["time"] - prev
         per.append({"step": c["step"], "due_step": c.get("due_step"), "blocked_s": c["blocked_s"],
-                    **{k: c.get(k) for k in ("wait_s", "snapshot_s", "staged_gib")},
+                    **{k: c.get(k) for k in ("wait_s", "shards_s", "snapshot_s", "staged_gib")},
                     "between_s": round(between, 4), "steps_between": c["step"] - prev_step,
                     "fraction": round(c["blocked_s"] / between, 4),
                     **({"fraction_vs_nosave": round((between - (c["step"] - prev_step) * plain_step_s) / between, 4)}

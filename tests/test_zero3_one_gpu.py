@@ -28,6 +28,6 @@ def test_zero3_one_gpu_on_cpu(tmp_path):
     # the first save counts from the start of step 1; the fraction is the later saves' (the first pays one-time costs)
     assert blocking["gpus"] == 1 and 0 < blocking["fraction"] < 1 and [s["step"] for s in blocking["saves"]] == [3, 6]
     assert blocking["saves"][0]["steps_between"] == 3 and blocking["fraction"] == blocking["saves"][1]["fraction"]
-    assert all(s["wait_s"] >= 0 and 0 < s["snapshot_s"] <= s["blocked_s"] for s in blocking["saves"])
+    assert all(s["wait_s"] >= 0 and 0 < s["snapshot_s"] <= s["shards_s"] <= s["blocked_s"] + 1e-4 for s in blocking["saves"])
     ratio = next(r for r in rows if r["check"] == "zero3_vs_zero0")
     assert ratio["gpus"] == 1 and ratio["ratio"] > 0 and ratio["zero3_tok_s"] > 0

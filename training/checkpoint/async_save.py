@@ -131,6 +131,7 @@ class Writer:
         self.error: BaseException | None = None
         self.blocked = 0.0                 # seconds the training thread spent snapshotting, this save
         self.waited = 0.0                  # seconds this save waited for the previous one's write (save.py)
+        self.shards_s = 0.0                # seconds this save spent in save.py write_shards (set there)
         gpu = torch.cuda.is_available()
         self.pinned: dict[str, PinnedPool] | None = {} if gpu else None  # file name -> pool
         self.room = DeviceRoom() if gpu else None
@@ -208,10 +209,12 @@ class Writer:
         """A save begins (save.py): it waits for the write in flight, then counts its own snapshot."""
         t0 = time.perf_counter()
         self.wait()
-        self.waited, self.blocked, self.staged = time.perf_counter() - t0, 0.0, 0
+        self.waited, self.blocked, self.staged, self.shards_s = time.perf_counter() - t0, 0.0, 0, 0.0
 
     def parts(self) -> dict:
         """Where the last save's blocking time went, for its checkpoint event: waiting for the previous
-        write, and the device-to-host snapshot (the rest is DeepSpeed gathering its state)."""
-        return {"wait_s": round(self.waited, 4), "snapshot_s": round(self.blocked, 4),
+        write; writing the shards (DeepSpeed's save_checkpoint: gathering its state, the snapshot of
+        each file, and the RNG file); of that, the snapshot itself. The rest of blocked_s is save.py's
+        folders and its collectives."""
+        return {"wait_s": round(self.waited, 4), "shards_s": round(self.shards_s, 4), "snapshot_s": round(self.blocked, 4),
                 **({"staged_gib": round(self.staged / 2 ** 30, 3)} if self.room is not None else {})}
