@@ -119,11 +119,22 @@ class DataLengths:
     def longest(self) -> int:
         return int(self.rows.max()) if len(self.rows) else 0
 
+    def one_sample_rows(self, recipe: Recipe) -> bool:
+        """Whether every row the loader batches holds one sample and no micro-batch pads a row
+        (micro-batches of 1, or rows all of one length): the position ids of each row then count
+        0..n-1 once, and transformers masks it causally with no packed-row mask (the mask
+        core/long_context.py counts for packed rows under sdpa: 3 n^2 bytes, 48 GiB at 131,072)."""
+        n = len(self.rows)
+        return n > 0 and n == len(self.samples) and (
+            recipe.train.micro_batch_size == 1 or int(self.rows.min()) == int(self.rows.max()))
+
     def planning_recipe(self, recipe: Recipe) -> Recipe:
-        """`recipe` with data.max_len the longest row the loader can batch: the planner's
-        sequence length (its micro-batch x that = the most tokens a micro-batch holds)."""
+        """`recipe` as the planner sees it: data.max_len the longest row the loader can batch (its
+        micro-batch x that = the most tokens a micro-batch holds), and data.packing off where
+        packing put one sample in each row (one_sample_rows: no packed-row mask to count).
+        `as_written` turns a recipe planned from it back into the recipe's own data settings."""
         seq = max(9, min(recipe.data.max_len, self.longest))   # the schema's data.max_len > 8
-        return with_max_len(recipe, seq)
+        return with_data(recipe, seq, packing=recipe.data.packing and not self.one_sample_rows(recipe))
 
     def lines(self, recipe: Recipe) -> list[str]:
         """What the plan was made for and what packing does here (printed by `zerotune train`)."""
@@ -165,9 +176,16 @@ def cached_lengths(recipe: Recipe) -> tuple[Optional[DataLengths], str]:
     return DataLengths.of(bundle, recipe), ""
 
 
-def with_max_len(recipe: Recipe, max_len: int) -> Recipe:
-    if recipe.data.max_len == max_len:
+def with_data(recipe: Recipe, max_len: int, packing: Optional[bool] = None) -> Recipe:
+    """`recipe` with data.max_len (and data.packing, where given) set."""
+    packing = recipe.data.packing if packing is None else packing
+    if recipe.data.max_len == max_len and recipe.data.packing == packing:
         return recipe
     data = recipe.model_dump(mode="json")
-    data["data"]["max_len"] = max_len
+    data["data"]["max_len"], data["data"]["packing"] = max_len, packing
     return validate_recipe(data, source="resolved recipe")
+
+
+def as_written(planned: Recipe, written: Recipe) -> Recipe:
+    """A recipe resolved from DataLengths.planning_recipe(written), with written's data.max_len and data.packing."""
+    return with_data(planned, written.data.max_len, written.data.packing)

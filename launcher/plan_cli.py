@@ -14,7 +14,7 @@ from zerotune.core.memory import RESERVED, Estimate, Strategy, Workload
 from zerotune.core.recipe import RecipeError
 from zerotune.core.recipe_load import load_recipe
 
-from .data_size import cached_lengths, with_max_len
+from .data_size import as_written, cached_lengths
 from .plan import pick_micro_batch, plan, recommend, sp_hint, workload
 from .plan_layers import Levers, longest_sequence, planned_cpu_memory
 
@@ -145,7 +145,7 @@ def run(args) -> int:
     written = recipe
     planning = lengths.planning_recipe(recipe) if lengths else recipe
     recipe = pick_micro_batch(planning, gpus, nodes, gpu_memory, cpu_memory)
-    data_lines = (lengths.lines(with_max_len(recipe, written.data.max_len)) if lengths else
+    data_lines = (lengths.lines(as_written(recipe, written)) if lengths else
                   [f"data: planned for micro-batches of {recipe.train.micro_batch_size} x data.max_len "
                    f"{written.data.max_len:,} tokens: {why}; plan then reads the data's real lengths, as train does"])
     w = workload(recipe, gpus, nodes)

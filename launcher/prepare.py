@@ -24,7 +24,7 @@ from zerotune.core.memory import DEFAULT_GPU_MEMORY, Estimate
 from zerotune.core.recipe_load import load_recipe, load_run_recipe, validate_recipe
 
 from . import ds_config, preflight
-from .data_size import DataLengths, with_max_len
+from .data_size import DataLengths, as_written
 from .gpus import GpuMemory, kernels_for, planned_gpu_memory
 from zerotune.training.monitoring.tracker_setup import check_trackers
 
@@ -261,7 +261,7 @@ def _prepare(recipe: Recipe, recipe_path: str, world_size: int, nodes: int, gpu:
     if gpu.known if fit_check is None else fit_check:   # before anything is written or torchrun starts
         from .plan import check_fits
         check_fits(planned, max(1, world_size // nodes), nodes, gpu.bytes)
-    recipe = with_max_len(planned, recipe.data.max_len)
+    recipe = as_written(planned, recipe)
     keep = check_recipe_change(recipe)
     preflight.check_disk(recipe, config)
     cfg = ds_config.render(recipe, world_size)

@@ -153,3 +153,43 @@ def test_a_data_file_is_counted_once_while_unchanged_and_again_when_it_changes(t
     assert _count_local_rows(tmp_path)[0] == 5 and _count_local_rows(tmp_path / "more.json")[0] == 2
     (tmp_path / "broken.json").write_text("[{")
     assert _count_local_rows(tmp_path) is None   # not JSON: the size is unknown, as before
+
+
+def test_packed_rows_of_one_sample_each_are_planned_without_the_packed_row_mask(tmp_path, capsys):
+    """Issue 28 (call D, one H100, 2026-12-07): rows of 131,072 tokens, each one truncated document,
+    packed: transformers masks such a row causally (its position ids count 0..n-1 once), but the
+    plan counted sdpa's packed-row mask (3 n^2 bytes: 48 GiB), offloaded 28 layers of QLoRA that
+    then peaked at 25.3 of 79.6 GiB, and refused LoRA there. The plan now counts the mask only
+    where a row holds several samples or a micro-batch pads one; the run keeps data.packing."""
+    import json
+    from zerotune.core.recipe_load import validate_recipe
+    from zerotune.launcher.cli import main
+    from zerotune.launcher.data_size import DataLengths
+
+    rng = np.random.default_rng(0)
+    words = ["the", "little", "cat", "saw", "a", "big", "dog", "and", "ran", "home", "one", "day"]
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(rng.choice(words, 3000))}) + "\n" for _ in range(6)))
+    recipe = base_recipe(tmp_path, model={"dtype": "bf16"}, distributed={"zero": 0},
+                         data={"train": [{"path": str(data), "format": "text"}], "max_len": 1024, "packing": True},
+                         train={"micro_batch_size": 1, "gradient_checkpointing": "auto"})
+    path = write_recipe(tmp_path, recipe)
+    rc, err = launch(capsys, path)   # tokenizes into the cache (every sample truncated to 1,024), plans
+    assert rc == 0, err
+    assert saved(tmp_path)["data"]["packing"] is True   # the run packs as written
+    assert "packing on (data.packing: true): 6 samples in 6 rows" in err
+    rc = main(["plan", str(path), "--gpus", "1", "--gpu-memory", GPU, "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["workload"]["packed"] is False and out["workload"]["seq_len"] == 1024, out["workload"]
+
+    r = validate_recipe(recipe)
+    one = DataLengths(samples=np.array([1024] * 4), rows=np.array([1024] * 4), packed=True)
+    two = DataLengths(samples=np.array([512] * 8), rows=np.array([1024] * 4), packed=True)
+    uneven = DataLengths(samples=np.array([1024, 900]), rows=np.array([1024, 900]), packed=True)
+    assert one.planning_recipe(r).data.packing is False and two.planning_recipe(r).data.packing is True
+    assert uneven.planning_recipe(r).data.packing is False   # micro-batches of 1: no row is padded
+    mbs2 = validate_recipe({**recipe, "train": {**recipe["train"], "micro_batch_size": 2}})
+    assert uneven.planning_recipe(mbs2).data.packing is True   # 900 padded to 1,024: position ids 0 on the padding
+    assert one.planning_recipe(mbs2).data.packing is False     # rows of one length: nothing padded
+    unpacked = validate_recipe({**recipe, "data": {**recipe["data"], "packing": False}})
+    assert one.planning_recipe(unpacked).data.packing is False
