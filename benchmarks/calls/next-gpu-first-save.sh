@@ -9,18 +9,19 @@
 # Lead's command (carry [".whl"] from ../shared/device/wheels.sh; timeout_s 240):
 #   bash benchmarks/calls/next-gpu-first-save.sh
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site TORCH_CUDA_ARCH_LIST=9.0 TORCH_EXTENSIONS_DIR=/tmp/torch_extensions TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name --format=csv,noheader
-Z="python3 benchmarks/zero3_one_gpu.py --size 1b --every 6 --work /tmp/z3 --out $OUT/z3e.jsonl"
-timeout 110 $Z --steps 10 --runs z3-profile > "$OUT/partA2.log" 2>&1; echo "z3-profile rc=$?"
-timeout 100 $Z --steps 80 --runs z3-saves >> "$OUT/partA2.log" 2>&1; echo "z3-saves rc=$?"
-for n in z3-profile z3-saves; do grep '"event"' "/tmp/z3/runs/$n/metrics.jsonl" > "$OUT/$n.events.jsonl"; done
+LOG=$OUT/first-save
+source benchmarks/detached.sh
+prepare_machine   # the environment every detached stage runs in; $LOG/gpu.txt names the GPU
+Z="python3 benchmarks/zero3_one_gpu.py --size 1b --every 6 --work /tmp/z3 --out $LOG/z3e.jsonl"
+timeout 110 $Z --steps 10 --runs z3-profile > "$LOG/partA2.log" 2>&1; echo "z3-profile rc=$?"
+timeout 100 $Z --steps 80 --runs z3-saves >> "$LOG/partA2.log" 2>&1; echo "z3-saves rc=$?"
+for n in z3-profile z3-saves; do grep '"event"' "/tmp/z3/runs/$n/metrics.jsonl" > "$LOG/$n.events.jsonl"; done
 T=/tmp/z3/runs/z3-profile/profile/trace-rank0.json
-python3 - "$T" > "$OUT/top_cpu.txt" <<'PY'
+python3 - "$T" > "$LOG/top_cpu.txt" <<'PY'
 import json, sys
 ev = [e for e in json.load(open(sys.argv[1]))["traceEvents"] if e.get("ph") == "X"]
 t0 = min(e["ts"] for e in ev)
 for e in sorted(ev, key=lambda e: -e.get("dur", 0))[:60]:
     print(f'{e["dur"] / 1e3:9.1f} ms at {(e["ts"] - t0) / 1e3:9.1f} ms tid {e.get("tid")} {e.get("cat")} {e["name"][:90]}')
 PY
-gzip -c "$T" > "$OUT/trace.json.gz"; ls -la "$OUT"; cut -c1-330 "$OUT"/*.events.jsonl; head -30 "$OUT/top_cpu.txt"
+gzip -c "$T" > "$LOG/trace.json.gz"; cat "$LOG/gpu.txt"; ls -la "$LOG"; cut -c1-330 "$LOG"/*.events.jsonl; head -30 "$LOG/top_cpu.txt"
