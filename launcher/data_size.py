@@ -176,9 +176,8 @@ def cached_lengths(recipe: Recipe) -> tuple[Optional[DataLengths], str]:
     return DataLengths.of(bundle, recipe), ""
 
 
-def with_data(recipe: Recipe, max_len: int, packing: Optional[bool] = None) -> Recipe:
-    """`recipe` with data.max_len (and data.packing, where given) set."""
-    packing = recipe.data.packing if packing is None else packing
+def with_data(recipe: Recipe, max_len: int, packing: bool) -> Recipe:
+    """`recipe` with data.max_len and data.packing set."""
     if recipe.data.max_len == max_len and recipe.data.packing == packing:
         return recipe
     data = recipe.model_dump(mode="json")

@@ -152,30 +152,46 @@ def test_a_gpu_copy_is_staged_only_where_it_fits_beside_trainings_peak_decided_o
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("where", ["staged", "host"])
-def test_gpu_snapshot_is_pinned_reused_and_a_true_copy(tmp_path, monkeypatch, where):
-    """On a GPU the snapshot goes to page-locked buffers kept for the next save of the same file
-    (page-locking gigabytes at every save would stall training for seconds), and it is still a
-    copy that later training does not change. With room on the GPU it is first a device copy
-    (staged), which the writer offloads on its own stream and frees; without room (a margin
-    larger than the GPU), straight to the pinned buffers."""
+def test_gpu_snapshot_reuses_its_host_buffers_and_is_a_true_copy(tmp_path, monkeypatch, where):
+    """On a GPU the snapshot goes to host buffers kept for the next save of the same file, and it
+    is still a copy that later training does not change. With room on the GPU it is first a device
+    copy (staged), which the writer moves to plain host buffers through its two small page-locked
+    ones (Bounce: never gigabytes page-locked, which would hold every CUDA call of the process) and
+    frees; without room (a margin larger than the GPU), the training thread copies straight to
+    page-locked buffers. Tensors larger than a Bounce chunk, several tensors, odd dtypes and a
+    non-contiguous one arrive whole."""
     if where == "host":
         monkeypatch.setattr(async_save.DeviceRoom, "MARGIN_MIN", 2 ** 50)
+    monkeypatch.setattr(async_save.Bounce, "CHUNK", 3000)   # bytes: many chunks, both slots, a short last one
     ce = FakeCheckpointEngine()
     writer = async_save.Writer(SimpleNamespace(checkpoint_engine=ce))
     w = torch.full((1024, 1024), 3.0, device="cuda")
+    t = torch.arange(6000, device="cuda").reshape(100, 60).t()   # not contiguous
+    flags = torch.arange(777, device="cuda") % 3 == 0             # bool, 777 bytes: one short chunk
+    half = torch.randn(5001, device="cuda", dtype=torch.bfloat16)
     base = torch.cuda.memory_allocated()
     buffers = []
     for step in (1, 2):
         (tmp_path / f"step-{step}").mkdir()
         writer.start_save()
-        ce.save({"optimizer": {"state": [w]}}, str(tmp_path / f"step-{step}" / "optim.pt"))
+        ce.save({"optimizer": {"state": [w, t, flags, half], "step": torch.tensor(step)}},
+                str(tmp_path / f"step-{step}" / "optim.pt"))
         staged = writer.parts()["staged_gib"]
-        assert staged == (round(4 / 1024, 3) if where == "staged" else 0), writer.parts()
+        expect = round(sum(x.numel() * x.element_size() for x in (w, t, flags, half)) / 2 ** 30, 3)
+        assert staged == (expect if where == "staged" else 0), writer.parts()
+        want = [x.cpu().clone() for x in (w, t, flags, half)]
         w.add_(100)                                   # the next step's update: not in the snapshot
+        half.mul_(2)
         writer.wait()
         assert torch.cuda.memory_allocated() == base  # the staged copy is freed once written
-        saved = torch.load(tmp_path / f"step-{step}" / "optim.pt")["optimizer"]["state"][0]
-        assert saved.device.type == "cpu" and torch.equal(saved, torch.full((1024, 1024), 3.0 + 100 * (step - 1)))
-        buffers.append(list(writer.pinned["optim.pt"].buffers))
-    assert len(buffers[0]) == 1 and buffers[0][0].is_pinned()
-    assert buffers[1][0] is buffers[0][0]             # the second save reused the first one's buffer
+        saved = torch.load(tmp_path / f"step-{step}" / "optim.pt")["optimizer"]
+        assert saved["step"].item() == step
+        for got, exp in zip(saved["state"], want):
+            assert got.device.type == "cpu" and got.dtype == exp.dtype and torch.equal(got, exp)
+        pool = writer.pools["optim.pt"]
+        assert pool.pinned == (where == "host")
+        buffers.append(list(pool.buffers))
+    assert len(buffers[0]) == 4 and all(b.is_pinned() == (where == "host") for b in buffers[0])
+    assert all(b2 is b1 for b1, b2 in zip(*buffers))  # the second save reused the first one's buffers
+    if where == "staged":
+        assert all(s.is_pinned() and s.numel() == 3000 for s in writer.bounce.slots)

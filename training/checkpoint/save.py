@@ -25,6 +25,7 @@ Loading never unpickles arbitrary objects: DeepSpeed's files are read with
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
@@ -81,10 +82,8 @@ def save(engine, run_dir: Path, step: int, state: dict, sampler_state: dict, *, 
         samplers = [None] * world
         dist.all_gather_object(samplers, sampler_state)
         dist.barrier()
-        t0 = time.perf_counter()
-        write_shards(engine, path, step=step, rank=rank, frozen_params=frozen_params)
-        if writer is not None:
-            writer.shards_s = time.perf_counter() - t0   # DeepSpeed's save_checkpoint and the RNG file, snapshot included
+        with writer.shards() if writer is not None else contextlib.nullcontext():
+            write_shards(engine, path, step=step, rank=rank, frozen_params=frozen_params)
         meta = {"step": step, "loop": dict(state), "sampler": samplers, "world_size": world,
                 "eval_loss": eval_loss, "recipe_digest": recipe_digest}
         if writer is not None:
