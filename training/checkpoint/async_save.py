@@ -126,21 +126,20 @@ class HostPool:
 class Bounce:
     """GPU tensors to plain host buffers through two page-locked buffers of CHUNK bytes, in turn,
     on the current stream: the bus copies one chunk while this thread copies the one before it out
-    of its page-locked buffer. Only these 2 x CHUNK are ever page-locked (once, at the first use),
-    so the driver is held for milliseconds, not seconds (module docstring); the plain buffers'
-    first touch is page faults, which hold nothing. The price is a host memcpy of each file, in
-    the writer thread, while training goes on."""
+    of its page-locked buffer. Only these 2 x CHUNK are ever page-locked, once, when the Writer is
+    made (before training: page-locking even these during a save held the training thread ~60 ms,
+    call E), so a save never holds the driver (module docstring); the plain buffers' first touch is
+    page faults, which hold nothing. The price is a host memcpy of each file, in the writer thread,
+    while training goes on."""
 
     CHUNK = 64 * 2 ** 20
 
     def __init__(self):
-        self.slots: list[torch.Tensor] | None = None
+        self.slots = [torch.empty(self.CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
         self.events = [torch.cuda.Event(), torch.cuda.Event()]
 
     def copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """dst <- src for each (src: contiguous, on the GPU; dst: contiguous, on the host) pair."""
-        if self.slots is None:
-            self.slots = [torch.empty(self.CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
         pending: list[tuple[int, torch.Tensor]] = []   # (slot, where its bytes go), oldest first
         i = 0
         for src, dst in pairs:
