@@ -17,7 +17,8 @@ checkpoint event (blocked_s: the seconds the training thread spent in the save; 
 in the background) go to --out as rows, then the two checks of issue 29:
 
   {"check": "save_blocking", "gpus": 1, "fraction": F}   blocked seconds of each periodic save / seconds
-      between it and the save before (the first: since `every` steps before it), the worst save, the
+      between it and the save before (the first: since `every` steps before it, the run's first step
+      counted as its median step: the warm-up is not time between saves), the worst save, the
       first included (it pays the one-time costs: host buffers, the writer thread); "fraction_later": the
       median of the saves after the first. The run's last save is left out. A save due while the
       previous one was still being written waits for it, training going on, so saves may come less
@@ -95,12 +96,16 @@ def step_rows(name: str, recs: list[dict], ckpts: list[dict]) -> dict:
 
 def save_blocking(recs: list[dict], ckpts: list[dict], every: int, plain_step_s: float | None) -> dict:
     """Each periodic save (not the run's end): its blocked seconds over the seconds since the
-    previous save (the first: since the end of the step `every` steps before it). A save that
-    waited for the previous one's write (due_step: training/run/saves.py periodic_save) is taken
-    later than every x steps: the time between counts from the save before it all the same."""
+    previous save (the first: since the end of the step `every` steps before it, the run's first
+    step counted as the run's median step: its warm-up, seconds on a cold machine, is not time
+    between saves). A save that waited for the previous one's write (due_step:
+    training/run/saves.py periodic_save) is taken later than every x steps: the time between
+    counts from the save before it all the same."""
     at = {r["step"]: r["time"] for r in recs}
+    warmup = 0.0   # the first step's seconds beyond the median step
     if recs and recs[0].get("time/step_s") is not None:   # the first save counts from the start of step 1
         at.setdefault(recs[0]["step"] - 1, recs[0]["time"] - recs[0]["time/step_s"])
+        warmup = max(0.0, recs[0]["time/step_s"] - statistics.median(r["time/step_s"] for r in recs))
     periodic = sorted((c for c in ckpts if c["step"] in at and c["step"] < max(at)), key=lambda c: c["step"])
     per = []
     for i, c in enumerate(periodic):
@@ -108,7 +113,7 @@ def save_blocking(recs: list[dict], ckpts: list[dict], every: int, plain_step_s:
         prev = periodic[i - 1]["time"] if i else at.get(prev_step)
         if prev is None:
             continue
-        between = c["time"] - prev
+        between = c["time"] - prev - (warmup if prev_step < recs[0]["step"] else 0.0)
         per.append({"step": c["step"], "due_step": c.get("due_step"), "blocked_s": c["blocked_s"],
                     **{k: c.get(k) for k in SAVE_PARTS},
                     "between_s": round(between, 4), "steps_between": c["step"] - prev_step,

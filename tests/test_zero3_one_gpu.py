@@ -28,6 +28,12 @@ def test_zero3_one_gpu_on_cpu(tmp_path):
     # the first save counts from the start of step 1; the fraction is the worst save's, the first included
     assert blocking["gpus"] == 1 and 0 < blocking["fraction"] < 1 and [s["step"] for s in blocking["saves"]] == [3, 6]
     assert blocking["saves"][0]["steps_between"] == 3
+    # the first save's window: from the start of step 1, that step's warm-up beyond the median step left out
+    recs = steps["z3-saves"]["steps"]
+    median = sorted(s["step_s"] for s in recs)[len(recs) // 2]
+    start = recs[0]["time"] - recs[0]["step_s"]
+    first = blocking["saves"][0]
+    assert abs(first["between_s"] - (steps["z3-saves"]["checkpoints"][0]["time"] - start - max(0, recs[0]["step_s"] - median))) < 1e-3
     assert blocking["fraction"] == max(s["fraction"] for s in blocking["saves"])
     assert blocking["fraction_later"] == blocking["saves"][1]["fraction"]
     assert blocking["fraction_vs_nosave"] == max(s["fraction_vs_nosave"] for s in blocking["saves"])
