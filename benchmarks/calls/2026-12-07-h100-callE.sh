@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Device call E (written 2026-12-07): one GPU (H100 or H200), ~15 minutes. Stages, in the order the issues need them
+# Device call E (written 2026-12-07; ran 16:00-16:15 UTC on one H100 80GB, every stage rc=0:
+# benchmarks/results/raw/2026-12-07-h100-callE/, summary benchmarks/results/2026-12-07-h100-callE.jsonl, read in
+# benchmarks/README.md "call E"). One GPU (H100 or H200), ~15 minutes. Stages, in the order the issues need them
 # (each has its own limit; none starts after DEADLINE seconds):
 #   before   issue 29 Part A, the cause: call D's first background save (1B, ZeRO-3, 13.8 GiB staged on the GPU)
 #            blocked training 2.65 s with a 0.007 s snapshot, and the step after it took 2.76 s (0.79 s of data
@@ -15,7 +17,7 @@
 #            H100 it now plans LoRA with 31/32 layers checkpointed and the MLP tiled, 67.5 GiB; QLoRA 31/32,
 #            71.5 GiB; neither has run). Call D on an H100: QLoRA 2,361 tok/s (28 layers offloaded), LoRA refused
 # Lead's commands (carry [".whl"] from ../shared/device/wheels.sh), each within 30 s of the last:
-#   1. python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1; (setsid nohup bash benchmarks/calls/next-gpu-callE.sh > /tmp/callE-driver.log 2>&1 < /dev/null &); sleep 2; bash benchmarks/detached.sh wait /tmp/callE 570
+#   1. python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1; (setsid nohup bash benchmarks/calls/2026-12-07-h100-callE.sh > /tmp/callE-driver.log 2>&1 < /dev/null &); sleep 2; bash benchmarks/detached.sh wait /tmp/callE 570
 #   2. bash benchmarks/detached.sh wait /tmp/callE 570
 set -u
 LOG=/tmp/callE DEADLINE=${DEADLINE:-1080}
