@@ -37,6 +37,8 @@ The memory model (bytes, per GPU; N parameters, W GPUs, B x S tokens per micro-b
   kernels      model.kernels: liger. Its fused linear CE (ZeRO 0-2 only) counts as the chunked loss; its
                SwiGLU (recomputes silu(gate)) saves ff x act bytes a token per layer, its RMSNorm (no
                fp32 upcasts kept) d x act per norm; RoPE not counted. Conservative (liger claims more).
+  fp8          train.precision fp8 on a LoRA base: the frozen decoder linears keep an FP8 copy, 1 byte a
+               weight, beside the bf16 one, and the backward transposes the largest into a temporary.
   temporary    ZeRO communication buckets (reduce d^2, prefetch 0.9 d^2 elements) and, under
                ZeRO-3, the gathered LM-head/embedding weight and its gradient.
 
@@ -139,6 +141,7 @@ class Workload:
     async_save: bool = False     # checkpoint.async_save: a save's snapshot waits in CPU memory (core/checkpoint_cost.py)
     packed: bool = False; attn: str = "sdpa"   # data.packing, model.attn_implementation: sdpa's packed-row mask
     kernels: str = "none"        # model.kernels as resolved: "liger" counts its savings (module docstring)
+    fp8_base: bool = False       # train.precision fp8 on a LoRA base: each frozen decoder linear keeps an FP8 copy
 
     @property
     def world(self) -> int:
@@ -278,6 +281,10 @@ def estimate_memory(w: Workload, st: Strategy) -> dict:
         else:
             params = wb * n / shard_p
             act = wb
+            if w.fp8_base:   # training/model/fp8_frozen.py: 1 byte a weight kept, the largest transposed per backward
+                converted = linear_shapes(w.model)[:4] if s["experts"] > 1 else linear_shapes(w.model)  # experts stay bf16
+                params += s["layers"] * sum(i * o for i, o in converted)
+                temp += max(i * o for i, o in converted)
         trainable = lora_params(w) if st.method in ("lora", "qlora") else int(0.001 * n)
         ab = adapter_bytes(w)
         master = 0 if ab == 4 else 4                     # DeepSpeed's fp32 copy of bf16 adapters
@@ -319,4 +326,5 @@ def workload_of(recipe, gpus_per_node: int, nodes: int = 1, train_tokens: Option
                     ckpt_layers=t.gradient_checkpointing if type(t.gradient_checkpointing) is int else None,
                     keep_attention=t.recompute_attention is False,   # auto: the planner decides (launcher/plan.py)
                     async_save=recipe.checkpoint.async_save,
-                    attn="sdpa" if attn == "auto" else attn, kernels=recipe.model.kernels)
+                    attn="sdpa" if attn == "auto" else attn, kernels=recipe.model.kernels,
+                    fp8_base=t.precision == "fp8" and m.kind == "lora")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from zerotune.core.families import choose_attention, zero3_problem
 from zerotune.core.io import atomic_write
@@ -107,11 +107,14 @@ def matmul_precision(precision: str, dtype: str) -> str:
     return dtype if precision == "bf16" and dtype != "bf16" else precision
 
 
-def resolve_precision(recipe: Recipe, gpu: GpuMemory, config: dict) -> tuple[Recipe, str]:
+def resolve_precision(recipe: Recipe, gpu: GpuMemory, config: dict,
+                      fits: Optional[Callable[[Recipe], bool]] = None) -> tuple[Recipe, str]:
     """train.precision (core/precision.py) after the plan: (the recipe, why). Local GPUs: auto
     becomes bf16 or fp8 for their compute capability (nvidia-smi, launcher/gpus.py); explicit fp8 that cannot run is
     one line here, before torchrun. A Slurm job's auto stays auto (its ranks decide,
-    training/model/fp8.py); its explicit fp8 is checked for all but the GPU, which the ranks check."""
+    training/model/fp8.py); its explicit fp8 is checked for all but the GPU, which the ranks check.
+    fits: whether the planned recipe fits with fp8 (a LoRA base keeps an FP8 copy of its weights,
+    core/memory.py); auto stays bf16 when it would not."""
     import importlib.util
     from zerotune.core import precision
     t = recipe.train
@@ -124,7 +127,23 @@ def resolve_precision(recipe: Recipe, gpu: GpuMemory, config: dict) -> tuple[Rec
         has_torchao=importlib.util.find_spec("torchao") is not None, hidden=config.get("hidden_size"),
         tokens=precision.tokens_per_micro_batch(t.micro_batch_size, recipe.data.max_len,
                                                 recipe.distributed.sequence_parallel))
-    return recipe.model_copy(update={"train": t.model_copy(update={"precision": value})}), why
+    chosen = recipe.model_copy(update={"train": t.model_copy(update={"precision": value})})
+    if value == "fp8" and t.precision == "auto" and fits is not None and not fits(chosen):
+        return recipe.model_copy(update={"train": t.model_copy(update={"precision": "bf16"})}), \
+            f"{why}, but the plan does not fit with the FP8 copy of the frozen weights"
+    return chosen, why
+
+
+def fits_gpu(recipe: Recipe, world_size: int, nodes: int, gpu: GpuMemory) -> bool:
+    """Whether the resolved recipe's estimate fits the GPU planned for (a GPU of unknown size: yes)."""
+    if not gpu.known:
+        return True
+    from .plan import check_fits
+    try:
+        check_fits(recipe, max(1, world_size // nodes), nodes, gpu.bytes)
+    except RecipeError:
+        return False
+    return True
 
 
 def resolve_attention(recipe: Recipe, config: dict, gpu: GpuMemory) -> Recipe:
@@ -255,7 +274,8 @@ def _prepare(recipe: Recipe, recipe_path: str, world_size: int, nodes: int, gpu:
     preflight.check_resume(recipe)
     lengths = DataLengths.of(preflight.prepare_data(recipe, tokenizer), recipe)   # the cache the ranks load
     planned = resolve(lengths.planning_recipe(recipe), world_size, nodes, gpu)    # x the longest row, not max_len
-    planned, precision_why = resolve_precision(planned, gpu, config)   # train.precision: bf16 / fp8 (or its one-line refusal)
+    planned, precision_why = resolve_precision(                        # train.precision: bf16 / fp8 (or its one-line refusal)
+        planned, gpu, config, fits=lambda r: fits_gpu(r, world_size, nodes, gpu))
     if planned.zero_stage() == 3 and zero3_problem(config):            # a mixture of experts without a known block
         raise RecipeError(zero3_problem(config))
     if gpu.known if fit_check is None else fit_check:   # before anything is written or torchrun starts

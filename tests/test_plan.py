@@ -262,3 +262,16 @@ def test_plan_says_why_a_strategy_does_not_fit(tmp_path):
     assert why[0] == "  full ZeRO-0, ckpt on +offload 5 act +tiled MLP                      needs 0.4 GiB per GPU, 0.1 usable"
     assert why[-1] == "  QLoRA ZeRO-0, ckpt on +offload 5 act +tiled MLP                     needs 0.4 GiB per GPU, 0.1 usable"
     assert "why NO:" not in zerotune("plan", str(recipe)).stdout   # everything fits: no section
+
+
+def test_fp8_lora_base_counts_its_kept_fp8_copy():
+    """train.precision fp8 on a LoRA base (training/model/fp8_frozen.py) keeps every frozen decoder
+    linear's weight in FP8 beside the bf16 one: 1 byte a weight, 6.98e9 bytes for Llama 3 8B
+    (32 x (2 x 4096^2 + 2 x 4096 x 1024 + 3 x 4096 x 14336)), plus the largest (down/gate/up,
+    58.7e6) transposed during its backward. Full and QLoRA never keep one; the HF peer never runs FP8."""
+    st = P.Strategy("lora", 0, grad_ckpt=True)
+    bf16 = P.estimate_memory(P.Workload(model=LLAMA_8B, micro_batch_size=4), st)
+    fp8 = P.estimate_memory(P.Workload(model=LLAMA_8B, micro_batch_size=4, fp8_base=True), st)
+    assert fp8["params"] - bf16["params"] == 32 * (2 * 4096 ** 2 + 2 * 4096 * 1024 + 3 * 4096 * 14336) == 6_979_321_856
+    assert fp8["temporary"] - bf16["temporary"] == 4096 * 14336
+    assert fp8["total"] - bf16["total"] == 6_979_321_856 + 4096 * 14336

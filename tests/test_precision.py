@@ -72,6 +72,9 @@ def test_launcher_resolves_auto_for_the_local_gpu(tmp_path, monkeypatch):
     monkeypatch.setattr(precision, "MEASURED", (Measured("full", H100, 64, 1024, 1.2, "test"),))
     out, why = prepare.resolve_precision(recipe, gpu, {"hidden_size": 64})
     assert out.train.precision == "fp8" and why.startswith("measured 1.20x")
+    out, why = prepare.resolve_precision(recipe, gpu, {"hidden_size": 64}, fits=lambda r: False)
+    assert out.train.precision == "bf16" and why.endswith("but the plan does not fit with the FP8 copy of the frozen weights")
+    assert prepare.resolve_precision(recipe, gpu, {"hidden_size": 64}, fits=lambda r: True)[0].train.precision == "fp8"
     slurm = GpuMemory(80 * 2 ** 30, "cluster.gpu_memory", "slurm")   # its ranks decide
     assert prepare.resolve_precision(recipe, slurm, {"hidden_size": 64}) == (recipe, "decided on each rank")
 
@@ -164,6 +167,49 @@ def test_frozen_fp8_linear_matches_torchao_without_the_weight_gradient():
             y = cls.from_float(linear, config=config)(x)
             outs.append((y, torch.autograd.grad(y.square().sum(), x)[0]))
         assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_frozen_fp8_linear_keeps_its_fp8_weight_until_the_weight_changes():
+    """Tensorwise (not emulated): the weight is cast to FP8 once and kept; output equals torchao's
+    Float8Linear's (same casts), the input's gradient within one e5m2 rounding; an in-place write of
+    the weight (peft's merge does one) makes the copy again, so the output follows the new weight."""
+    pytest.importorskip("torchao")
+    import dataclasses
+    import torch
+    from torchao.float8 import Float8LinearConfig
+    from torchao.float8.float8_linear import Float8Linear
+    from zerotune.training.model import fp8_frozen
+    from zerotune.training.model.fp8_frozen import FrozenFloat8Linear
+    config = Float8LinearConfig.from_recipe_name("tensorwise")
+    assert fp8_frozen.tensorwise(config) and not fp8_frozen.tensorwise(dataclasses.replace(config, emulate=True))
+    assert not fp8_frozen.tensorwise(Float8LinearConfig.from_recipe_name("rowwise"))
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32, bias=True).to(torch.bfloat16).requires_grad_(False)
+    x = torch.randn(2, 8, 64, dtype=torch.bfloat16, requires_grad=True)
+    ref = Float8Linear.from_float(linear, config=dataclasses.replace(config, emulate=True))
+    got = FrozenFloat8Linear.from_float(linear, config=config)
+    calls = []
+    real = fp8_frozen.quantize
+    fp8_frozen.quantize = lambda t, dtype: calls.append((tuple(t.shape), dtype)) or real(t, dtype)
+    try:
+        y_ref, y = ref(x), got(x)
+        g_ref = torch.autograd.grad(y_ref.square().sum(), x)[0]
+        g = torch.autograd.grad(y.square().sum(), x)[0]
+        got(x).sum().backward()
+        weight_casts = [c for c in calls if c[0] == (32, 64)]
+        assert weight_casts == [((32, 64), torch.float8_e4m3fn)], calls      # once, for three calls
+        assert torch.equal(y, y_ref) and torch.allclose(g, g_ref, rtol=0.02, atol=0.02)
+        assert got.weight.grad is None and list(got.state_dict()) == ["weight", "bias"]
+        exact = torch.nn.functional.linear(x, linear.weight, linear.bias)
+        assert (y - exact).float().norm() / exact.float().norm() < 0.06      # e4m3: ~3% here
+        with torch.no_grad():
+            got.weight.mul_(-2)                                               # in place: _version moves
+        y2 = got(x)
+        assert len([c for c in calls if c[0] == (32, 64)]) == 2
+        exact2 = torch.nn.functional.linear(x, got.weight, got.bias)
+        assert (y2 - exact2).float().norm() / exact2.float().norm() < 0.06
+    finally:
+        fp8_frozen.quantize = real
 
 
 def test_fp8_gemm_benchmark_imports_and_helps_on_cpu():
