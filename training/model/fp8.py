@@ -7,10 +7,11 @@ its published Llama numbers use; rowwise scales every row (more accurate, a CUTL
 slower at fine-tuning sizes). Full fine-tune: every nn.Linear inside the decoder layers becomes a
 Float8Linear holding the same bf16 parameter (the optimizer's master copy is unchanged; only the
 GEMMs cast to e4m3/e5m2). LoRA: the frozen base linears (peft's LoraLayer.base_layer, and frozen
-linears LoRA does not target) become FrozenFloat8Linear, whose backward computes only the input's
-gradient (torchao's always computes the weight's too, and autograd drops it); lora_A / lora_B stay
-bf16. Never converted: lm_head, embeddings, experts of a mixture (few tokens per GEMM), and layers
-whose dims are not multiples of 16 (FP8 GEMM's requirement). Converting after torch.compile is fine:
+linears LoRA does not target) become FrozenFloat8Linear, which keeps its weight cast to FP8
+(tensorwise) and whose backward computes only the input's gradient (torchao's casts the weight
+every call and always computes the weight's gradient too); lora_A / lora_B stay bf16. Never
+converted: lm_head, embeddings, experts of a mixture (few tokens per GEMM), and layers whose dims
+are not multiples of 16 (FP8 GEMM's requirement). Converting after torch.compile is fine:
 Module.compile traces at the first call. Where it may run is core/precision.py's rule.
 """
 from __future__ import annotations
