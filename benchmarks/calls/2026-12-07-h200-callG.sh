@@ -8,9 +8,9 @@
 #   fp8gemm  one 8B layer's linears, frozen: bf16 against the kept-weight tensorwise path and torchao's
 #            Float8Linear (casts its weight every call), 8,192 and 32,768 tokens, eager
 #   lora8b   LoRA 8B mbs 4: default, fp8 (train.precision=fp8), peer liger-no-gc (its best in calls B-D)
+#   chat     chat-lora-8b: default (packing on), TRL trl-packing-liger-no-gc (its best, call C), HF liger-no-gc-mbs16
 #   full1b   full 1B mbs 8: default, peer plain-liger-no-gc
 #   qlora8b  QLoRA 8B mbs 4: default, peer liger-no-gc
-#   chat     chat-lora-8b: default (packing on), TRL trl-packing-liger-no-gc (its best, call C), HF liger-no-gc-mbs16
 #   lora32k  LoRA 8B at 32k: default, fp8, peer liger; 6 steps after 2
 # Lead's commands (carry [".whl"]), each within 30 s of the last:
 #   1. python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1; (setsid nohup bash benchmarks/calls/2026-12-07-h200-callG.sh > /tmp/callG-driver.log 2>&1 < /dev/null &); sleep 2; bash benchmarks/detached.sh wait /tmp/callG 570
@@ -25,8 +25,8 @@ stage fp8gemm 70 python3 benchmarks/fp8_gemm.py --models 8b --tokens 8192,32768 
 B=(python3 benchmarks/bench.py --work-dir /tmp/wb --models /tmp/models --results "$LOG/results" --timeout 240 --steps 12 --warmup 4)
 FP8=(--variant fp8='train.precision=fp8')
 stage lora8b 400 "${B[@]}" --only lora-8b --variants default "${FP8[@]}" --peer-settings liger-no-gc; keep_runs /tmp/wb
+stage chat 300 "${B[@]}" --only chat-lora-8b --variants default --peer-settings trl-packing-liger-no-gc,liger-no-gc-mbs16; keep_runs /tmp/wb
 stage full1b 200 "${B[@]}" --only full-1b --variants default --peer-settings plain-liger-no-gc; keep_runs /tmp/wb
 stage qlora8b 200 "${B[@]}" --only qlora-8b --variants default --peer-settings liger-no-gc; keep_runs /tmp/wb
-stage chat 300 "${B[@]}" --only chat-lora-8b --variants default --peer-settings trl-packing-liger-no-gc,liger-no-gc-mbs16; keep_runs /tmp/wb
 stage lora32k 300 "${B[@]}" --only lora-8b-32k --variants default "${FP8[@]}" --peer-settings liger --steps 6 --warmup 2; keep_runs /tmp/wb
 finish
