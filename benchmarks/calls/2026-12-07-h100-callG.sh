@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Device call G (written 2026-12-07 18:45 UTC): issue 26 on one H200 (either card if none comes). ~21 minutes.
+# Device call G (written 2026-12-07 18:45 UTC for an H200; after repeated starts that got no machine (18:49-19:14) it ran 19:25-19:35 UTC
+# on one H100 80GB with DEADLINE=540: testgpu, fp8gemm, lora8b rc=0; chat cut at its 121 s (TRL's run killed);
+# full1b, qlora8b, lora32k skipped. benchmarks/results/raw/2026-12-07-h100-callG/, summary
+# benchmarks/results/2026-12-07-h100-callG.jsonl, read in benchmarks/README.md "call G"). ~21 minutes in all.
 # What it shows: the recipe as written against the peer's best setting of the earlier calls, every issue-26
 # workload in one call, and the FP8 frozen base of LoRA with its weight cast once (training/model/fp8_frozen.py,
 # new since call B, where torchao's per-call casts made LoRA 8B in FP8 0.58x bf16).
@@ -13,7 +16,7 @@
 #   qlora8b  QLoRA 8B mbs 4: default, peer liger-no-gc
 #   lora32k  LoRA 8B at 32k: default, fp8, peer liger; 6 steps after 2
 # Lead's commands (carry [".whl"]), each within 30 s of the last:
-#   1. python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1; (setsid nohup bash benchmarks/calls/2026-12-07-h200-callG.sh > /tmp/callG-driver.log 2>&1 < /dev/null &); sleep 2; bash benchmarks/detached.sh wait /tmp/callG 570
+#   1. python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1; (setsid nohup bash benchmarks/calls/2026-12-07-h100-callG.sh > /tmp/callG-driver.log 2>&1 < /dev/null &); sleep 2; bash benchmarks/detached.sh wait /tmp/callG 570
 #   2. bash benchmarks/detached.sh wait /tmp/callG 570
 #   3. bash benchmarks/detached.sh wait /tmp/callG 300   (only if 2 printed no "done")
 set -u
