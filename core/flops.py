@@ -65,6 +65,11 @@ def linear_shapes(cfg: dict) -> list[tuple[int, int]]:
     return [(d, q), (d, kv), (d, kv), (q, d)] + mlp * s["experts"]
 
 
+def dense_linears(cfg: dict) -> list[tuple[int, int]]:
+    """linear_shapes without a mixture's experts (LoRA and the FP8 base leave experts alone)."""
+    return linear_shapes(cfg)[:4] if shape(cfg)["experts"] > 1 else linear_shapes(cfg)
+
+
 def num_params(cfg: dict) -> int:
     """All parameters: embeddings, layers (every expert), final norm, and an untied LM head."""
     s = shape(cfg)

@@ -84,7 +84,7 @@ from typing import Optional
 
 from .estimate import Estimate  # noqa: F401  (the planner's row; core/estimate.py)
 from .families import choose_attention
-from .flops import linear_shapes, num_params, shape
+from .flops import dense_linears, linear_shapes, num_params, shape
 from .io import GIB, read_model_config
 
 DEFAULT_GPU_MEMORY = 80 * GIB      # an 80 GB A100/H100 (nvidia-smi's 80 GB are GiB)
@@ -158,7 +158,7 @@ def adapted_linears(w: Workload) -> dict[str, tuple[int, int]]:
     s = shape(w.model)
     names = ["q_proj", "k_proj", "v_proj", "o_proj"] + (["gate_proj", "up_proj", "down_proj"] if s["gated"]
                                                        else ["up_proj", "down_proj"])
-    linears = dict(zip(names, linear_shapes(w.model)[:4] if s["experts"] > 1 else linear_shapes(w.model)))
+    linears = dict(zip(names, dense_linears(w.model)))
     return linears if w.lora_targets == "all-linear" else {n: io for n, io in linears.items() if n in w.lora_targets}
 
 
@@ -282,7 +282,7 @@ def estimate_memory(w: Workload, st: Strategy) -> dict:
             params = wb * n / shard_p
             act = wb
             if w.fp8_base:   # training/model/fp8_frozen.py: 1 byte a weight kept, the largest transposed per backward
-                converted = linear_shapes(w.model)[:4] if s["experts"] > 1 else linear_shapes(w.model)  # experts stay bf16
+                converted = dense_linears(w.model)     # experts stay bf16
                 params += s["layers"] * sum(i * o for i, o in converted)
                 temp += max(i * o for i, o in converted)
         trainable = lora_params(w) if st.method in ("lora", "qlora") else int(0.001 * n)

@@ -19,6 +19,8 @@ weight's gradient. Imported only when FP8 is chosen (it needs torchao).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torchao.float8.config import ScalingGranularity
 from torchao.float8.float8_linear import Float8Linear
@@ -30,30 +32,38 @@ EPS = 1e-12     # torchao's amax floor: an all-zero tensor gets a finite scale
 
 def quantize(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(t in FP8 `dtype`, the fp32 inverse scale): t ~= t8 * inverse, one scale for the whole
-    tensor chosen so that its largest magnitude lands on the format's largest value."""
+    tensor chosen so that its largest magnitude lands on the format's largest value. t is 2-D."""
     fmax = torch.finfo(dtype).max
-    amax = t.detach().abs().amax().to(torch.float64).clamp(min=EPS)
+    # each row's amax first, then theirs: compiled with symbolic sizes, a whole-tensor reduction ran
+    # 4x slower than this per-row one (benchmarks/results/raw/2026-12-07-h100-callH1)
+    amax = t.detach().abs().amax(dim=-1).amax().to(torch.float64).clamp(min=EPS)
     scale = (fmax / amax).to(torch.float32)
     t8 = (t.to(torch.float32) * scale).clamp(-fmax, fmax).to(dtype)
     return t8, scale.reciprocal()
 
 
-_compiled = None
+def transpose(t: torch.Tensor) -> torch.Tensor:
+    """t.t() laid out row-major (a copy)."""
+    return t.t().contiguous()
 
 
-def quantize_fast(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """quantize, fused by torch.compile on CUDA (one reduction and one cast kernel instead of
-    several full-size passes and an fp32 copy); eager elsewhere."""
-    global _compiled
-    if not t.is_cuda:
-        return quantize(t, dtype)
-    if _compiled is None:
-        _compiled = torch.compile(quantize, dynamic=None)
-    return _compiled(t, dtype)
+def compiled_on_cuda(fn):
+    """fn, fused by torch.compile for CUDA tensors (ATen's FP8 copies and casts are several
+    full-size passes, unvectorised); eager for others. Compiled on first use."""
+    compiled = None
+
+    @functools.wraps(fn)
+    def run(t: torch.Tensor, *args):
+        nonlocal compiled
+        if not t.is_cuda:
+            return fn(t, *args)
+        if compiled is None:
+            compiled = torch.compile(fn)
+        return compiled(t, *args)
+    return run
 
 
-def _scaled_mm(a8, inv_a, b8, inv_b, out_dtype):
-    return torch._scaled_mm(a8, b8, scale_a=inv_a, scale_b=inv_b, out_dtype=out_dtype)
+quantize_fast, transpose_fast = compiled_on_cuda(quantize), compiled_on_cuda(transpose)
 
 
 class _kept_weight_matmul(torch.autograd.Function):
@@ -65,7 +75,8 @@ class _kept_weight_matmul(torch.autograd.Function):
         ctx.input_dtype = input_hp.dtype
         shape = input_hp.shape
         x8, inv_x = quantize_fast(input_hp.reshape(-1, shape[-1]), torch.float8_e4m3fn)
-        out = _scaled_mm(x8, inv_x, w8.t(), inv_w, input_hp.dtype)
+        out = torch._scaled_mm(x8, w8.t(), scale_a=inv_x, scale_b=inv_w, out_dtype=input_hp.dtype,
+                               use_fast_accum=True)    # torchao's setting for the output GEMM
         return out.reshape(*shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -74,7 +85,8 @@ class _kept_weight_matmul(torch.autograd.Function):
         shape = grad_output.shape
         g8, inv_g = quantize_fast(grad_output.reshape(-1, shape[-1]), torch.float8_e5m2)
         # grad_input = grad_output @ w: cuBLAS wants the second operand column-major, i.e. w.t() stored row-major
-        grad_input = _scaled_mm(g8, inv_g, w8.t().contiguous().t(), inv_w, ctx.input_dtype)
+        grad_input = torch._scaled_mm(g8, transpose_fast(w8).t(), scale_a=inv_g, scale_b=inv_w,
+                                      out_dtype=ctx.input_dtype)
         return grad_input.reshape(*shape[:-1], grad_input.shape[-1]), None, None
 
 
@@ -111,6 +123,7 @@ class _frozen_matmul(torch.autograd.Function):
         return grad_input.reshape(*shape[:-1], grad_input.shape[-1]), None, None, None
 
 
+@functools.cache
 def tensorwise(config) -> bool:
     """The config casts input, weight and output gradient with one scale per tensor in e4m3/e4m3/e5m2
     (torchao's "tensorwise" recipe), which the kept-weight path reproduces; emulation is torchao's."""
