@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Device call H3 (2026-12-07, after call H2; the session's last ~360 s of device time): the recipe as written now
+# that core/precision.py MEASURED holds call H2's LoRA rows (auto should pick fp8 for LoRA 8B), and the QLoRA
+# peer's --liger setting (its --no-gc ran out of memory on H2's H100). ~3 minutes.
+# Lead's command (carry [".whl"]):
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1; (DEADLINE=200 setsid nohup bash benchmarks/calls/2026-12-07-callH3.sh > /tmp/callH3-driver.log 2>&1 < /dev/null &); sleep 2; bash benchmarks/detached.sh wait /tmp/callH3 230
+set -u
+LOG=/tmp/callH3 DEADLINE=${DEADLINE:-200}
+source benchmarks/detached.sh
+prepare_machine
+B=(python3 benchmarks/bench.py --work-dir /tmp/wb --models /tmp/models --results "$LOG/results" --timeout 120 --steps 12 --warmup 4)
+stage auto 100 "${B[@]}" --only lora-8b --variants default --peer-settings none; keep_runs /tmp/wb
+stage qpeer 100 "${B[@]}" --only qlora-8b --variants none --peer-settings liger; keep_runs /tmp/wb
+finish
