@@ -9,6 +9,6 @@ LOG=/tmp/callH3 DEADLINE=${DEADLINE:-200}
 source benchmarks/detached.sh
 prepare_machine
 B=(python3 benchmarks/bench.py --work-dir /tmp/wb --models /tmp/models --results "$LOG/results" --timeout 120 --steps 12 --warmup 4)
-stage auto 100 "${B[@]}" --only lora-8b --variants default --peer-settings none; keep_runs /tmp/wb
-stage qpeer 100 "${B[@]}" --only qlora-8b --variants none --peer-settings liger; keep_runs /tmp/wb
+stage auto 170 "${B[@]}" --only lora-8b --variants default --variant 'profile=logging.profile_start=8 logging.profile_steps=3' --peer-settings none; keep_runs /tmp/wb
+cp -r /tmp/wb/runs/*/profile/summary.txt "$LOG/profile-summary.txt" 2>/dev/null
 finish
