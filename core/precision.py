@@ -10,8 +10,10 @@ capability 8.9+: Ada, Hopper, Blackwell), torchao, model.dtype bf16 (the master 
 everything outside the FP8 GEMMs stay bf16), method full or lora, and ZeRO 0-2: ZeRO-3 is refused
 (its layers are not compiled here, and torchao's casts uncompiled cost more than FP8 saves; its
 parameter gathering with Float8Linear is unmeasured). A LoRA base keeps its weights cast to FP8
-once (training/model/fp8_frozen.py: 1 byte a weight more, counted by core/memory.py; auto stays
-bf16 where the plan would not fit with it). QLoRA gets nothing: its NF4 base is
+once (training/model/fp8_frozen.py: 1 byte a weight more, counted by core/memory.py; where the bf16
+plan leaves no room for it, auto's fp8 is planned again at the same micro-batch with more layers
+checkpointed, as MEASURED's rows were measured, and stays bf16 only where nothing fits:
+launcher/prepare.py replan_fp8). QLoRA gets nothing: its NF4 base is
 dequantised to bf16 for every matmul. `auto` picks fp8 only where MEASURED holds a row for the
 method, GPU, hidden size and at most the run's tokens per micro-batch that was at least
 MIN_SPEEDUP faster; everything else stays bf16.

@@ -108,13 +108,13 @@ def matmul_precision(precision: str, dtype: str) -> str:
 
 
 def resolve_precision(recipe: Recipe, gpu: GpuMemory, config: dict,
-                      fits: Optional[Callable[[Recipe], bool]] = None) -> tuple[Recipe, str]:
+                      replan: Optional[Callable[[Recipe], Optional[Recipe]]] = None) -> tuple[Recipe, str]:
     """train.precision (core/precision.py) after the plan: (the recipe, why). Local GPUs: auto
     becomes bf16 or fp8 for their compute capability (nvidia-smi, launcher/gpus.py); explicit fp8 that cannot run is
     one line here, before torchrun. A Slurm job's auto stays auto (its ranks decide,
     training/model/fp8.py); its explicit fp8 is checked for all but the GPU, which the ranks check.
-    fits: whether the planned recipe fits with fp8 (a LoRA base keeps an FP8 copy of its weights,
-    core/memory.py); auto stays bf16 when it would not."""
+    replan: the plan again for auto's fp8 (a LoRA base keeps an FP8 copy of its weights, core/memory.py:
+    more layers checkpointed where memory needs them), None where nothing fits; auto stays bf16 then."""
     import importlib.util
     from zerotune.core import precision
     t = recipe.train
@@ -128,22 +128,36 @@ def resolve_precision(recipe: Recipe, gpu: GpuMemory, config: dict,
         tokens=precision.tokens_per_micro_batch(t.micro_batch_size, recipe.data.max_len,
                                                 recipe.distributed.sequence_parallel))
     chosen = recipe.model_copy(update={"train": t.model_copy(update={"precision": value})})
-    if value == "fp8" and t.precision == "auto" and fits is not None and not fits(chosen):
-        return recipe.model_copy(update={"train": t.model_copy(update={"precision": "bf16"})}), \
-            f"{why}, but the plan does not fit with the FP8 copy of the frozen weights"
+    if value == "fp8" and t.precision == "auto" and replan is not None:
+        again = replan(chosen)
+        if again is None:
+            return recipe.model_copy(update={"train": t.model_copy(update={"precision": "bf16"})}), \
+                f"{why}, but the plan does not fit with the FP8 copy of the frozen weights"
+        return again, why
     return chosen, why
 
 
-def fits_gpu(recipe: Recipe, world_size: int, nodes: int, gpu: GpuMemory) -> bool:
-    """Whether the resolved recipe's estimate fits the GPU planned for (a GPU of unknown size: yes)."""
-    if not gpu.known:
+def replan_fp8(planning: Recipe, chosen: Recipe, world_size: int, nodes: int, gpu: GpuMemory) -> Optional[Recipe]:
+    """`chosen` (the plan, with auto's fp8) if it fits the GPU planned for; else the plan again from
+    `planning` (the recipe before the plan) with fp8 and chosen's micro-batch (the size fp8 was
+    measured at), which counts a LoRA base's FP8 copy; None where that does not fit either."""
+    def fits(r: Recipe) -> bool:
+        if not gpu.known:
+            return True
+        from .plan import check_fits
+        try:
+            check_fits(r, max(1, world_size // nodes), nodes, gpu.bytes)
+        except RecipeError:
+            return False
         return True
-    from .plan import check_fits
+    if fits(chosen):
+        return chosen
+    t = planning.train.model_copy(update={"precision": "fp8", "micro_batch_size": chosen.train.micro_batch_size})
     try:
-        check_fits(recipe, max(1, world_size // nodes), nodes, gpu.bytes)
+        again = resolve(planning.model_copy(update={"train": t}), world_size, nodes, gpu)
     except RecipeError:
-        return False
-    return True
+        return None
+    return again if fits(again) else None
 
 
 def resolve_attention(recipe: Recipe, config: dict, gpu: GpuMemory) -> Recipe:
@@ -273,9 +287,10 @@ def _prepare(recipe: Recipe, recipe_path: str, world_size: int, nodes: int, gpu:
     check_fresh_start(run_dir, recipe.checkpoint.resume, recipe.checkpoint.overwrite)
     preflight.check_resume(recipe)
     lengths = DataLengths.of(preflight.prepare_data(recipe, tokenizer), recipe)   # the cache the ranks load
-    planned = resolve(lengths.planning_recipe(recipe), world_size, nodes, gpu)    # x the longest row, not max_len
+    planning = lengths.planning_recipe(recipe)                         # x the longest row, not max_len
+    planned = resolve(planning, world_size, nodes, gpu)
     planned, precision_why = resolve_precision(                        # train.precision: bf16 / fp8 (or its one-line refusal)
-        planned, gpu, config, fits=lambda r: fits_gpu(r, world_size, nodes, gpu))
+        planned, gpu, config, replan=lambda r: replan_fp8(planning, r, world_size, nodes, gpu))
     if planned.zero_stage() == 3 and zero3_problem(config):            # a mixture of experts without a known block
         raise RecipeError(zero3_problem(config))
     if gpu.known if fit_check is None else fit_check:   # before anything is written or torchrun starts
