@@ -12,7 +12,7 @@
 #   lora32k  LoRA 8B at 32k: default, fp8, peer liger; 6 steps after 2
 #   chat     chat-lora-8b: default (packing on), TRL trl-packing-liger-no-gc, HF liger-no-gc-mbs16
 # ~18 minutes. Lead's commands (carry [".whl"]), each within 30 s of the last:
-#   1. python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1; (setsid nohup bash benchmarks/calls/2026-12-07-callH2.sh > /tmp/callH2-driver.log 2>&1 < /dev/null &); sleep 2; bash benchmarks/detached.sh wait /tmp/callH2 560
+#   1. python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1; (setsid nohup bash benchmarks/calls/2026-12-07-h100-callH2.sh > /tmp/callH2-driver.log 2>&1 < /dev/null &); sleep 2; bash benchmarks/detached.sh wait /tmp/callH2 560
 #   2. bash benchmarks/detached.sh wait /tmp/callH2 560
 #   3. bash benchmarks/detached.sh wait /tmp/callH2 300   (only if 2 printed no "done")
 set -u
