@@ -1,9 +1,10 @@
 """train.precision: which runs put their decoder's linear layers in FP8 (torchao float8 training,
 training/model/fp8.py), decided without torch so the launcher and every rank share one rule.
 
-    value, why = choose(setting, method="lora", zero=0, capability=(9, 0), has_torchao=True,
-                        dtype="bf16", hidden=4096, tokens=8192)
-    # ("bf16", "fp8 not measured faster for lora at hidden 4096, 8192 tokens per micro-batch")
+    value, why = choose("auto", method="lora", zero=0, capability=(9, 0), has_torchao=True,
+                        dtype="bf16", hidden=4096, tokens=4096)
+    # ("bf16", "fp8 not measured faster for lora at hidden 4096, 4096 tokens per micro-batch")
+    # tokens=8192: ("fp8", "measured 1.11x for lora at hidden 4096, 8192 tokens (H100 2026-12-07 call H2 ...)")
 
 bf16 is the matmuls in model.dtype (no FP8). fp8 needs a GPU with FP8 tensor cores (compute
 capability 8.9+: Ada, Hopper, Blackwell), torchao, model.dtype bf16 (the master weights and
