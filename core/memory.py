@@ -20,7 +20,9 @@ The memory model (bytes, per GPU; N parameters, W GPUs, B x S tokens per micro-b
                weights (PEFT) keep 2 d less (the bf16 copies). LoRA adds, for every adapted linear, lora_A's r outputs and
                (lora.dropout > 0) its dropout output, in the adapter's dtype, and the 1-byte dropout
                mask, or (no dropout, adapters in another dtype: the HF peer's fp32) its cast input;
-               without dropout and in the model's dtype lora_A saves the very input already counted.
+               without dropout and in the model's dtype lora_A saves the very input already counted,
+               and so does zerotune's with dropout where it draws the mask again in the backward
+               (training/model/lora_fused.py: layers not compiled, Workload.lora_dropout_fused).
                train.tiled_mlp: the MLP's part (4 ff, and its adapters') exists for one tile only.
                Checked against autograd's saved tensors of a real layer (tests/test_layer_bytes.py).
                A recomputed layer's backward also holds its own gradients, (4 d + 2 kv) x act a
@@ -142,6 +144,7 @@ class Workload:
     packed: bool = False; attn: str = "sdpa"   # data.packing, model.attn_implementation: sdpa's packed-row mask
     kernels: str = "none"        # model.kernels as resolved: "liger" counts its savings (module docstring)
     fp8_base: bool = False       # train.precision fp8 on a LoRA base: each frozen decoder linear keeps an FP8 copy
+    lora_dropout_fused: bool = False   # LoRA's dropout drawn again in the backward (training/model/lora_fused.py)
 
     @property
     def world(self) -> int:
@@ -197,7 +200,8 @@ def layer_working_bytes(w: Workload, method: str, act: int, tiled: bool = False)
         attn -= 2 * s["d"] * act
     if method in ("lora", "qlora"):
         ab, linears = adapter_bytes(w), adapted_linears(w)
-        own = ab + 1 if w.lora_dropout else (ab if ab != act else 0)   # a dropout output + mask, or a cast
+        dropped = w.lora_dropout and not w.lora_dropout_fused
+        own = ab + 1 if dropped else (ab if ab != act else 0)   # a dropout output + mask, or a cast
         for name, (i, _) in linears.items():
             extra = w.lora_r * ab + i * own
             attn, mlp = (attn + extra, mlp) if name in ("q_proj", "k_proj", "v_proj", "o_proj") else (attn, mlp + extra)
@@ -327,4 +331,6 @@ def workload_of(recipe, gpus_per_node: int, nodes: int = 1, train_tokens: Option
                     keep_attention=t.recompute_attention is False,   # auto: the planner decides (launcher/plan.py)
                     async_save=recipe.checkpoint.async_save,
                     attn="sdpa" if attn == "auto" else attn, kernels=recipe.model.kernels,
-                    fp8_base=t.precision == "fp8" and m.kind == "lora")
+                    fp8_base=t.precision == "fp8" and m.kind == "lora",
+                    # fused unless the layers may be compiled (build.py: not with liger's kernels, nor QLoRA)
+                    lora_dropout_fused=m.kind == "qlora" or t.compile is False or recipe.model.kernels == "liger")

@@ -17,7 +17,7 @@ from zerotune.core.memory import Workload, layer_working_bytes
 D, FF, HEADS, KV_HEADS, SEQ = 512, 1792, 8, 2, 1024   # Llama-3 8B's ratios: ff 3.5 d, 4 query heads a KV head
 
 
-def llama_layer_model(lora_dropout: float | None, adapter_dtype=torch.bfloat16):
+def llama_layer_model(lora_dropout: float | None, adapter_dtype=torch.bfloat16, fused: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=D, intermediate_size=FF, num_hidden_layers=1, num_attention_heads=HEADS,
@@ -31,6 +31,9 @@ def llama_layer_model(lora_dropout: float | None, adapter_dtype=torch.bfloat16):
     for name, p in peft.named_parameters():
         if "lora_" in name:
             p.data = p.data.to(adapter_dtype)
+    if fused:
+        from zerotune.training.model.lora_fused import fuse
+        assert fuse(peft)["dropout"] == 7
     return peft.base_model.model, config
 
 
@@ -63,7 +66,7 @@ def saved_bytes_per_token(model, tiled: bool, dropout: float = 0.0) -> float:
     return sum(saved.values()) / SEQ
 
 
-CASES = {   # name: (LoRA dropout or None for a full fine-tune, adapters' dtype, trainer, tiled MLP)
+CASES = {   # name: (LoRA dropout or None for a full fine-tune, adapters' dtype, trainer, tiled MLP, fused dropout)
     "full": (None, torch.bfloat16, "zerotune", False),
     "full-tiled": (None, torch.bfloat16, "zerotune", True),
     "lora-dropout": (0.05, torch.bfloat16, "zerotune", False),
@@ -71,15 +74,18 @@ CASES = {   # name: (LoRA dropout or None for a full fine-tune, adapters' dtype,
     "lora-no-dropout-tiled": (0.0, torch.bfloat16, "zerotune", True),
     "lora-dropout-tiled": (0.05, torch.bfloat16, "zerotune", True),
     "lora-fp32-adapters": (0.0, torch.float32, "hf-trainer", False),   # the HF peer: each linear's input cast
+    "lora-dropout-fused": (0.05, torch.bfloat16, "zerotune", False, True),
+    "lora-dropout-fused-tiled": (0.05, torch.bfloat16, "zerotune", True, True),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_planned_layer_bytes_cover_the_saved_tensors_and_stay_close(case):
-    dropout, adapter_dtype, trainer, tiled = CASES[case]
-    model, config = llama_layer_model(dropout, adapter_dtype)
+    dropout, adapter_dtype, trainer, tiled, *fused = CASES[case]
+    fused = bool(fused and fused[0])
+    model, config = llama_layer_model(dropout, adapter_dtype, fused)
     measured = saved_bytes_per_token(model, tiled, dropout or 0.0)
-    w = Workload(model=config.to_dict(), lora_r=16, lora_dropout=dropout or 0.0, trainer=trainer)
+    w = Workload(model=config.to_dict(), lora_r=16, lora_dropout=dropout or 0.0, trainer=trainer, lora_dropout_fused=fused)
     planned = layer_working_bytes(w, "full" if dropout is None else "lora", act=2, tiled=tiled)
     assert measured <= planned <= 1.15 * measured, f"{case}: planned {planned:,.0f} B a token, saved {measured:,.0f}"
 
@@ -97,3 +103,5 @@ def test_what_lora_keeps_beside_a_full_fine_tune_with_and_without_dropout():
     adapted, inputs = 7, 6 * D + FF   # q, k, v, o, gate, up take d features a token, down ff
     assert plain == full - 2 * 2 * D + adapted * 16 * 2
     assert dropped == plain + 3 * inputs - 2 * (2 * D + FF)
+    # zerotune's (training/model/lora_fused.py) keeps what LoRA without dropout keeps
+    assert saved_bytes_per_token(llama_layer_model(0.05, fused=True)[0], tiled=False, dropout=0.05) == plain

@@ -22,7 +22,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from zerotune.core.recipe import RecipeError
 
 from zerotune.core.families import choose_attention
-from zerotune.training.model import fp8, kernels, long_sequence, moe
+from zerotune.training.model import fp8, kernels, long_sequence, lora_fused, moe
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PEFT_KINDS = ("lora", "qlora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning")  # built by HF peft
@@ -157,6 +157,8 @@ def build_model(recipe, ds_config: dict):
     if compiled:
         compile_layers(model, kind, stage)
     model = apply_method(model, recipe)
+    if kind in ("lora", "qlora") and not compiled:   # inductor fuses its own in compiled layers
+        lora_fused.fuse(model, zero3=stage == 3)   # dropout drawn again, lora_B's add in its GEMM (model/lora_fused.py)
     leaf_inputs_need_grad(model)   # ZeRO-3 leaves (layers, MoE blocks): their gradients reduced after their backward
     return fp8.apply(model, recipe, stage)   # train.precision: FP8 linears (model/fp8.py)
 
