@@ -150,12 +150,7 @@ def build_model(recipe, ds_config: dict):
         enable(model, liger=flce)   # the logits are never materialised whole (training/model/loss.py)
     long_sequence.enable(model, recipe)   # tiled MLP, offloaded checkpoints (training/model/long_sequence.py)
     reshaped = long_sequence.options(recipe) + (["model.kernels liger"] if liger else [])
-    compiled = wants_compile(recipe.train.compile, kind, stage, reshaped)
-    if recipe.train.compile == "auto" and int(os.environ.get("RANK", "0")) == 0:   # the launcher resolves it
-        print(f"zerotune: train.compile auto -> {str(compiled).lower()} (decided on this rank: CUDA "
-              f"{'available' if torch.cuda.is_available() else 'not available'})", file=sys.stderr, flush=True)
-    if compiled:
-        compile_layers(model, kind, stage)
+    compiled = compile_if_wanted(model, recipe.train.compile, kind, stage, reshaped)
     model = apply_method(model, recipe)
     if kind in ("lora", "qlora") and not compiled:   # inductor fuses its own in compiled layers
         lora_fused.fuse(model, zero3=stage == 3)   # dropout drawn again, lora_B's add in its GEMM (model/lora_fused.py)
@@ -230,6 +225,17 @@ def wants_compile(setting, kind: str, stage: int, long: list[str] | None = None)
         raise RecipeError(f"train.compile: true does not run with {', '.join(long)} "
                           "(use train.compile: auto or false)")
     return bool(setting)
+
+
+def compile_if_wanted(model, setting, kind: str, stage: int, reshaped: list[str]) -> bool:
+    """train.compile as wants_compile decides (auto: rank 0 says what it chose); returns whether compiled."""
+    compiled = wants_compile(setting, kind, stage, reshaped)
+    if setting == "auto" and int(os.environ.get("RANK", "0")) == 0:   # the launcher resolves it
+        print(f"zerotune: train.compile auto -> {str(compiled).lower()} (decided on this rank: CUDA "
+              f"{'available' if torch.cuda.is_available() else 'not available'})", file=sys.stderr, flush=True)
+    if compiled:
+        compile_layers(model, kind, stage)
+    return compiled
 
 
 def compile_layers(model, kind: str, stage: int) -> None:
