@@ -144,9 +144,9 @@ def _fused_linear_class():
             if lora_b.bias is not None or x.dtype != self.lora_A[name].weight.dtype or x.dtype != lora_b.weight.dtype:
                 return super().forward(x, *args, **kwargs)
             result = self.base_layer(x)
-            if result.dtype != x.dtype:
-                return super().forward(x, *args, **kwargs)
             h = self.lora_A[name](self.lora_dropout[name](x))
+            if result.dtype != h.dtype:   # a base in another dtype: peft's sum, in the base's dtype
+                return (result + lora_b(h) * self.scaling[name]).to(result.dtype)
             out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), lora_b.weight.t(),
                               alpha=self.scaling[name])
             return out.view(result.shape)
