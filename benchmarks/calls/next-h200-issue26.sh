@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 26's table on one H200 (and issue 28's 128K row), written 2026-12-08 (session from 00:29 UTC), NOT YET RUN:
-# that session got no machine (12 tries refused or failed to start, 1,051 s of its device time spent on them, then device
+# that session got no machine (13 tries refused or failed to start, 1,051 s of its device time spent on them, then device
 # loans paused). The recipe as a user writes it (train.precision auto: fp8 for LoRA 8B on compute capability 9.0
 # from 8,192 tokens, core/precision.py MEASURED; new since call H2: LoRA's dropout drawn again in the backward
 # instead of kept, lora_B's add inside its GEMM, training/model/lora_fused.py) against the peer's best setting of
