@@ -137,12 +137,17 @@ def test_fused_adapters_compute_what_peft_computes_on_cuda():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     plain = tiny_lora(dtype=torch.bfloat16, device="cuda")
+    for p in plain.parameters():   # peft keeps adapters in fp32; DeepSpeed's bf16 engine casts them, as here
+        p.data = p.data.to(torch.bfloat16)
     fused = copy.deepcopy(plain)
     fuse(fused)
+    layer = fused.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.lora_A["default"].weight.dtype == torch.bfloat16 == layer.base_layer.weight.dtype   # the addmm path
     batch = ids("cuda")
     loss, grads, after = step(plain, batch)
     fused_loss, fused_grads, fused_after = step(fused, batch)
     assert fused_loss == pytest.approx(loss, rel=1e-3)
-    for name, g in grads.items():
-        torch.testing.assert_close(fused_grads[name], g, rtol=2e-2, atol=1e-4, msg=name)
+    for name, g in grads.items():   # bf16: peft rounds the adapter's sum three times, the fused GEMM once
+        off = (fused_grads[name].float() - g.float()).norm() / g.float().norm()
+        assert off < 5e-2, f"{name}: {off:.3%} off peft's (on CPU in bf16: 1.2% at most; another mask: 38% or more)"
     assert torch.equal(after, fused_after)
